@@ -1,0 +1,5 @@
+import sys
+
+from ibot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,346 @@
+"""Typed run configuration: dataclass defaults < YAML deltas < dotted command-line overrides.
+
+Loading is strict: an unknown key is a ``ConfigError`` that lists the valid keys (and the
+closest one), and values are coerced to the annotated type. Values derived from the config
+(scaled learning rate, steps per epoch) live in ``RunPlan``, never back in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ibot.errors import ConfigError
+
+ARCHS: dict[str, dict[str, int]] = {
+    "vit_pico": dict(embed_dim=48, depth=2, num_heads=2),  # for tests and smoke runs
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "sdpa", "explicit")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how each one becomes 2 global + n local crops."""
+
+    path: str = ""
+    batch_size: int = 64  # per process
+    num_workers: int = 4
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    num_local_crops: int = 10
+    global_crop_scale: tuple[float, float] = (0.25, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.25)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
+        for key in ("global_crop_scale", "local_crop_scale"):
+            lo, hi = getattr(self, key)
+            _check(0 < lo <= hi <= 1, f"data.{key}", "must satisfy 0 < min <= max <= 1")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which patches of the global crops the student sees as [mask] tokens (iBOT defaults)."""
+
+    mode: str = "block"  # "block" (BEiT-style rectangles) or "random"
+    probability: float = 0.5  # chance that a global crop is masked at all
+    ratio: float = 0.3  # mean fraction of patches masked in a masked crop
+    ratio_var: float = 0.2  # ratio ~ U(ratio - var, ratio + var)
+    min_block_patches: int = 4  # smallest rectangle the block generator places
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("block", "random"), "mask.mode", "must be 'block' or 'random'")
+        _check(0 <= self.probability <= 1, "mask.probability", "must be in [0, 1]")
+        _check(
+            0 <= self.ratio - self.ratio_var and self.ratio + self.ratio_var < 1,
+            "mask.ratio",
+            "ratio +/- ratio_var must stay within [0, 1)",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone (timm ViT) and projection head shapes."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    out_dim: int = 8192  # K prototypes
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True  # fix the prototype norms to 1 (DINO's stabiliser)
+    shared_head: bool = True  # one head for [cls] and patch tokens
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, "model.arch", f"must be one of {sorted(ARCHS)}")
+        _check(self.patch_size >= 1, "model.patch_size", "must be >= 1")
+        _check(self.out_dim >= 2, "model.out_dim", "must be >= 2")
+        _check(self.head_layers >= 1, "model.head_layers", "must be >= 1")
+        _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Temperatures, centering and weights of the [cls] (DINO) and patch (iBOT) losses."""
+
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _check(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
+        _check(0 <= self.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up + cosine schedules; ``lr`` is per 256 images (linear scaling rule)."""
+
+    epochs: float = 100
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    clip_grad: float = 3.0  # 0 disables clipping
+    freeze_last_layer_epochs: float = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "optim.epochs", "must be > 0")
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(0 <= self.momentum_teacher <= 1, "optim.momentum_teacher", "must be in [0, 1]")
+        _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run control: output, seed, precision, logging and checkpoint cadence."""
+
+    output_dir: str = "runs/ibot"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # bf16 where the hardware has it, else fp16+scaler (CUDA) or fp32
+    attention: str = "auto"  # "sdpa", "explicit" or "auto" (per device and dtype)
+    threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    log_every: int = 10  # steps between metric lines (host syncs happen only then)
+    checkpoint_every: int = 500  # steps; a checkpoint is always written at the end
+    max_minutes: float = 0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    max_steps: int = 0  # stop (with a checkpoint) at this step, schedules unchanged; 0 = no limit
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(self.attention in ATTENTIONS, "train.attention", f"must be one of {ATTENTIONS}")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Frozen-feature evaluation defaults (k-NN protocol of DINO)."""
+
+    train_path: str = ""  # labelled image folders for ``ibot eval`` (command-line paths win)
+    test_path: str = ""
+    crop_ratio: float = 0.875  # resize to size / crop_ratio, centre-crop size (1.0: plain resize)
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)
+    knn_temperature: float = 0.07
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
+        _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: one section per stage of the data flow."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Values derived from the config and the run's world size; logged, never written back."""
+
+    global_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: float  # peak learning rate after the linear scaling rule
+
+    @staticmethod
+    def derive(cfg: Config, dataset_size: int, world_size: int = 1) -> RunPlan:
+        global_batch = cfg.data.batch_size * world_size
+        steps_per_epoch = max(1, dataset_size // global_batch)
+        return RunPlan(
+            global_batch_size=global_batch,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=max(1, math.ceil(cfg.optim.epochs * steps_per_epoch)),
+            lr=cfg.optim.lr * global_batch / 256,
+        )
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ``ConfigError`` naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a (partial) nested dict, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            valid = [f"{prefix}{n}" for n in fields]
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {key}{hint}; valid keys: {', '.join(valid)}")
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+            kwargs[name] = _build(annotation, value, f"{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, annotation, key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line ``ConfigError`` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _overrides_to_dict(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        delta: dict[str, Any] = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            delta = {k: delta}
+        values = _merge(values, delta)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file's deltas, then ``dotted.key=value`` overrides."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    values = _merge(values, _overrides_to_dict(overrides))
+    try:
+        return _build(Config, values, "")
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Strictly rebuild a ``Config`` from ``Config.to_dict()`` output (e.g. a checkpoint's), then overrides."""
+    return _build(Config, _merge(values, _overrides_to_dict(overrides)), "")

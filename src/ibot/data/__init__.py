@@ -1,0 +1,1 @@
+"""Images -> crops and masks: datasets, multi-crop transforms, mask generators, collate."""

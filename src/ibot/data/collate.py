@@ -1,0 +1,84 @@
+"""Collate multi-crop samples into a ``Batch`` and draw the patch masks (in the loader workers)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ibot.config import MaskConfig
+from ibot.data.datasets import Sample
+from ibot.data.masking import build_mask_generator, sample_mask_ratio
+from ibot.data.transforms import Crops
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Crops of B images, crop-major: row ``g * B + b`` is global crop g of image b.
+
+    Attributes:
+        global_crops: (G*B, 3, S, S) float.
+        local_crops: (L*B, 3, s, s) float (L may be 0).
+        mask: (G*B, N) bool, True where the student sees the [mask] token.
+        labels: (B,) int64, -1 when the folder has no classes.
+        skipped: paths of unreadable images dropped from this batch.
+    """
+
+    global_crops: torch.Tensor
+    local_crops: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    skipped: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        return replace(
+            self,
+            global_crops=self.global_crops.to(device, non_blocking=non_blocking),
+            local_crops=self.local_crops.to(device, non_blocking=non_blocking),
+            mask=self.mask.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        return replace(
+            self,
+            global_crops=self.global_crops.pin_memory(),
+            local_crops=self.local_crops.pin_memory(),
+            mask=self.mask.pin_memory(),
+            labels=self.labels.pin_memory(),
+        )
+
+
+class MultiCropCollate:
+    """list[Sample | skipped path] -> ``Batch`` with one mask per global crop."""
+
+    def __init__(self, mask_cfg: MaskConfig, grid: int) -> None:
+        self.mask_cfg = mask_cfg
+        self.grid = grid
+        self.generator = build_mask_generator(mask_cfg, grid)
+
+    def __call__(self, items: list[Sample | str]) -> Batch | None:
+        samples = [s for s in items if isinstance(s, Sample)]
+        skipped = tuple(s for s in items if isinstance(s, str))
+        if not samples:
+            return None if not skipped else Batch(*_empty(), skipped=skipped)
+        crops: list[Crops] = [s.view for s in samples]
+        global_crops = torch.stack([c.global_crops for c in crops], dim=1).flatten(0, 1)  # (G*B, 3, S, S)
+        local_crops = torch.stack([c.local_crops for c in crops], dim=1).flatten(0, 1)  # (L*B, 3, s, s)
+        rng = random.Random(random.getrandbits(64))
+        n = self.grid * self.grid
+        masks = []
+        for _ in range(global_crops.shape[0]):
+            num = int(round(sample_mask_ratio(self.mask_cfg, rng) * n))
+            masks.append(self.generator(num, rng).flatten())
+        labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+        return Batch(global_crops, local_crops, torch.stack(masks), labels, skipped)
+
+
+def _empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty(0, 3, 1, 1), torch.empty(0, 3, 1, 1), torch.empty(0, 1, dtype=torch.bool), torch.empty(0, dtype=torch.long))

@@ -1,0 +1,78 @@
+"""Multi-crop augmentation of iBOT/DINO: 2 global crops + n local crops per image.
+
+Global crop 1: blur p=1.0; global crop 2: blur p=0.1 and solarize p=0.2; local crops: blur
+p=0.5 (the intended probabilities of the official code; DINOv2's wrapper inverts them).
+All crops: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
+p=0.8, grayscale p=0.2, then normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from ibot.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Crops:
+    """The views of one image: global crops (G, 3, S, S) and local crops (L, 3, s, s)."""
+
+    global_crops: torch.Tensor
+    local_crops: torch.Tensor
+
+
+def _blur(p: float, size: int) -> T.RandomApply:
+    # Kernel ~10% of the crop side (odd), as in SimCLR/BYOL; at 32 px this is 3 pixels.
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return T.RandomApply([T.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p)
+
+
+class MultiCropTransform:
+    """image -> ``Crops``; the official iBOT augmentation pipeline built from torchvision."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        jitter = T.Compose(
+            [
+                T.RandomHorizontalFlip(p=0.5),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+            ]
+        )
+        normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+        bicubic = T.InterpolationMode.BICUBIC
+        g, l = cfg.global_crop_size, cfg.local_crop_size
+        global_crop = T.RandomResizedCrop(g, scale=cfg.global_crop_scale, interpolation=bicubic)
+        local_crop = T.RandomResizedCrop(l, scale=cfg.local_crop_scale, interpolation=bicubic)
+        self.global_1 = T.Compose([global_crop, jitter, _blur(1.0, g), normalize])
+        self.global_2 = T.Compose(
+            [global_crop, jitter, _blur(0.1, g), T.RandomSolarize(128, p=0.2), normalize]
+        )
+        self.local = T.Compose([local_crop, jitter, _blur(0.5, l), normalize])
+        self.num_local_crops = cfg.num_local_crops
+        self.local_crop_size = l
+
+    def __call__(self, image: Image.Image) -> Crops:
+        global_crops = torch.stack([self.global_1(image), self.global_2(image)])
+        if self.num_local_crops:
+            local_crops = torch.stack([self.local(image) for _ in range(self.num_local_crops)])
+        else:
+            local_crops = torch.empty(0, 3, self.local_crop_size, self.local_crop_size)
+        return Crops(global_crops, local_crops)
+
+
+def build_eval_transform(image_size: int, crop_ratio: float, mean, std) -> T.Compose:  # type: ignore[no-untyped-def]
+    """DINO evaluation transform: resize to size/crop_ratio, centre crop, normalise."""
+    bicubic = T.InterpolationMode.BICUBIC
+    resize = int(round(image_size / crop_ratio))
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=bicubic),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

@@ -1,0 +1,1 @@
+"""Checkpoint -> frozen features -> probes: feature extraction and k-NN."""

@@ -1,0 +1,47 @@
+"""iBOT masked-patch self-distillation loss: the teacher is the online tokenizer.
+
+For every masked patch i of global crop c the student's distribution at the [mask] token
+must match the teacher's centred, sharpened distribution at the same (unmasked) patch:
+
+    loss = (1 / C) * sum_c (1 / max(n_c, 1)) * sum_{i masked in c} CE(p_t[i], p_s[i])
+
+with C the number of global crops in the batch (unmasked crops included, contributing 0)
+and n_c the masked count of crop c. This equals official iBOT's "masked mean per crop,
+then mean over crops" and DINOv2's ``masks_weight`` formulation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class IBOTPatchLoss(nn.Module):
+    """Cross-entropy between teacher and student patch distributions at masked positions only."""
+
+    def __init__(self, student_temp: float = 0.1) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+
+    def forward(
+        self, student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            student_patch_logits: (M, K) at the masked positions, in ``mask.nonzero()`` order.
+            teacher_patch_probs: (M, K) at the same positions.
+            mask: (C, N) bool, True = masked; M == mask.sum().
+        Returns:
+            Scalar loss (0 when nothing is masked).
+        """
+        if student_patch_logits.shape != teacher_patch_probs.shape or mask.dim() != 2:
+            raise ValueError(
+                f"expected (M, K) logits and probs and a (C, N) mask, got {tuple(mask.shape)}, "
+                f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}"
+            )
+        student_log_probs = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
+        token_ce = -(teacher_patch_probs * student_log_probs).sum(dim=-1)  # (M,)
+        per_crop = mask.sum(dim=1, keepdim=True).clamp(min=1).float()  # (C, 1)
+        token_weight = (1.0 / per_crop).expand_as(mask)[mask]  # (M,) = 1 / n_c of each token's crop
+        return (token_ce * token_weight).sum() / mask.shape[0]

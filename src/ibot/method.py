@@ -1,0 +1,139 @@
+"""The iBOT method as one module: student and EMA teacher, heads, centers and both losses.
+
+Legend: G global crops, L local crops, V = G + L views, B images, N patches per global crop,
+M masked patches in the batch, D embed dim, K prototypes.
+
+Teacher (no grad, eval mode) sees the unmasked global crops; the student sees the masked
+global crops and the local crops. Heads run only on [cls] tokens and *masked* patch tokens:
+the patch loss needs nothing else, so the K-wide logits exist for ~15 % of patches.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ibot.config import LossConfig, ModelConfig
+from ibot.data.collate import Batch
+from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss
+from ibot.models.heads import ProjectionHead
+from ibot.models.vit import MaskedViT
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """``total`` carries the graph; ``parts`` are detached per-loss values for logging."""
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """[cls] logits (V*B, K) for every view and patch logits (M, K) at masked positions."""
+
+    cls_logits: torch.Tensor
+    patch_logits: torch.Tensor
+
+
+def _build_branch(model_cfg: ModelConfig, img_size: int) -> nn.ModuleDict:
+    backbone = MaskedViT.from_config(model_cfg, img_size)
+    modules: dict[str, nn.Module] = {"backbone": backbone}
+    if model_cfg.shared_head:
+        modules["head"] = ProjectionHead.from_config(model_cfg, backbone.embed_dim)
+    else:
+        modules["cls_head"] = ProjectionHead.from_config(model_cfg, backbone.embed_dim)
+        modules["patch_head"] = ProjectionHead.from_config(model_cfg, backbone.embed_dim)
+    return nn.ModuleDict(modules)
+
+
+class IBOT(nn.Module):
+    """Student/teacher pair with the DINO [cls] loss and the iBOT masked-patch loss."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, img_size: int) -> None:
+        super().__init__()
+        self.student = _build_branch(model_cfg, img_size)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.shared_head = model_cfg.shared_head
+        self.cls_center = Center(model_cfg.out_dim, loss_cfg.center_momentum)
+        self.patch_center = Center(model_cfg.out_dim, loss_cfg.center_momentum)
+        self.cls_loss = DINOClsLoss(loss_cfg.student_temp)
+        self.patch_loss = IBOTPatchLoss(loss_cfg.student_temp)
+        self.cls_weight = loss_cfg.cls_weight
+        self.patch_weight = loss_cfg.patch_weight
+        # Paired once: the EMA is two multi-tensor ops over these lists.
+        self._student_params = list(self.student.parameters())
+        self._teacher_params = list(self.teacher.parameters())
+        self.teacher.train(False)
+
+    def train(self, mode: bool = True) -> IBOT:
+        """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def set_attention(self, kind: str) -> None:
+        for branch in (self.student, self.teacher):
+            branch["backbone"].set_attention(kind)
+
+    def _heads(self, branch: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> HeadOutputs:
+        """Project [cls] (X, D) and masked patch tokens (M, D); one packed call when shared."""
+        if self.shared_head:
+            logits = branch["head"](torch.cat([cls_tokens, patch_tokens]))
+            return HeadOutputs(logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :])
+        return HeadOutputs(branch["cls_head"](cls_tokens), branch["patch_head"](patch_tokens))
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: Batch) -> HeadOutputs:
+        """Teacher on unmasked global crops -> [cls] logits (G*B, K), patch logits (M, K)."""
+        tokens = self.teacher["backbone"](batch.global_crops)
+        return self._heads(self.teacher, tokens.cls, tokens.patches[batch.mask])
+
+    def student_logits(self, batch: Batch) -> HeadOutputs:
+        """Student on masked globals and locals -> [cls] logits (V*B, K), patch logits (M, K)."""
+        backbone = self.student["backbone"]
+        global_tokens = backbone(batch.global_crops, batch.mask)
+        cls_tokens = global_tokens.cls
+        if batch.local_crops.shape[0]:
+            cls_tokens = torch.cat([cls_tokens, backbone(batch.local_crops).cls])
+        return self._heads(self.student, cls_tokens, global_tokens.patches[batch.mask])
+
+    def forward(self, batch: Batch, teacher_temp: float) -> LossOutput:
+        """Both losses for one batch; also steps the two teacher centers (their only update)."""
+        teacher = self.teacher_logits(batch)
+        student = self.student_logits(batch)
+        b = batch.batch_size
+        k = teacher.cls_logits.shape[-1]
+        teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, teacher_temp).view(-1, b, k)  # (G, B, K)
+        teacher_patch_probs = self.patch_center.probs(teacher.patch_logits, teacher_temp)  # (M, K)
+        cls_loss = self.cls_loss(student.cls_logits.view(-1, b, k), teacher_cls_probs)
+        patch_loss = self.patch_loss(student.patch_logits, teacher_patch_probs, batch.mask)
+        self.cls_center.update(teacher.cls_logits)
+        self.patch_center.update(teacher.patch_logits)
+        total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
+        return LossOutput(total, {"cls": cls_loss.detach(), "patch": patch_loss.detach()})
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, as one multi-tensor op."""
+        torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - momentum)
+
+    def param_groups(self) -> list[dict]:
+        """Student parameters split by weight decay (no decay for biases, norms, tokens) and last layer."""
+        backbone = self.student["backbone"]
+        no_decay_names = {f"backbone.{n}" for n in backbone.no_weight_decay()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = param.ndim > 1 and name not in no_decay_names
+            last_layer = "last_layer" in name
+            groups.setdefault((decay, last_layer), []).append(param)
+        return [
+            {"params": params, "apply_wd": decay, "is_last_layer": last_layer}
+            for (decay, last_layer), params in sorted(groups.items())
+        ]

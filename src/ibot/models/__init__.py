@@ -1,0 +1,1 @@
+"""Crops -> tokens -> logits: the masked ViT backbone and the projection heads."""

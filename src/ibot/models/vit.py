@@ -1,0 +1,82 @@
+"""Masked ViT backbone: timm's VisionTransformer plus a learned [mask] token.
+
+The [mask] token replaces masked patch embeddings *before* position embeddings are added
+(iBOT, BEiT), so the student still knows where a masked patch sits. Position embeddings are
+resampled for any input size (local crops), by timm's ``dynamic_img_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ibot.config import ARCHS, ModelConfig
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Backbone outputs after the final norm: cls (B, D) and patches (B, N, D)."""
+
+    cls: torch.Tensor
+    patches: torch.Tensor
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT whose forward takes an optional bool mask (B, N) and returns ``Tokens``."""
+
+    def __init__(self, arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=0,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+            **ARCHS[arch],
+        )
+        self.embed_dim: int = self.vit.embed_dim
+        self.patch_size = patch_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @staticmethod
+    def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
+        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"} | {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    def set_attention(self, kind: str) -> None:
+        """"sdpa": fused ``scaled_dot_product_attention``; "explicit": softmax(q k^T) v."""
+        for module in self.vit.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = kind == "sdpa"
+
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) -> tokens (B, 1 + N, D) with [mask] tokens and position embeddings."""
+        x = self.vit.patch_embed(images)  # (B, h, w, D)
+        if mask is not None:
+            b, h, w, d = x.shape
+            x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype), x)
+        x = self.vit._pos_embed(x)  # (B, 1 + N, D): [cls] prepended, position embeddings resampled
+        return self.vit.norm_pre(x)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
+        x = self.vit.blocks(self.embed(images, mask))
+        x = self.vit.norm(x)
+        return Tokens(cls=x[:, 0], patches=x[:, self.vit.num_prefix_tokens :])
+
+    def forward_intermediates(self, images: torch.Tensor, n_last: int = 1) -> list[Tokens]:
+        """``Tokens`` of the last ``n_last`` blocks, each after the final norm (for probes)."""
+        x = self.embed(images)
+        outputs = []
+        depth = len(self.vit.blocks)
+        for i, block in enumerate(self.vit.blocks):
+            x = block(x)
+            if i >= depth - n_last:
+                y = self.vit.norm(x)
+                outputs.append(Tokens(cls=y[:, 0], patches=y[:, self.vit.num_prefix_tokens :]))
+        return outputs

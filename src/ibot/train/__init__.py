@@ -1,0 +1,1 @@
+"""LossOutput -> optimiser/EMA -> checkpoint: schedules, optimiser, checkpoints, the loop."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny configs and image folders made on the fly (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ibot.config import Config, load_config
+
+torch.set_num_threads(1)
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 16, seed: int = 0) -> Path:
+    """Class sub-folders of small PNGs; class c is a noisy image around a class-specific colour."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, size=3)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, size=(size, size, 3))
+            arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def tiny_overrides(data_path: Path, output_dir: Path) -> list[str]:
+    return [
+        f"data.path={data_path}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.global_crop_size=16",
+        "data.local_crop_size=8",
+        "data.num_local_crops=2",
+        "model.arch=vit_pico",
+        "model.patch_size=4",
+        "model.out_dim=32",
+        "model.head_hidden_dim=32",
+        "model.head_bottleneck_dim=16",
+        "model.drop_path_rate=0.0",
+        "optim.epochs=2",
+        "optim.warmup_epochs=1",
+        "optim.freeze_last_layer_epochs=1",
+        "loss.warmup_teacher_temp_epochs=1",
+        "train.log_every=1",
+        "train.checkpoint_every=100",
+        "train.precision=fp32",
+        f"train.output_dir={output_dir}",
+        "eval.crop_ratio=1.0",
+    ]
+
+
+@pytest.fixture
+def tiny_config(image_folder: Path, tmp_path: Path) -> Config:
+    return load_config(None, tiny_overrides(image_folder, tmp_path / "run"))

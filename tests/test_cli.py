@@ -1,0 +1,51 @@
+"""The command line: one-line errors for bad input, and the main commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ibot.cli import main
+
+from conftest import tiny_overrides
+
+
+def test_unknown_key_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lrr: 1\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "c.yaml" in err and "optim.lrr" in err and "optim.lr" in err
+
+
+def test_missing_data_path_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'nowhere'}\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and "does not exist" in err
+
+
+def test_pretrain_then_knn_through_the_console_script(image_folder: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", str(cfg), "--no-progress", *tiny_overrides(image_folder, run), "train.max_steps=2"]
+    done = subprocess.run([sys.executable, "-m", "ibot", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (run / "teacher.safetensors").is_file()
+    knn = subprocess.run(
+        [sys.executable, "-m", "ibot", "eval", "knn", str(run), "--train-dir", str(image_folder),
+         "--test-dir", str(image_folder), "--no-progress", "--json", str(tmp_path / "knn.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert knn.returncode == 0, knn.stderr
+    assert "k=20 top-1" in knn.stdout and (tmp_path / "knn.json").is_file()
+
+
+def test_knn_on_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "knn", str(tmp_path / "none.safetensors"), "--train-dir", "x", "--test-dir", "y"]) == 2
+    assert "none.safetensors" in capsys.readouterr().err

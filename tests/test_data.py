@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ibot.config import DataConfig, MaskConfig
+from ibot.data.collate import MultiCropCollate
+from ibot.data.datasets import ImageFolder, ImageFolderIndex, load_rgb
+from ibot.data.loaders import InfiniteSampler
+from ibot.data.transforms import MultiCropTransform
+from ibot.errors import DataError
+
+
+class TestLoadRGB:
+    @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA"])
+    def test_modes_become_rgb(self, tmp_path: Path, mode: str) -> None:
+        path = tmp_path / f"img_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        Image.new(mode, (5, 4)).save(path)
+        img = load_rgb(path)
+        assert img.mode == "RGB" and img.size == (5, 4)
+
+    def test_16_bit_is_rescaled_not_clipped(self, tmp_path: Path) -> None:
+        arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+        path = tmp_path / "deep.png"
+        Image.fromarray(arr).save(path)
+        assert Image.open(path).mode.startswith("I")
+        out = np.asarray(load_rgb(path))
+        assert out.shape == (1, 3, 3)
+        assert out[0, :, 0].tolist() == [0, 127, 255]  # PIL's convert would give [0, 255, 255]
+
+    def test_rgba_transparent_pixels_are_black(self, tmp_path: Path) -> None:
+        path = tmp_path / "alpha.png"
+        Image.new("RGBA", (2, 2), (200, 100, 50, 0)).save(path)
+        assert np.asarray(load_rgb(path)).max() == 0
+
+
+class TestImageFolder:
+    def test_labels_from_class_folders(self, image_folder: Path) -> None:
+        index = ImageFolderIndex.scan(image_folder)
+        assert index.classes == ("class_0", "class_1")
+        assert len(index.paths) == 16 and sorted(set(index.labels)) == [0, 1]
+
+    def test_flat_folder_has_no_labels(self, tmp_path: Path) -> None:
+        Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+        assert ImageFolderIndex.scan(tmp_path).labels == (-1,)
+
+    def test_missing_and_empty_paths_fail_with_one_line(self, tmp_path: Path) -> None:
+        with pytest.raises(DataError, match="does not exist"):
+            ImageFolderIndex.scan(tmp_path / "nope")
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("x")
+        with pytest.raises(DataError, match="no images found"):
+            ImageFolderIndex.scan(tmp_path / "empty")
+
+    def test_corrupt_image_is_skipped_and_counted(self, image_folder: Path) -> None:
+        bad = image_folder / "class_0" / "zz_corrupt.jpg"
+        bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+        (image_folder / "class_1" / "zz_empty.png").write_bytes(b"")
+        cfg = DataConfig(global_crop_size=16, local_crop_size=8, num_local_crops=2)
+        dataset = ImageFolder(image_folder, MultiCropTransform(cfg))
+        collate = MultiCropCollate(MaskConfig(), grid=4)
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        assert batch.batch_size == 16 and len(batch.skipped) == 2
+        assert str(bad) in batch.skipped
+
+
+def test_multicrop_shapes_and_normalisation(image_folder: Path) -> None:
+    cfg = DataConfig(global_crop_size=16, local_crop_size=8, num_local_crops=3)
+    crops = MultiCropTransform(cfg)(load_rgb(next(image_folder.rglob("*.png"))))
+    assert crops.global_crops.shape == (2, 3, 16, 16)
+    assert crops.local_crops.shape == (3, 3, 8, 8)
+    assert crops.global_crops.dtype == torch.float32 and crops.global_crops.abs().max() < 10
+
+
+class TestInfiniteSampler:
+    def test_epochs_are_permutations_and_resume_exactly(self) -> None:
+        full = InfiniteSampler(10, seed=3)
+        it = iter(full)
+        stream = [next(it) for _ in range(25)]
+        assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+        assert stream[:10] != stream[10:20]
+        resumed = iter(InfiniteSampler(10, seed=3, start=13))
+        assert [next(resumed) for _ in range(12)] == stream[13:25]
+
+    def test_ranks_partition_each_epoch(self) -> None:
+        parts = []
+        for rank in range(3):
+            it = iter(InfiniteSampler(9, seed=0, rank=rank, world_size=3))
+            parts += [next(it) for _ in range(3)]
+        assert sorted(parts) == list(range(9))

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss
+
+
+def _ce(p: list[float], logits: list[float], temp: float) -> float:
+    """Hand cross-entropy -sum p log softmax(logits / temp), in plain Python."""
+    z = [x / temp for x in logits]
+    log_norm = math.log(sum(math.exp(x) for x in z))
+    return -sum(pi * (zi - log_norm) for pi, zi in zip(p, z))
+
+
+class TestIBOTPatchLoss:
+    def setup_method(self) -> None:
+        # 2 crops x 3 patches, K = 2. Crop 0 masks patches 0 and 2, crop 1 masks patch 1.
+        self.mask = torch.tensor([[True, False, True], [False, True, False]])
+        self.student_full = torch.tensor(
+            [[[1.0, 0.0], [5.0, -5.0], [0.0, 2.0]], [[3.0, 3.0], [0.5, -0.5], [9.0, 9.0]]]
+        )
+        self.teacher_full = torch.tensor(
+            [[[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]], [[0.5, 0.5], [0.2, 0.8], [0.5, 0.5]]]
+        )
+
+    def loss(self, student_full: torch.Tensor) -> torch.Tensor:
+        return IBOTPatchLoss(student_temp=0.1)(student_full[self.mask], self.teacher_full[self.mask], self.mask)
+
+    def test_matches_hand_computed_value(self) -> None:
+        crop0 = (_ce([0.7, 0.3], [1.0, 0.0], 0.1) + _ce([0.1, 0.9], [0.0, 2.0], 0.1)) / 2
+        crop1 = _ce([0.2, 0.8], [0.5, -0.5], 0.1) / 1
+        assert self.loss(self.student_full).item() == pytest.approx((crop0 + crop1) / 2, rel=1e-5)
+
+    def test_unmasked_positions_do_not_matter(self) -> None:
+        reference = self.loss(self.student_full)
+        changed = self.student_full.clone()
+        changed[0, 1] = torch.tensor([-7.0, 7.0])  # unmasked
+        changed[1, 2] = torch.tensor([4.0, -4.0])  # unmasked
+        assert torch.equal(self.loss(changed), reference)
+        changed[0, 0] = torch.tensor([-7.0, 7.0])  # masked
+        assert not torch.allclose(self.loss(changed), reference)
+
+    def test_unmasked_crops_count_in_the_average(self) -> None:
+        # Adding a crop without masks dilutes the loss by C / (C + 1), as in iBOT and DINOv2.
+        mask = torch.cat([self.mask, torch.zeros(1, 3, dtype=torch.bool)])
+        loss = IBOTPatchLoss(0.1)(self.student_full[self.mask], self.teacher_full[self.mask], mask)
+        assert loss.item() == pytest.approx(self.loss(self.student_full).item() * 2 / 3, rel=1e-6)
+
+    def test_nothing_masked_gives_zero(self) -> None:
+        mask = torch.zeros(2, 3, dtype=torch.bool)
+        loss = IBOTPatchLoss(0.1)(torch.empty(0, 4), torch.empty(0, 4), mask)
+        assert loss.item() == 0.0
+
+    def test_shape_mismatch_raises(self) -> None:
+        with pytest.raises(ValueError, match="expected"):
+            IBOTPatchLoss(0.1)(torch.zeros(3, 2), torch.zeros(3, 4), self.mask)
+
+
+class TestDINOClsLoss:
+    def test_matches_explicit_pair_loop(self) -> None:
+        torch.manual_seed(0)
+        student = torch.randn(4, 5, 7)  # V = 4 views (2 global + 2 local), B = 5, K = 7
+        teacher = torch.softmax(torch.randn(2, 5, 7), dim=-1)
+        expected, pairs = 0.0, 0
+        for t in range(2):
+            for s in range(4):
+                if s == t:
+                    continue
+                ce = -(teacher[t] * F.log_softmax(student[s] / 0.1, dim=-1)).sum(-1).mean()
+                expected, pairs = expected + ce, pairs + 1
+        assert pairs == 6
+        assert DINOClsLoss(0.1)(student, teacher).item() == pytest.approx((expected / pairs).item(), rel=1e-5)
+
+    def test_same_view_pair_is_excluded(self) -> None:
+        # One teacher view (G = 1) and two student views: student view 0 is the same crop, so
+        # whatever it predicts must not change the loss; view 1 must.
+        torch.manual_seed(1)
+        student = torch.randn(2, 3, 4)
+        teacher = torch.softmax(torch.randn(1, 3, 4), dim=-1)
+        base = DINOClsLoss(0.1)(student, teacher)
+        changed = student.clone()
+        changed[0] = torch.randn(3, 4) * 10
+        assert torch.equal(DINOClsLoss(0.1)(changed, teacher), base)
+        changed[1] = torch.randn(3, 4) * 10
+        assert not torch.allclose(DINOClsLoss(0.1)(changed, teacher), base)
+
+    def test_single_view_raises(self) -> None:
+        with pytest.raises(ValueError, match="2 student views"):
+            DINOClsLoss(0.1)(torch.randn(1, 2, 3), torch.softmax(torch.randn(1, 2, 3), -1))
+
+
+class TestCenter:
+    def test_probs_center_and_sharpen(self) -> None:
+        center = Center(3, momentum=0.9)
+        center.center.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+        logits = torch.tensor([[2.0, 1.0, 0.0]])
+        probs = center.probs(logits, teacher_temp=0.5)
+        assert torch.allclose(probs, torch.full((1, 3), 1 / 3))  # centring removed the preference
+        sharp = Center(3).probs(logits, 0.04)
+        assert sharp[0, 0] > 0.99  # low temperature sharpens
+
+    def test_ema_update(self) -> None:
+        center = Center(2, momentum=0.9)
+        center.center.copy_(torch.tensor([[1.0, -1.0]]))
+        center.update(torch.tensor([[3.0, 1.0], [5.0, 3.0]]))  # batch mean [4, 2]
+        assert torch.allclose(center.center, torch.tensor([[0.9 * 1 + 0.1 * 4, 0.9 * -1 + 0.1 * 2]]))
+
+    def test_empty_update_keeps_center(self) -> None:
+        center = Center(2)
+        center.center.fill_(0.5)
+        center.update(torch.empty(0, 2))
+        assert torch.equal(center.center, torch.full((1, 2), 0.5))

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ibot.config import Config
+from ibot.data.collate import Batch
+from ibot.method import IBOT
+from ibot.models.heads import ProjectionHead
+from ibot.models.vit import MaskedViT
+
+
+def make_batch(b: int = 3, size: int = 16, local: int = 8, num_local: int = 2, grid: int = 4, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2 * b, grid * grid, dtype=torch.bool)
+    mask[0, [1, 2, 5]] = True
+    mask[b + 1, [0, 15]] = True
+    return Batch(
+        global_crops=torch.randn(2 * b, 3, size, size, generator=g),
+        local_crops=torch.randn(num_local * b, 3, local, local, generator=g),
+        mask=mask,
+        labels=torch.zeros(b, dtype=torch.long),
+    )
+
+
+@pytest.fixture
+def method(tiny_config: Config) -> IBOT:
+    torch.manual_seed(0)
+    return IBOT(tiny_config.model, tiny_config.loss, tiny_config.data.global_crop_size)
+
+
+class TestMaskedViT:
+    def test_mask_token_replaces_patches_before_position_embedding(self) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=16).eval()
+        images = torch.randn(2, 3, 16, 16)
+        mask = torch.zeros(2, 16, dtype=torch.bool)
+        mask[0, 3] = True
+        embedded = vit.embed(images, mask)
+        plain = vit.embed(images)
+        # Only the masked patch of image 0 differs, and it equals mask token + its position embedding.
+        diff = (embedded != plain).any(dim=-1)
+        assert diff.nonzero().tolist() == [[0, 1 + 3]]
+        expected = vit.mask_token.flatten() + vit.vit.pos_embed[0, 1 + 3]
+        assert torch.allclose(embedded[0, 1 + 3], expected)
+
+    def test_tokens_and_local_crop_sizes(self) -> None:
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=16)
+        out = vit(torch.randn(2, 3, 16, 16))
+        assert out.cls.shape == (2, 48) and out.patches.shape == (2, 16, 48)
+        assert vit(torch.randn(5, 3, 8, 8)).patches.shape == (5, 4, 48)  # pos-embed resampled
+
+
+class TestProjectionHead:
+    def test_shapes_and_fixed_prototype_norms(self) -> None:
+        head = ProjectionHead(8, 10, hidden_dim=16, bottleneck_dim=4, num_layers=3, norm_last_layer=True)
+        assert head(torch.randn(5, 8)).shape == (5, 10)
+        g = head.last_layer.parametrizations.weight.original0
+        assert not g.requires_grad and torch.all(g == 1)
+        # logits are cosines: |logit| <= 1 with unit prototypes and a unit bottleneck
+        assert head(torch.randn(50, 8)).abs().max() <= 1 + 1e-5
+
+    def test_trainable_norms_option(self) -> None:
+        head = ProjectionHead(8, 10, norm_last_layer=False)
+        assert head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+class TestIBOT:
+    def test_loss_is_finite_and_has_both_parts(self, method: IBOT) -> None:
+        out = method(make_batch(), teacher_temp=0.04)
+        assert torch.isfinite(out.total) and set(out.parts) == {"cls", "patch"}
+        assert out.parts["patch"] > 0 and out.parts["cls"] > 0
+
+    def test_no_gradient_reaches_the_teacher(self, method: IBOT) -> None:
+        method.train()
+        method(make_batch(), teacher_temp=0.04).total.backward()
+        assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
+
+    def test_teacher_stays_in_eval_mode(self, method: IBOT) -> None:
+        method.train()
+        assert method.student.training and not method.teacher.training
+        assert not any(m.training for m in method.teacher.modules())
+
+    def test_ema_update_formula(self, method: IBOT) -> None:
+        with torch.no_grad():
+            for p in method.student.parameters():
+                p.add_(torch.randn_like(p))
+        teacher_before = [p.clone() for p in method.teacher.parameters()]
+        student = [p.clone() for p in method.student.parameters()]
+        method.update_teacher(0.9)
+        for t_new, t_old, s in zip(method.teacher.parameters(), teacher_before, student):
+            assert torch.allclose(t_new, 0.9 * t_old + 0.1 * s, atol=1e-6)
+        method.update_teacher(1.0)  # momentum 1 leaves the teacher unchanged
+        method.update_teacher(0.0)  # momentum 0 copies the student
+        assert all(torch.equal(t, s) for t, s in zip(method.teacher.parameters(), method.student.parameters()))
+
+    def test_centers_step_once_per_forward(self, method: IBOT) -> None:
+        before = method.cls_center.center.clone(), method.patch_center.center.clone()
+        method(make_batch(), teacher_temp=0.04)
+        assert not torch.equal(method.cls_center.center, before[0])
+        assert not torch.equal(method.patch_center.center, before[1])
+
+    def test_patch_loss_only_sees_masked_tokens(self, method: IBOT) -> None:
+        batch = make_batch()
+        student = method.student_logits(batch)
+        teacher = method.teacher_logits(batch)
+        assert student.patch_logits.shape[0] == teacher.patch_logits.shape[0] == int(batch.mask.sum()) == 5
+        assert student.cls_logits.shape[0] == 4 * batch.batch_size  # 2 global + 2 local views
+
+    def test_separate_heads(self, tiny_config: Config) -> None:
+        from dataclasses import replace
+
+        model_cfg = replace(tiny_config.model, shared_head=False)
+        method = IBOT(model_cfg, tiny_config.loss, 16)
+        assert set(method.student.keys()) == {"backbone", "cls_head", "patch_head"}
+        assert torch.isfinite(method(make_batch(), 0.04).total)
+
+    def test_param_groups_exclude_norms_biases_and_tokens_from_decay(self, method: IBOT) -> None:
+        groups = method.param_groups()
+        no_decay = {id(p) for g in groups if not g["apply_wd"] for p in g["params"]}
+        names = {id(p): n for n, p in method.student.named_parameters()}
+        for pid in no_decay:
+            name = names[pid]
+            assert name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name or "original0" in name
+        assert any(g["is_last_layer"] for g in groups)

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ibot.config import RunPlan, load_config
+from ibot.train.schedules import Schedules, cosine_schedule, linear_warmup
+
+
+class TestCosineSchedule:
+    def test_endpoints_and_midpoint(self) -> None:
+        assert cosine_schedule(0, 101, 1.0, 0.0) == pytest.approx(1.0)
+        assert cosine_schedule(50, 101, 1.0, 0.0) == pytest.approx(0.5)
+        assert cosine_schedule(100, 101, 1.0, 0.0) == pytest.approx(0.0)
+        assert cosine_schedule(500, 101, 1.0, 0.2) == pytest.approx(0.2)  # clamped past the end
+
+    def test_linear_warmup_then_cosine(self) -> None:
+        assert cosine_schedule(0, 110, 2.0, 0.0, warmup_steps=10) == 0.0
+        assert cosine_schedule(5, 110, 2.0, 0.0, warmup_steps=10) == pytest.approx(1.0)
+        assert cosine_schedule(10, 110, 2.0, 0.0, warmup_steps=10) == pytest.approx(2.0)
+        # a quarter of the way through the decay: 0.5 * (1 + cos(pi / 4)) * 2
+        expected = 0.5 * (1 + math.cos(math.pi * 0.25)) * 2.0
+        assert cosine_schedule(10 + 99 // 4, 110, 2.0, 0.0, warmup_steps=10) == pytest.approx(expected, rel=0.02)
+
+
+def test_linear_warmup() -> None:
+    assert linear_warmup(0, 30, 0.04, 0.07) == pytest.approx(0.04)
+    assert linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert linear_warmup(30, 30, 0.04, 0.07) == pytest.approx(0.07)
+    assert linear_warmup(1000, 30, 0.04, 0.07) == pytest.approx(0.07)
+
+
+def test_run_schedules_at_chosen_steps() -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.batch_size=256", "optim.lr=1e-3", "optim.min_lr=0", "optim.epochs=10",
+            "optim.warmup_epochs=2", "optim.freeze_last_layer_epochs=1",
+            "loss.warmup_teacher_temp_epochs=3",
+        ],
+    )
+    s = Schedules(cfg, RunPlan.derive(cfg, dataset_size=2560))  # 10 steps per epoch, 100 steps
+    assert s.lr(0) == 0.0 and s.lr(10) == pytest.approx(5e-4) and s.lr(20) == pytest.approx(1e-3)
+    assert s.lr(99) == pytest.approx(0.0, abs=1e-12)
+    assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(99) == pytest.approx(0.4)
+    assert s.teacher_momentum(0) == pytest.approx(0.996) and s.teacher_momentum(99) == pytest.approx(1.0)
+    assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
+    assert s.teacher_temp(30) == pytest.approx(0.07) and s.teacher_temp(90) == pytest.approx(0.07)
+    assert s.last_layer_frozen(9) and not s.last_layer_frozen(10)

@@ -1,0 +1,98 @@
+"""System tests: tiny end-to-end runs on CPU in seconds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibot.config import Config, load_config
+from ibot.errors import ConfigError
+from ibot.train.checkpoint import CHECKPOINT_NAME, TEACHER_NAME, load_backbone, load_checkpoint
+from ibot.train.loop import train
+from ibot.train.metrics import read_metrics
+
+from conftest import tiny_overrides
+
+
+def _with(cfg: Config, **train_fields: object) -> Config:
+    return replace(cfg, train=replace(cfg.train, **train_fields))
+
+
+def test_tiny_run_gives_finite_losses_and_checkpoints(tiny_config: Config) -> None:
+    result = train(tiny_config, progress=False)
+    out = Path(tiny_config.train.output_dir)
+    assert result.step == result.total_steps == 8  # 16 images / batch 4 * 2 epochs
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["loss_patch"]) for r in rows)
+    state = load_checkpoint(out / CHECKPOINT_NAME)  # weights_only=True under the hood
+    assert state["step"] == 8 and "cls_center.center" in state["method"]
+    tensors, config = load_backbone(out / TEACHER_NAME)
+    assert config["model"]["arch"] == "vit_pico" and "mask_token" in tensors
+    teacher = {k.removeprefix("teacher.backbone."): v for k, v in state["method"].items() if k.startswith("teacher.backbone.")}
+    assert all(torch.equal(tensors[k], teacher[k]) for k in tensors)
+
+
+def test_training_moves_the_student_and_the_teacher_follows(tiny_config: Config) -> None:
+    torch.manual_seed(0)
+    from ibot.method import IBOT
+
+    init = IBOT(tiny_config.model, tiny_config.loss, 16).state_dict()
+    train(tiny_config, progress=False)
+    final = load_checkpoint(Path(tiny_config.train.output_dir) / CHECKPOINT_NAME)["method"]
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(init[f"student.backbone.vit.{key}"], final[f"student.backbone.vit.{key}"])
+    assert not torch.equal(init[f"teacher.backbone.vit.{key}"], final[f"teacher.backbone.vit.{key}"])
+    # the prototype layer was frozen for the first epoch (4 steps) then trained
+    assert not torch.equal(
+        init["student.head.last_layer.parametrizations.weight.original1"],
+        final["student.head.last_layer.parametrizations.weight.original1"],
+    )
+
+
+def test_resume_continues_at_next_step_with_same_schedules_and_weights(image_folder: Path, tmp_path: Path) -> None:
+    full_cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "full"))
+    part_cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "part"))
+    train(full_cfg, progress=False)
+    stopped = train(_with(part_cfg, max_steps=3), progress=False)
+    assert stopped.step == 3
+    assert load_checkpoint(tmp_path / "part" / CHECKPOINT_NAME)["step"] == 3
+    resumed = train(part_cfg, resume=True, progress=False)
+    assert resumed.step == 8
+
+    full_rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    part_rows = read_metrics(tmp_path / "part" / "metrics.jsonl")
+    assert [r["step"] for r in part_rows] == list(range(1, 9))  # resumed at step 4, not 1
+    for a, b in zip(full_rows, part_rows):
+        for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    full_state = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["method"]
+    part_state = load_checkpoint(tmp_path / "part" / CHECKPOINT_NAME)["method"]
+    for k in full_state:
+        assert torch.allclose(full_state[k], part_state[k], atol=1e-6), k
+
+
+def test_resume_refuses_a_different_model(image_folder: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "run") + ["train.max_steps=1"])
+    train(cfg, progress=False)
+    other = replace(cfg, model=replace(cfg.model, out_dim=64))
+    with pytest.raises(ConfigError, match="different model"):
+        train(other, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_config: Config) -> None:
+    from ibot.errors import NonFiniteLossError
+
+    cfg = _with(tiny_config, max_steps=2)
+    train(cfg, progress=False)
+    ckpt = Path(cfg.train.output_dir) / CHECKPOINT_NAME
+    good = ckpt.read_bytes()
+    bad = replace(tiny_config, optim=replace(tiny_config.optim, lr=float("inf")))
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        train(bad, resume=True, progress=False)
+    assert ckpt.read_bytes() == good
