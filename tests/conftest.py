@@ -36,6 +36,7 @@ def image_folder(tmp_path: Path) -> Path:
 def tiny_overrides(data_path: Path, output_dir: Path) -> list[str]:
     return [
         f"data.path={data_path}",
+        "data.index_cache=",
         "data.batch_size=4",
         "data.num_workers=0",
         "data.global_crop_size=16",

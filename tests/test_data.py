@@ -56,6 +56,25 @@ class TestImageFolder:
         with pytest.raises(DataError, match="no images found"):
             ImageFolderIndex.scan(tmp_path / "empty")
 
+    def test_index_cache_is_reused_until_the_folder_changes(
+        self, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import ibot.data.datasets as datasets
+
+        cache = tmp_path / "cache"
+        first = ImageFolderIndex.scan(image_folder, cache)
+        assert len(list(cache.glob("index-*.json"))) == 1
+
+        def no_walk(root: Path) -> list[str]:
+            raise AssertionError("re-scanned an unchanged folder")
+
+        with monkeypatch.context() as m:
+            m.setattr(datasets, "_walk_images", no_walk)
+            assert ImageFolderIndex.scan(image_folder, cache) == first
+        Image.new("RGB", (4, 4)).save(image_folder / "class_1" / "new.png")
+        second = ImageFolderIndex.scan(image_folder, cache)
+        assert len(second.paths) == len(first.paths) + 1
+
     def test_corrupt_image_is_skipped_and_counted(self, image_folder: Path) -> None:
         bad = image_folder / "class_0" / "zz_corrupt.jpg"
         bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
@@ -80,15 +99,33 @@ class TestInfiniteSampler:
     def test_epochs_are_permutations_and_resume_exactly(self) -> None:
         full = InfiniteSampler(10, seed=3)
         it = iter(full)
-        stream = [next(it) for _ in range(25)]
+        keys = [next(it) for _ in range(25)]
+        stream = [index for index, _ in keys]
         assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
         assert stream[:10] != stream[10:20]
+        seeds = [seed for _, seed in keys]
+        assert len(set(seeds)) == 25  # every draw of an image gets its own augmentation seed
         resumed = iter(InfiniteSampler(10, seed=3, start=13))
-        assert [next(resumed) for _ in range(12)] == stream[13:25]
+        assert [next(resumed) for _ in range(12)] == keys[13:25]
 
     def test_ranks_partition_each_epoch(self) -> None:
         parts = []
         for rank in range(3):
             it = iter(InfiniteSampler(9, seed=0, rank=rank, world_size=3))
             parts += [next(it) for _ in range(3)]
-        assert sorted(parts) == list(range(9))
+        assert sorted(index for index, _ in parts) == list(range(9))
+        single = iter(InfiniteSampler(9, seed=0))
+        assert sorted(parts) == sorted(next(single) for _ in range(9))  # same images, same seeds
+
+
+def test_seeded_samples_are_reproducible(image_folder: Path) -> None:
+    cfg = DataConfig(global_crop_size=16, local_crop_size=8, num_local_crops=2)
+    dataset = ImageFolder(image_folder, MultiCropTransform(cfg))
+    collate = MultiCropCollate(MaskConfig(probability=1.0), grid=4)
+    a, b = dataset[(3, 1234)], dataset[(3, 1234)]
+    assert torch.equal(a.view.global_crops, b.view.global_crops) and torch.equal(a.view.local_crops, b.view.local_crops)
+    assert not torch.equal(a.view.global_crops, dataset[(3, 99)].view.global_crops)
+    # an image's masks depend on its seed, not on its batch neighbours
+    alone = collate([a]).mask
+    together = collate([dataset[(5, 7)], b]).mask.view(2, 2, -1)[:, 1]
+    assert torch.equal(alone, together)

@@ -114,3 +114,14 @@ class TestCenter:
         center.center.fill_(0.5)
         center.update(torch.empty(0, 2))
         assert torch.equal(center.center, torch.full((1, 2), 0.5))
+
+
+def test_dino_loss_stays_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    student = torch.randn(4, 8, 64)
+    teacher = torch.softmax(torch.randn(2, 8, 64) / 0.04, dim=-1)
+    reference = DINOClsLoss(0.1)(student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = DINOClsLoss(0.1)(student, teacher)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(reference.item(), rel=1e-6)  # bf16 would be ~1e-3 off

@@ -36,6 +36,8 @@ class DataConfig:
     """Where images come from and how each one becomes 2 global + n local crops."""
 
     path: str = ""
+    format: str = "auto"  # "folder" (image folders), "shards" (WebDataset-style .tar files) or "auto"
+    index_cache: str = "~/.cache/ibot"  # where file lists of large folders are cached; "" disables
     batch_size: int = 64  # per process
     num_workers: int = 4
     global_crop_size: int = 224
@@ -47,6 +49,7 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
+        _check(self.format in ("auto", "folder", "shards"), "data.format", "must be auto, folder or shards")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")

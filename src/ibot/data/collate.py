@@ -70,14 +70,19 @@ class MultiCropCollate:
         crops: list[Crops] = [s.view for s in samples]
         global_crops = torch.stack([c.global_crops for c in crops], dim=1).flatten(0, 1)  # (G*B, 3, S, S)
         local_crops = torch.stack([c.local_crops for c in crops], dim=1).flatten(0, 1)  # (L*B, 3, s, s)
-        rng = random.Random(random.getrandbits(64))
-        n = self.grid * self.grid
-        masks = []
-        for _ in range(global_crops.shape[0]):
-            num = int(round(sample_mask_ratio(self.mask_cfg, rng) * n))
-            masks.append(self.generator(num, rng).flatten())
+        num_global = crops[0].global_crops.shape[0]
+        per_image = [self._image_masks(s.seed, num_global) for s in samples]  # B x (G, N)
+        mask = torch.stack(per_image, dim=1).flatten(0, 1)  # (G*B, N), crop-major like the crops
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        return Batch(global_crops, local_crops, torch.stack(masks), labels, skipped)
+        return Batch(global_crops, local_crops, mask, labels, skipped)
+
+    def _image_masks(self, seed: int | None, num_global: int) -> torch.Tensor:
+        """(G, N) masks of one image, from its own seed when it has one."""
+        rng = random.Random(seed if seed is not None else random.getrandbits(64))
+        n = self.grid * self.grid
+        return torch.stack(
+            [self.generator(int(round(sample_mask_ratio(self.mask_cfg, rng) * n)), rng).flatten() for _ in range(num_global)]
+        )
 
 
 def _empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ibot.config import Config
 from ibot.data.collate import MultiCropCollate
-from ibot.data.datasets import ImageFolder
+from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
+from ibot.data.shards import TarShards
 from ibot.data.transforms import MultiCropTransform
 
 
-class InfiniteSampler(Sampler[int]):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of image ``index`` in ``epoch``: deterministic, distinct per draw."""
+    return hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class InfiniteSampler(Sampler[tuple[int, int]]):
     """Endless epochs of a seeded permutation; each rank takes a strided slice.
 
-    Epoch ``e`` uses the permutation of ``seed + e``, so the stream is a pure function of
-    (seed, rank, world size) and ``start`` (samples this rank already consumed) resumes it
-    exactly where a previous run stopped.
+    Yields (index, sample seed). Epoch ``e`` uses the permutation of ``seed + e``, so the
+    stream is a pure function of (seed, rank, world size), ``start`` (samples this rank
+    already consumed) resumes it exactly, and the ranks of a run with global batch B see
+    the same images, augmented the same way, as one process with batch B.
     """
 
     def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
@@ -31,20 +40,34 @@ class InfiniteSampler(Sampler[int]):
             raise ValueError(f"dataset of {size} images is smaller than the world size {world_size}")
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.size, generator=g)[self.rank :: self.world_size][: self.per_rank]
-            yield from perm[offset:].tolist()
+            perm = torch.randperm(self.size, generator=g)[: self.per_rank * self.world_size]
+            for index in perm[self.rank :: self.world_size][offset:].tolist():
+                yield index, sample_seed(self.seed, epoch, index)
             epoch, offset = epoch + 1, 0
+
+
+def build_dataset(path: str, transform: Any, data_format: str = "auto", index_cache: str = "") -> Dataset:
+    """An image folder, or tar shards when ``data_format`` says so (auto: a .tar file or a folder of them)."""
+    if data_format == "auto":
+        p = Path(path)
+        is_shards = p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar")) and not any(
+            c.is_dir() or c.suffix.lower() in IMAGE_EXTENSIONS for c in p.iterdir()
+        ))
+        data_format = "shards" if is_shards else "folder"
+    if data_format == "shards":
+        return TarShards(path, transform, index_cache)
+    return ImageFolder(path, transform, index_cache)
 
 
 def build_train_loader(
     cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
-) -> tuple[DataLoader, ImageFolder]:
+) -> tuple[DataLoader, Dataset]:
     """Multi-crop, masked pre-training batches over ``cfg.data.path``."""
-    dataset = ImageFolder(cfg.data.path, MultiCropTransform(cfg.data))
+    dataset = build_dataset(cfg.data.path, MultiCropTransform(cfg.data), cfg.data.format, cfg.data.index_cache)
     grid = cfg.data.global_crop_size // cfg.model.patch_size
     sampler = InfiniteSampler(len(dataset), cfg.train.seed, rank, world_size, start_sample)
     loader = DataLoader(

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ibot.config import Config, config_from_dict
-from ibot.data.datasets import ImageFolder, Sample
+from ibot.data.datasets import Sample
+from ibot.data.loaders import build_dataset
 from ibot.data.transforms import build_eval_transform
 from ibot.models.vit import MaskedViT
 from ibot.train.checkpoint import load_backbone
@@ -58,9 +59,9 @@ def extract_features(
     num_workers: int = 2,
     progress: bool = True,
 ) -> Features:
-    """[cls] after the final norm for every image of ``folder`` (DINO k-NN protocol)."""
+    """[cls] after the final norm for every image of ``folder`` (or shards; DINO k-NN protocol)."""
     transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
-    dataset = ImageFolder(folder, transform)
+    dataset = build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=_collate)
     backbone = backbone.to(runtime.device)
     feats, labels, skipped = [], [], 0

@@ -38,6 +38,8 @@ class DINOClsLoss(nn.Module):
             raise ValueError(f"need >= 2 student views and G <= V, got V={num_views}, G={num_global}")
         student_log_probs = F.log_softmax(student_cls_logits.float() / self.student_temp, dim=-1)
         # (G, V): mean over images of the cross-entropy between teacher view t and student view s.
-        pair_ce = -torch.einsum("tbk,sbk->ts", teacher_cls_probs, student_log_probs) / batch
+        # fp32 on purpose: autocast would run this einsum in bf16 and round the loss to 3 digits.
+        with torch.autocast(student_log_probs.device.type, enabled=False):
+            pair_ce = -torch.einsum("tbk,sbk->ts", teacher_cls_probs.float(), student_log_probs) / batch
         same_view = torch.eye(num_global, num_views, dtype=torch.bool, device=pair_ce.device)
         return pair_ce.masked_fill(same_view, 0.0).sum() / (num_global * num_views - num_global)

@@ -26,6 +26,7 @@ from ibot.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
 from ibot.train.runtime import Runtime
@@ -52,18 +53,40 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult:
-    """Pre-train with iBOT until ``optim.epochs`` or ``train.max_minutes``; returns a summary."""
+    """Pre-train with iBOT until ``optim.epochs`` or ``train.max_minutes``; returns a summary.
+
+    Under torchrun every process runs this; gradients are averaged by DDP, the centers are
+    all-reduced, and rank 0 alone writes metrics and checkpoints.
+    """
     run = Runtime.resolve(cfg.train)
+    env = init_distributed(run.device.type)
+    try:
+        return _train(cfg, run, env, resume, progress)
+    finally:
+        shutdown(env)
+
+
+def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool) -> RunResult:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size).to(run.device)
     method.set_attention(run.attention)
+    # DDP averages student gradients; the teacher has no trainable parameters and the centers
+    # are all-reduced by the losses themselves, so buffers are not broadcast.
+    model = (
+        torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False
+        )
+        if env.enabled
+        else method
+    )
     optimizer = build_optimizer(method, cfg.optim, run.device)
     scaler = torch.amp.GradScaler("cuda") if run.use_scaler else None
     clip_sets = [list(m.parameters()) for m in method.student.values()]
@@ -81,16 +104,19 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", ckpt_path, step)
 
-    loader, dataset = build_train_loader(cfg, start_sample=step * cfg.data.batch_size)
-    plan = RunPlan.derive(cfg, len(dataset))
+    loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
+    plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     schedules = Schedules(cfg, plan)
-    logger.info(
-        "%d images, %s, device %s, precision %s, attention %s",
-        len(dataset), plan, run.device, run.precision, run.attention,
-    )
-    metrics = MetricsLogger(out)
+    if env.is_main:
+        logger.info(
+            "%d images, %s, %d process(es), device %s, precision %s, attention %s",
+            len(dataset), plan, env.world_size, run.device, run.precision, run.attention,
+        )
+    metrics = MetricsLogger(out) if env.is_main else None
 
     def checkpoint(at_step: int) -> None:
+        if not env.is_main:
+            return
         state = {
             "method": method.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -107,7 +133,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
     start_time = time.monotonic()
     window_start, window_images = time.monotonic(), 0
     images_per_second, last_loss = 0.0, math.nan
-    bar = tqdm(total=plan.total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="pretrain")
+    bar = tqdm(
+        total=plan.total_steps, initial=step, disable=not (progress and env.is_main), dynamic_ncols=True, desc="pretrain"
+    )
     method.train()
     try:
         for batch in loader:
@@ -121,7 +149,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
             lr, wd = schedules.lr(step), schedules.weight_decay(step)
             set_lr_wd(optimizer, lr, wd)
             with run.autocast():
-                out_loss = method(batch, teacher_temp=schedules.teacher_temp(step))
+                out_loss = model(batch, teacher_temp=schedules.teacher_temp(step))
             if scaler is not None:
                 scaler.scale(out_loss.total).backward()
             else:
@@ -132,7 +160,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
             momentum = schedules.teacher_momentum(step)
             method.update_teacher(momentum)
             step += 1
-            window_images += batch.batch_size
+            window_images += batch.batch_size * env.world_size
             bar.update(1)
 
             at_end = step >= plan.total_steps
@@ -141,7 +169,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
             )
             if step % cfg.train.log_every == 0 or at_end or stop_early:
                 # The only host syncs of the step: every log_every steps.
-                last_loss = float(out_loss.total.detach())
+                last_loss = float(all_reduce_mean(out_loss.total.detach(), env))
                 if not math.isfinite(last_loss):
                     raise NonFiniteLossError(
                         f"step {step}: loss is {last_loss}; last good checkpoint kept at {ckpt_path}"
@@ -151,7 +179,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
                 window_start, window_images = now, 0
                 values = {
                     "loss": last_loss,
-                    **{f"loss_{k}": float(v) for k, v in out_loss.parts.items()},
+                    **{f"loss_{k}": float(all_reduce_mean(v, env)) for k, v in out_loss.parts.items()},
                     "lr": lr,
                     "weight_decay": wd,
                     "teacher_momentum": momentum,
@@ -162,18 +190,21 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
                 }
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
-                metrics.log(step, values)
+                if metrics is not None:
+                    metrics.log(step, values)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.1f}")
             if step % cfg.train.checkpoint_every == 0 or at_end or stop_early:
-                if not math.isfinite(float(out_loss.total.detach())):
+                if not math.isfinite(float(all_reduce_mean(out_loss.total.detach(), env))):
                     raise NonFiniteLossError(f"step {step}: non-finite loss; last good checkpoint kept at {ckpt_path}")
                 checkpoint(step)
+                barrier(env)
             if stop_early:
                 logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)
                 break
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     if skipped:
         logger.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
     return RunResult(out, step, plan.total_steps, images_per_second, last_loss, len(skipped))
