@@ -57,7 +57,9 @@ def gflops_per_image(spec: Spec, head_hidden: int = 2048, bottleneck: int = 256,
         n = patches + 1
         return depth * (12 * n * dim**2 + 2 * n**2 * dim) + patches * 3 * spec.patch**2 * dim
 
-    head_macs = dim * head_hidden + head_hidden**2 * (head_layers - 2) + head_hidden * bottleneck + bottleneck * spec.out_dim
+    head_macs = (
+        dim * head_hidden + head_hidden**2 * (head_layers - 2) + head_hidden * bottleneck + bottleneck * spec.out_dim
+    )
     masked_tokens = 2 * (spec.global_size // spec.patch) ** 2 * MASKED_FRACTION
     teacher = 2 * backbone_macs(spec.global_size) + (2 + masked_tokens) * head_macs
     student = (
@@ -111,7 +113,10 @@ def make_batch(spec: Spec, device: str):  # type: ignore[no-untyped-def]
     rng = random.Random(0)
     grid = spec.global_size // spec.patch
     gen = BlockMaskGenerator(grid, grid)
-    masks = [gen(int(round(sample_mask_ratio(MaskConfig(), rng) * grid * grid)), rng).flatten() for _ in range(2 * spec.batch)]
+    masks = [
+        gen(int(round(sample_mask_ratio(MaskConfig(), rng) * grid * grid)), rng).flatten()
+        for _ in range(2 * spec.batch)
+    ]
     return Batch(
         global_crops=torch.randn(2 * spec.batch, 3, spec.global_size, spec.global_size, generator=g),
         local_crops=torch.randn(spec.num_local * spec.batch, 3, spec.local_size, spec.local_size, generator=g),
@@ -120,7 +125,9 @@ def make_batch(spec: Spec, device: str):  # type: ignore[no-untyped-def]
     ).to(device)
 
 
-def build_ibot_step(spec: Spec, precision: str, device: str, attention: str):  # type: ignore[no-untyped-def]
+def build_ibot_step(  # type: ignore[no-untyped-def]
+    spec: Spec, precision: str, device: str, attention: str, compile: bool = False, checkpointing: bool = False
+):
     from ibot.config import load_config
     from ibot.method import IBOT
     from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
@@ -129,16 +136,26 @@ def build_ibot_step(spec: Spec, precision: str, device: str, attention: str):  #
     cfg = load_config(
         None,
         [
-            f"model.arch={spec.arch}", f"model.patch_size={spec.patch}", f"model.out_dim={spec.out_dim}",
-            f"data.global_crop_size={spec.global_size}", f"data.local_crop_size={spec.local_size}",
-            f"data.num_local_crops={spec.num_local}", f"data.batch_size={spec.batch}",
-            f"train.precision={precision}", f"train.device={device}", f"train.attention={attention}",
+            f"model.arch={spec.arch}",
+            f"model.patch_size={spec.patch}",
+            f"model.out_dim={spec.out_dim}",
+            f"data.global_crop_size={spec.global_size}",
+            f"data.local_crop_size={spec.local_size}",
+            f"data.num_local_crops={spec.num_local}",
+            f"data.batch_size={spec.batch}",
+            f"train.precision={precision}",
+            f"train.device={device}",
+            f"train.attention={attention}",
             "model.drop_path_rate=0.0",
+            f"train.compile={compile}",
         ],
     )
     run = Runtime.resolve(cfg.train)
     method = IBOT(cfg.model, cfg.loss, spec.global_size).to(run.device)
     method.set_attention(run.attention)
+    method.set_activation_checkpointing(checkpointing)
+    if cfg.train.compile:
+        method.compile_backbones()
     method.train()
     optimizer = build_optimizer(method, cfg.optim, run.device)
     set_lr_wd(optimizer, 1e-4, 0.04)
@@ -152,10 +169,12 @@ def build_ibot_step(spec: Spec, precision: str, device: str, attention: str):  #
         clip_and_step(optimizer, scaler, clip_sets, 3.0, False)
         method.update_teacher(0.996)
 
-    return step, run.attention
+    return step, run.attention + (" +compile" if compile else "") + (" +ckpt" if checkpointing else "")
 
 
-def build_lightly_step(spec: Spec, precision: str, device: str, attention: str):  # type: ignore[no-untyped-def]
+def build_lightly_step(  # type: ignore[no-untyped-def]
+    spec: Spec, precision: str, device: str, attention: str, compile: bool = False, checkpointing: bool = False
+):
     """The iBOT step as lightly's example composes it from its modules (shared head, K prototypes)."""
     import copy
 
@@ -166,8 +185,13 @@ def build_lightly_step(spec: Spec, precision: str, device: str, attention: str):
 
     dim, depth, heads = DIMS[spec.arch]
     vit = VisionTransformer(
-        img_size=spec.global_size, patch_size=spec.patch, embed_dim=dim, depth=depth, num_heads=heads,
-        num_classes=0, dynamic_img_size=True,
+        img_size=spec.global_size,
+        patch_size=spec.patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        num_classes=0,
+        dynamic_img_size=True,
     )
     student = MaskedVisionTransformerTIMM(vit=vit).to(device)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
@@ -200,8 +224,10 @@ def build_lightly_step(spec: Spec, precision: str, device: str, attention: str):
                 student_out=list(torch.cat([s_cls, s_local]).float().chunk(views)),
                 teacher_temp=0.04,
             ) + ibot_loss(
-                teacher_out=t_patch.float(), student_out=s_patch.float(),
-                mask=batch.mask.view(-1, grid, grid), teacher_temp=0.04,
+                teacher_out=t_patch.float(),
+                student_out=s_patch.float(),
+                mask=batch.mask.view(-1, grid, grid),
+                teacher_temp=0.04,
             )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
@@ -220,7 +246,7 @@ def worker(args: argparse.Namespace) -> None:
     spec = CONFIGS[args.config]
     rss_start = _rss_mb()
     build = build_ibot_step if args.impl == "ibot" else build_lightly_step
-    step, attention = build(spec, args.precision, args.device, args.attention)
+    step, attention = build(spec, args.precision, args.device, args.attention, args.compile, args.checkpointing)
     batch = make_batch(spec, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -234,8 +260,14 @@ def worker(args: argparse.Namespace) -> None:
     median = statistics.median(times[args.warmup :])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
-        "impl": args.impl, "config": args.config, "precision": args.precision, "attention": attention,
-        "step_s": median, "images_per_s": spec.batch / median, "rss_start_mb": rss_start, "peak_rss_mb": peak_rss,
+        "impl": args.impl,
+        "config": args.config,
+        "precision": args.precision,
+        "attention": attention,
+        "step_s": median,
+        "images_per_s": spec.batch / median,
+        "rss_start_mb": rss_start,
+        "peak_rss_mb": peak_rss,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
     }
     print("RESULT " + json.dumps(result))
@@ -254,13 +286,20 @@ def data_pipeline(spec_name: str, workers: int, batches: int) -> float:
     spec = CONFIGS[spec_name]
     cfg = load_config(
         None,
-        [f"data.global_crop_size={spec.global_size}", f"data.local_crop_size={spec.local_size}",
-         f"data.num_local_crops={spec.num_local}", f"model.patch_size={spec.patch}"],
+        [
+            f"data.global_crop_size={spec.global_size}",
+            f"data.local_crop_size={spec.local_size}",
+            f"data.num_local_crops={spec.num_local}",
+            f"model.patch_size={spec.patch}",
+        ],
     )
     root = os.path.join(os.path.dirname(__file__), "..", "data", "cifar10_sample", "train")
     dataset = ImageFolder(root, MultiCropTransform(cfg.data))
     loader = DataLoader(
-        dataset, batch_size=spec.batch, sampler=InfiniteSampler(len(dataset)), num_workers=workers,
+        dataset,
+        batch_size=spec.batch,
+        sampler=InfiniteSampler(len(dataset)),
+        num_workers=workers,
         collate_fn=MultiCropCollate(cfg.mask, spec.global_size // spec.patch),
     )
     it = iter(loader)
@@ -277,6 +316,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["ibot", "lightly"], choices=["ibot", "lightly"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "explicit"], help="ibot only")
+    parser.add_argument("--compile", action="store_true", help="ibot only: torch.compile the backbones")
+    parser.add_argument("--checkpointing", action="store_true", help="ibot only: activation checkpointing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -293,34 +334,58 @@ def main() -> None:
         return
 
     print(f"device: {args.device}, torch {torch.__version__}, threads {args.threads or torch.get_num_threads()}")
-    peaks = {p: measure_matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p], args.device) for p in args.precisions}
+    peaks = {
+        p: measure_matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p], args.device)
+        for p in args.precisions
+    }
     print("matmul peak measured now: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
     print()
-    print("| config | impl | precision | attention | step s | images/s | GFLOP/img | GFLOP/s | MFU | peak RSS MB | RSS after import MB |")
+    columns = ["config", "impl", "precision", "attention", "step s", "images/s", "GFLOP/img", "GFLOP/s", "MFU"]
+    columns += ["peak memory MB", "RSS after import MB"]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         flops = gflops_per_image(CONFIGS[config])
         for precision in args.precisions:
             for impl in args.impls:
-                cmd = [
-                    sys.executable, __file__, "--worker", "--impl", impl, "--config", config, "--precision", precision,
-                    "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                    "--threads", str(args.threads), "--attention", args.attention,
-                ]
+                cmd = (
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        "--impl",
+                        impl,
+                        "--config",
+                        config,
+                        "--precision",
+                        precision,
+                        "--device",
+                        args.device,
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--threads",
+                        str(args.threads),
+                        "--attention",
+                        args.attention,
+                    ]
+                    + (["--compile"] if args.compile and impl == "ibot" else [])
+                    + (["--checkpointing"] if args.checkpointing and impl == "ibot" else [])
+                )
                 done = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
                     err = (done.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"| {config} | {impl} | {precision} | - | failed: {err} |")
                     continue
-                r = json.loads(lines[-1][len("RESULT "):])
+                r = json.loads(lines[-1][len("RESULT ") :])
                 achieved = flops * r["images_per_s"]
                 memory = r["cuda_peak_mb"] if r["cuda_peak_mb"] is not None else r["peak_rss_mb"]
-                print(
-                    f"| {config} | {impl} | {precision} | {r['attention']} | {r['step_s']:.3f} | {r['images_per_s']:.1f} | "
-                    f"{flops:.2f} | {achieved:.0f} | {100 * achieved / peaks[precision]:.1f} % | {memory:.0f} | {r['rss_start_mb']:.0f} |",
-                    flush=True,
-                )
+                cells = [config, impl, precision, r["attention"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.1f}"]
+                cells += [f"{flops:.2f}", f"{achieved:.0f}", f"{100 * achieved / peaks[precision]:.1f} %"]
+                cells += [f"{memory:.0f}", f"{r['rss_start_mb']:.0f}"]
+                print("| " + " | ".join(cells) + " |", flush=True)
     if args.data_workers:
         print()
         print("| config | data workers | images/s (2 global + n local crops + masks) |")

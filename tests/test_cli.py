@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ibot.cli import main
+from ibot.cli import main, parse_args
 
 from conftest import tiny_overrides
 
@@ -38,9 +38,24 @@ def test_pretrain_then_knn_through_the_console_script(image_folder: Path, tmp_pa
     assert done.returncode == 0, done.stderr
     assert (run / "teacher.safetensors").is_file()
     knn = subprocess.run(
-        [sys.executable, "-m", "ibot", "eval", "knn", str(run), "--train-dir", str(image_folder),
-         "--test-dir", str(image_folder), "--no-progress", "--json", str(tmp_path / "knn.json")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ibot",
+            "eval",
+            "knn",
+            str(run),
+            "--train-dir",
+            str(image_folder),
+            "--test-dir",
+            str(image_folder),
+            "--no-progress",
+            "--json",
+            str(tmp_path / "knn.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert knn.returncode == 0, knn.stderr
     assert "k=20 top-1" in knn.stdout and (tmp_path / "knn.json").is_file()
@@ -49,3 +64,12 @@ def test_pretrain_then_knn_through_the_console_script(image_folder: Path, tmp_pa
 def test_knn_on_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "knn", str(tmp_path / "none.safetensors"), "--train-dir", "x", "--test-dir", "y"]) == 2
     assert "none.safetensors" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options() -> None:
+    args = parse_args(["eval", "knn", "w.safetensors", "--no-progress", "eval.knn_k=[5]", "--train-dir", "t"])
+    assert args.overrides == ["eval.knn_k=[5]"] and args.train_dir == "t" and args.no_progress
+    args = parse_args(["pretrain", "optim.lr=1", "--config", "c.yaml", "optim.epochs=2"])
+    assert args.overrides == ["optim.lr=1", "optim.epochs=2"]
+    with pytest.raises(SystemExit):
+        parse_args(["pretrain", "--config", "x.yaml", "--bogus-flag"])

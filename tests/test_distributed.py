@@ -32,9 +32,25 @@ def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path)
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "ibot", "pretrain", "--config", str(config), "--no-progress",
-        *common, "data.batch_size=4", f"train.output_dir={tmp_path / 'ddp'}", "train.threads=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "ibot",
+        "pretrain",
+        "--config",
+        str(config),
+        "--no-progress",
+        *common,
+        "data.batch_size=4",
+        f"train.output_dir={tmp_path / 'ddp'}",
+        "train.threads=1",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,12 +20,8 @@ class TestIBOTPatchLoss:
     def setup_method(self) -> None:
         # 2 crops x 3 patches, K = 2. Crop 0 masks patches 0 and 2, crop 1 masks patch 1.
         self.mask = torch.tensor([[True, False, True], [False, True, False]])
-        self.student_full = torch.tensor(
-            [[[1.0, 0.0], [5.0, -5.0], [0.0, 2.0]], [[3.0, 3.0], [0.5, -0.5], [9.0, 9.0]]]
-        )
-        self.teacher_full = torch.tensor(
-            [[[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]], [[0.5, 0.5], [0.2, 0.8], [0.5, 0.5]]]
-        )
+        self.student_full = torch.tensor([[[1.0, 0.0], [5.0, -5.0], [0.0, 2.0]], [[3.0, 3.0], [0.5, -0.5], [9.0, 9.0]]])
+        self.teacher_full = torch.tensor([[[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]], [[0.5, 0.5], [0.2, 0.8], [0.5, 0.5]]])
 
     def loss(self, student_full: torch.Tensor) -> torch.Tensor:
         return IBOTPatchLoss(student_temp=0.1)(student_full[self.mask], self.teacher_full[self.mask], self.mask)

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -124,5 +122,52 @@ class TestIBOT:
         names = {id(p): n for n, p in method.student.named_parameters()}
         for pid in no_decay:
             name = names[pid]
-            assert name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name or "original0" in name
+            assert (
+                name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name or "original0" in name
+            )
         assert any(g["is_last_layer"] for g in groups)
+
+
+class TestEfficientDropPath:
+    def test_expectation_and_subset(self) -> None:
+        from ibot.models.drop_path import residual_on_subset
+
+        torch.manual_seed(0)
+        x = torch.zeros(8, 2, 3)
+        calls = []
+
+        def branch(y: torch.Tensor) -> torch.Tensor:
+            calls.append(y.shape[0])
+            return torch.ones_like(y)
+
+        out = residual_on_subset(x, branch, drop_rate=0.25)
+        assert calls == [6]  # the branch ran on 6 of 8 samples only
+        kept = out[:, 0, 0]
+        assert sorted(kept.tolist()) == pytest.approx([0.0, 0.0] + [8 / 6] * 6)
+        assert kept.mean().item() == pytest.approx(1.0)  # same expectation as no dropping
+
+    def test_eval_mode_and_zero_rate_are_plain_blocks(self) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT("vit_pico", 4, 16, drop_path_rate=0.5)
+        x = torch.randn(4, 3, 16, 16)
+        vit.eval()
+        a, b = vit(x).cls, vit(x).cls
+        assert torch.equal(a, b)
+        vit.train()
+        assert not torch.equal(vit(x).cls, vit(x).cls)  # stochastic while training
+        plain = MaskedViT("vit_pico", 4, 16, drop_path_rate=0.5, efficient_drop_path=False)
+        plain.load_state_dict(vit.state_dict())  # same parameters either way
+        plain.eval()
+        assert torch.allclose(plain(x).cls, a, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_config: Config) -> None:
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        method = IBOT(tiny_config.model, tiny_config.loss, 16)
+        method.set_activation_checkpointing(enabled)
+        method(make_batch(), teacher_temp=0.04).total.backward()
+        grads.append([p.grad.clone() for p in method.student.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -35,8 +35,12 @@ def test_run_schedules_at_chosen_steps() -> None:
     cfg = load_config(
         None,
         [
-            "data.batch_size=256", "optim.lr=1e-3", "optim.min_lr=0", "optim.epochs=10",
-            "optim.warmup_epochs=2", "optim.freeze_last_layer_epochs=1",
+            "data.batch_size=256",
+            "optim.lr=1e-3",
+            "optim.min_lr=0",
+            "optim.epochs=10",
+            "optim.warmup_epochs=2",
+            "optim.freeze_last_layer_epochs=1",
             "loss.warmup_teacher_temp_epochs=3",
         ],
     )

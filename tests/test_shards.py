@@ -26,7 +26,10 @@ def write_shards(folder: Path, images: Path, per_shard: int = 5) -> Path:
     for start in range(0, len(files), per_shard):
         with tarfile.open(folder / f"shard-{start // per_shard:05d}.tar", "w") as tar:
             for i, f in enumerate(files[start : start + per_shard], start):
-                for name, data in ((f"{i:06d}.png", f.read_bytes()), (f"{i:06d}.cls", str(classes.index(f.parent.name)).encode())):
+                for name, data in (
+                    (f"{i:06d}.png", f.read_bytes()),
+                    (f"{i:06d}.cls", str(classes.index(f.parent.name)).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

@@ -33,7 +33,9 @@ def test_tiny_run_gives_finite_losses_and_checkpoints(tiny_config: Config) -> No
     assert state["step"] == 8 and "cls_center.center" in state["method"]
     tensors, config = load_backbone(out / TEACHER_NAME)
     assert config["model"]["arch"] == "vit_pico" and "mask_token" in tensors
-    teacher = {k.removeprefix("teacher.backbone."): v for k, v in state["method"].items() if k.startswith("teacher.backbone.")}
+    teacher = {
+        k.removeprefix("teacher.backbone."): v for k, v in state["method"].items() if k.startswith("teacher.backbone.")
+    }
     assert all(torch.equal(tensors[k], teacher[k]) for k in tensors)
 
 

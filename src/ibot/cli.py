@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from ibot.errors import IBOTError
@@ -25,15 +24,23 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     logger.info(
         "done: step %d/%d, loss %.4f, %.1f images/s, weights in %s",
-        result.step, result.total_steps, result.last_loss, result.images_per_second, result.output_dir,
+        result.step,
+        result.total_steps,
+        result.last_loss,
+        result.images_per_second,
+        result.output_dir,
     )
     if result.skipped_images:
         logger.info("skipped %d unreadable images", result.skipped_images)
     return 0
 
 
-def run_knn(weights: str, train_dir: str, test_dir: str, random_init: bool, overrides: list[str], progress: bool = True) -> dict:
+def run_knn(
+    weights: str, train_dir: str, test_dir: str, random_init: bool, overrides: list[str], progress: bool = True
+) -> dict:
     """k-NN of the frozen backbone at ``weights``; returns {"k": {k: [top1, top5]}, ...}."""
+    import torch
+
     from ibot.config import config_from_dict
     from ibot.eval.features import extract_features, load_frozen_backbone
     from ibot.eval.knn import knn_classify
@@ -41,6 +48,8 @@ def run_knn(weights: str, train_dir: str, test_dir: str, random_init: bool, over
 
     backbone, cfg = load_frozen_backbone(weights, random_init=random_init)
     cfg = config_from_dict(cfg.to_dict(), overrides)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     runtime = Runtime.resolve(cfg.train)
     train_dir = train_dir or cfg.eval.train_path
     test_dir = test_dir or cfg.eval.test_path
@@ -48,7 +57,9 @@ def run_knn(weights: str, train_dir: str, test_dir: str, random_init: bool, over
         raise IBOTError("eval knn: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
     train_f = extract_features(backbone, train_dir, cfg, runtime, progress=progress)
     test_f = extract_features(backbone, test_dir, cfg, runtime, progress=progress)
-    results = knn_classify(train_f.cls, train_f.labels, test_f.cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    results = knn_classify(
+        train_f.cls, train_f.labels, test_f.cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
+    )
     return {
         "weights": "random-init" if random_init else str(weights),
         "train_images": int(train_f.labels.numel()),
@@ -70,7 +81,9 @@ def format_knn(results: list[dict]) -> str:
 
 
 def _cmd_knn(args: argparse.Namespace) -> int:
-    results = [run_knn(args.weights, args.train_dir, args.test_dir, args.random_init, args.overrides, not args.no_progress)]
+    results = [
+        run_knn(args.weights, args.train_dir, args.test_dir, args.random_init, args.overrides, not args.no_progress)
+    ]
     print(format_knn(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -86,9 +99,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = train(cfg, resume=False, progress=not args.no_progress)
     logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
     weights = str(Path(cfg.train.output_dir))
-    results = [
-        run_knn(weights, "", "", random_init, [], not args.no_progress) for random_init in (False, True)
-    ]
+    results = [run_knn(weights, "", "", random_init, [], not args.no_progress) for random_init in (False, True)]
     results[0]["weights"] = f"iBOT teacher ({weights})"
     results[1]["weights"] = "random init, same shape"
     table = format_knn(results)
@@ -129,9 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; dotted overrides may come before or after options."""
+    parser = build_parser()
+    # argparse fills the positional list once, before the first option: collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except IBOTError as exc:

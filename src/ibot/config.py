@@ -84,7 +84,8 @@ class ModelConfig:
 
     arch: str = "vit_small"
     patch_size: int = 16
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = 0.1  # stochastic depth, linear ramp over the blocks (iBOT)
+    efficient_drop_path: bool = True  # run dropped residual branches on kept samples only
     out_dim: int = 8192  # K prototypes
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
@@ -151,6 +152,8 @@ class TrainConfig:
     precision: str = "auto"  # bf16 where the hardware has it, else fp16+scaler (CUDA) or fp32
     attention: str = "auto"  # "sdpa", "explicit" or "auto" (per device and dtype)
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    compile: bool = False  # torch.compile the backbones (one graph per crop resolution)
+    activation_checkpointing: bool = False  # recompute student blocks in backward: less memory, ~1/3 more compute
     log_every: int = 10  # steps between metric lines (host syncs happen only then)
     checkpoint_every: int = 500  # steps; a checkpoint is always written at the end
     max_minutes: float = 0  # stop (with a checkpoint) after this wall time; 0 = no limit

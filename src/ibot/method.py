@@ -39,6 +39,11 @@ class HeadOutputs:
     patch_logits: torch.Tensor
 
 
+def _gather(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+    """(C, N, D) patch tokens -> (M, D) rows at flat indices into C*N (no host sync, unlike a bool mask)."""
+    return patches.flatten(0, 1).index_select(0, flat_indices)
+
+
 def _build_branch(model_cfg: ModelConfig, img_size: int) -> nn.ModuleDict:
     backbone = MaskedViT.from_config(model_cfg, img_size)
     modules: dict[str, nn.Module] = {"backbone": backbone}
@@ -80,6 +85,14 @@ class IBOT(nn.Module):
         for branch in (self.student, self.teacher):
             branch["backbone"].set_attention(kind)
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.student["backbone"].set_activation_checkpointing(enabled)
+
+    def compile_backbones(self) -> None:
+        """``torch.compile`` both backbones in place (parameter names and checkpoints unchanged)."""
+        for branch in (self.student, self.teacher):
+            branch["backbone"].compile()
+
     def _heads(self, branch: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> HeadOutputs:
         """Project [cls] (X, D) and masked patch tokens (M, D); one packed call when shared."""
         if self.shared_head:
@@ -91,7 +104,7 @@ class IBOT(nn.Module):
     def teacher_logits(self, batch: Batch) -> HeadOutputs:
         """Teacher on unmasked global crops -> [cls] logits (G*B, K), patch logits (M, K)."""
         tokens = self.teacher["backbone"](batch.global_crops)
-        return self._heads(self.teacher, tokens.cls, tokens.patches[batch.mask])
+        return self._heads(self.teacher, tokens.cls, _gather(tokens.patches, batch.masked_indices()))
 
     def student_logits(self, batch: Batch) -> HeadOutputs:
         """Student on masked globals and locals -> [cls] logits (V*B, K), patch logits (M, K)."""
@@ -100,7 +113,7 @@ class IBOT(nn.Module):
         cls_tokens = global_tokens.cls
         if batch.local_crops.shape[0]:
             cls_tokens = torch.cat([cls_tokens, backbone(batch.local_crops).cls])
-        return self._heads(self.student, cls_tokens, global_tokens.patches[batch.mask])
+        return self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
 
     def forward(self, batch: Batch, teacher_temp: float) -> LossOutput:
         """Both losses for one batch; also steps the two teacher centers (their only update)."""
@@ -111,7 +124,7 @@ class IBOT(nn.Module):
         teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, teacher_temp).view(-1, b, k)  # (G, B, K)
         teacher_patch_probs = self.patch_center.probs(teacher.patch_logits, teacher_temp)  # (M, K)
         cls_loss = self.cls_loss(student.cls_logits.view(-1, b, k), teacher_cls_probs)
-        patch_loss = self.patch_loss(student.patch_logits, teacher_patch_probs, batch.mask)
+        patch_loss = self.patch_loss(student.patch_logits, teacher_patch_probs, batch.mask, batch.masked_indices())
         self.cls_center.update(teacher.cls_logits)
         self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss

@@ -23,6 +23,8 @@ class Batch:
         mask: (G*B, N) bool, True where the student sees the [mask] token.
         labels: (B,) int64, -1 when the folder has no classes.
         skipped: paths of unreadable images dropped from this batch.
+        mask_indices: (M,) int64 flat indices of ``mask`` (``mask.flatten().nonzero()``), made by
+            the collate in the loader workers so the step needs no host sync to gather tokens.
     """
 
     global_crops: torch.Tensor
@@ -30,6 +32,13 @@ class Batch:
     mask: torch.Tensor
     labels: torch.Tensor
     skipped: tuple[str, ...] = field(default_factory=tuple)
+    mask_indices: torch.Tensor | None = None
+
+    def masked_indices(self) -> torch.Tensor:
+        """Flat indices of the masked patches in (G*B*N) order."""
+        if self.mask_indices is not None:
+            return self.mask_indices
+        return self.mask.flatten().nonzero().flatten()
 
     @property
     def batch_size(self) -> int:
@@ -42,6 +51,7 @@ class Batch:
             local_crops=self.local_crops.to(device, non_blocking=non_blocking),
             mask=self.mask.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
+            mask_indices=None if self.mask_indices is None else self.mask_indices.to(device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
@@ -51,6 +61,7 @@ class Batch:
             local_crops=self.local_crops.pin_memory(),
             mask=self.mask.pin_memory(),
             labels=self.labels.pin_memory(),
+            mask_indices=None if self.mask_indices is None else self.mask_indices.pin_memory(),
         )
 
 
@@ -74,16 +85,24 @@ class MultiCropCollate:
         per_image = [self._image_masks(s.seed, num_global) for s in samples]  # B x (G, N)
         mask = torch.stack(per_image, dim=1).flatten(0, 1)  # (G*B, N), crop-major like the crops
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        return Batch(global_crops, local_crops, mask, labels, skipped)
+        return Batch(global_crops, local_crops, mask, labels, skipped, mask.flatten().nonzero().flatten())
 
     def _image_masks(self, seed: int | None, num_global: int) -> torch.Tensor:
         """(G, N) masks of one image, from its own seed when it has one."""
         rng = random.Random(seed if seed is not None else random.getrandbits(64))
         n = self.grid * self.grid
         return torch.stack(
-            [self.generator(int(round(sample_mask_ratio(self.mask_cfg, rng) * n)), rng).flatten() for _ in range(num_global)]
+            [
+                self.generator(int(round(sample_mask_ratio(self.mask_cfg, rng) * n)), rng).flatten()
+                for _ in range(num_global)
+            ]
         )
 
 
 def _empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (torch.empty(0, 3, 1, 1), torch.empty(0, 3, 1, 1), torch.empty(0, 1, dtype=torch.bool), torch.empty(0, dtype=torch.long))
+    return (
+        torch.empty(0, 3, 1, 1),
+        torch.empty(0, 3, 1, 1),
+        torch.empty(0, 1, dtype=torch.bool),
+        torch.empty(0, dtype=torch.long),
+    )

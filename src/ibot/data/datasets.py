@@ -181,4 +181,6 @@ class ImageFolder(Dataset):
             image = load_rgb(path)
         except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
             return path  # the collate function counts it as skipped
-        return Sample(index=i, view=transform_seeded(self.transform, image, seed), label=self.index.labels[i], seed=seed)
+        return Sample(
+            index=i, view=transform_seeded(self.transform, image, seed), label=self.index.labels[i], seed=seed
+        )

@@ -54,9 +54,11 @@ def build_dataset(path: str, transform: Any, data_format: str = "auto", index_ca
     """An image folder, or tar shards when ``data_format`` says so (auto: a .tar file or a folder of them)."""
     if data_format == "auto":
         p = Path(path)
-        is_shards = p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar")) and not any(
-            c.is_dir() or c.suffix.lower() in IMAGE_EXTENSIONS for c in p.iterdir()
-        ))
+        is_shards = p.suffix == ".tar" or (
+            p.is_dir()
+            and any(p.glob("*.tar"))
+            and not any(c.is_dir() or c.suffix.lower() in IMAGE_EXTENSIONS for c in p.iterdir())
+        )
         data_format = "shards" if is_shards else "folder"
     if data_format == "shards":
         return TarShards(path, transform, index_cache)

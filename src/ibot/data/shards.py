@@ -63,7 +63,9 @@ def find_shards(path: str | Path) -> list[Path]:
 class TarShards(Dataset):
     """Random-access dataset over tar shards; unreadable images yield their key for skipping."""
 
-    def __init__(self, path: str | Path, transform: Callable[[Image.Image], Any], index_cache: str | Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, transform: Callable[[Image.Image], Any], index_cache: str | Path | None = None
+    ) -> None:
         self.shards = find_shards(path)
         self.transform = transform
         self.entries = self._load_index(index_cache)

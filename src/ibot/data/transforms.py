@@ -44,16 +44,14 @@ class MultiCropTransform:
         )
         normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
         bicubic = T.InterpolationMode.BICUBIC
-        g, l = cfg.global_crop_size, cfg.local_crop_size
-        global_crop = T.RandomResizedCrop(g, scale=cfg.global_crop_scale, interpolation=bicubic)
-        local_crop = T.RandomResizedCrop(l, scale=cfg.local_crop_scale, interpolation=bicubic)
-        self.global_1 = T.Compose([global_crop, jitter, _blur(1.0, g), normalize])
-        self.global_2 = T.Compose(
-            [global_crop, jitter, _blur(0.1, g), T.RandomSolarize(128, p=0.2), normalize]
-        )
-        self.local = T.Compose([local_crop, jitter, _blur(0.5, l), normalize])
+        size, local_size = cfg.global_crop_size, cfg.local_crop_size
+        global_crop = T.RandomResizedCrop(size, scale=cfg.global_crop_scale, interpolation=bicubic)
+        local_crop = T.RandomResizedCrop(local_size, scale=cfg.local_crop_scale, interpolation=bicubic)
+        self.global_1 = T.Compose([global_crop, jitter, _blur(1.0, size), normalize])
+        self.global_2 = T.Compose([global_crop, jitter, _blur(0.1, size), T.RandomSolarize(128, p=0.2), normalize])
+        self.local = T.Compose([local_crop, jitter, _blur(0.5, local_size), normalize])
         self.num_local_crops = cfg.num_local_crops
-        self.local_crop_size = l
+        self.local_crop_size = local_size
 
     def __call__(self, image: Image.Image) -> Crops:
         global_crops = torch.stack([self.global_1(image), self.global_2(image)])

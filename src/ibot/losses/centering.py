@@ -30,7 +30,10 @@ class Center(nn.Module):
     def update(self, teacher_logits: torch.Tensor) -> None:
         """EMA step towards the (global) mean of ``teacher_logits`` (M, K); M may be 0 locally."""
         stats = torch.cat(
-            [teacher_logits.float().sum(dim=0), teacher_logits.new_tensor([teacher_logits.shape[0]], dtype=torch.float32)]
+            [
+                teacher_logits.float().sum(dim=0),
+                teacher_logits.new_tensor([teacher_logits.shape[0]], dtype=torch.float32),
+            ]
         )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)

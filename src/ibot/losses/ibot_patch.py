@@ -25,13 +25,18 @@ class IBOTPatchLoss(nn.Module):
         self.student_temp = student_temp
 
     def forward(
-        self, student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, mask: torch.Tensor
+        self,
+        student_patch_logits: torch.Tensor,
+        teacher_patch_probs: torch.Tensor,
+        mask: torch.Tensor,
+        mask_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             student_patch_logits: (M, K) at the masked positions, in ``mask.nonzero()`` order.
             teacher_patch_probs: (M, K) at the same positions.
             mask: (C, N) bool, True = masked; M == mask.sum().
+            mask_indices: (M,) flat indices of ``mask`` (computed here when not given).
         Returns:
             Scalar loss (0 when nothing is masked).
         """
@@ -42,6 +47,8 @@ class IBOTPatchLoss(nn.Module):
             )
         student_log_probs = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
         token_ce = -(teacher_patch_probs * student_log_probs).sum(dim=-1)  # (M,)
-        per_crop = mask.sum(dim=1, keepdim=True).clamp(min=1).float()  # (C, 1)
-        token_weight = (1.0 / per_crop).expand_as(mask)[mask]  # (M,) = 1 / n_c of each token's crop
+        if mask_indices is None:
+            mask_indices = mask.flatten().nonzero().flatten()
+        per_crop = mask.sum(dim=1).clamp(min=1).float()  # (C,)
+        token_weight = per_crop.index_select(0, mask_indices // mask.shape[1]).reciprocal()  # (M,) = 1 / n_c
         return (token_ce * token_weight).sum() / mask.shape[0]

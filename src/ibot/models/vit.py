@@ -7,13 +7,16 @@ resampled for any input size (local crops), by timm's ``dynamic_img_size``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ibot.config import ARCHS, ModelConfig
+from ibot.models.drop_path import SubsetDropPathBlock
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,9 @@ class Tokens:
 class MaskedViT(nn.Module):
     """A timm ViT whose forward takes an optional bool mask (B, N) and returns ``Tokens``."""
 
-    def __init__(self, arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(
+        self, arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0, efficient_drop_path: bool = True
+    ) -> None:
         super().__init__()
         self.vit = VisionTransformer(
             img_size=img_size,
@@ -35,22 +40,36 @@ class MaskedViT(nn.Module):
             num_classes=0,
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
+            block_fn=SubsetDropPathBlock if efficient_drop_path else Block,
             **ARCHS[arch],
         )
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size = patch_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self._run_blocks: Callable[[torch.Tensor], torch.Tensor] = self._plain_blocks
 
     @staticmethod
     def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
-        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate)
+        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate, cfg.efficient_drop_path)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block in backward instead of storing its activations (memory for time)."""
+        self._run_blocks = self._checkpointed_blocks if enabled else self._plain_blocks
+
+    def _plain_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.blocks(x)
+
+    def _checkpointed_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.vit.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if torch.is_grad_enabled() else block(x)
+        return x
+
     def set_attention(self, kind: str) -> None:
-        """"sdpa": fused ``scaled_dot_product_attention``; "explicit": softmax(q k^T) v."""
+        """ "sdpa": fused ``scaled_dot_product_attention``; "explicit": softmax(q k^T) v."""
         for module in self.vit.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = kind == "sdpa"
@@ -65,7 +84,7 @@ class MaskedViT(nn.Module):
         return self.vit.norm_pre(x)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
-        x = self.vit.blocks(self.embed(images, mask))
+        x = self._run_blocks(self.embed(images, mask))
         x = self.vit.norm(x)
         return Tokens(cls=x[:, 0], patches=x[:, self.vit.num_prefix_tokens :])
 

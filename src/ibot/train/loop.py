@@ -14,9 +14,10 @@ import yaml
 from tqdm import tqdm
 
 from ibot.config import Config, RunPlan, config_from_dict
+from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
 from ibot.errors import ConfigError, NonFiniteLossError
-from ibot.method import IBOT
+from ibot.method import IBOT, LossOutput
 from ibot.train.checkpoint import (
     CHECKPOINT_NAME,
     TEACHER_NAME,
@@ -66,6 +67,84 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
         shutdown(env)
 
 
+@dataclass
+class _Trainee:
+    """What the loop steps: the method (and its DDP wrapper), optimiser and loss scaler."""
+
+    method: IBOT
+    model: torch.nn.Module  # ``method`` or DDP(method): forward through this one
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None
+    clip_sets: list[list[torch.nn.Parameter]]
+
+
+def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
+    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size).to(run.device)
+    method.set_attention(run.attention)
+    method.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        method.compile_backbones()
+    model: torch.nn.Module = method
+    if env.enabled:
+        # DDP averages student gradients; the teacher has no trainable parameters and the centers
+        # are all-reduced by the losses themselves, so buffers are not broadcast.
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
+    return _Trainee(
+        method=method,
+        model=model,
+        optimizer=build_optimizer(method, cfg.optim, run.device),
+        scaler=torch.amp.GradScaler("cuda") if run.use_scaler else None,
+        clip_sets=[list(m.parameters()) for m in method.student.values()],
+    )
+
+
+def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> int:
+    """Load everything from ``path``; returns the step to continue from."""
+    state = load_checkpoint(path, run.device)
+    _check_resume_config(state["config"], cfg, path)
+    t.method.load_state_dict(state["method"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    if t.scaler is not None and state.get("scaler"):
+        t.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _save(t: _Trainee, out: Path, step: int, cfg: Config, plan: RunPlan) -> None:
+    state = {
+        "method": t.method.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler is not None else {},
+        "step": step,
+        "rng": rng_state(),
+        "config": cfg.to_dict(),
+        "plan": asdict(plan),
+    }
+    save_checkpoint(out / CHECKPOINT_NAME, state)
+    save_backbone(out / TEACHER_NAME, t.method.teacher["backbone"].state_dict(), cfg.to_dict())
+
+
+def _train_step(
+    t: _Trainee, batch: Batch, step: int, schedules: Schedules, run: Runtime, clip_grad: float
+) -> tuple[LossOutput, dict[str, float], torch.Tensor | None]:
+    """One optimisation step at ``step``: loss, backward, clip, AdamW, teacher EMA."""
+    values = {
+        "lr": schedules.lr(step),
+        "weight_decay": schedules.weight_decay(step),
+        "teacher_momentum": schedules.teacher_momentum(step),
+        "teacher_temp": schedules.teacher_temp(step),
+    }
+    set_lr_wd(t.optimizer, values["lr"], values["weight_decay"])
+    with run.autocast():
+        out = t.model(batch, teacher_temp=values["teacher_temp"])
+    (t.scaler.scale(out.total) if t.scaler is not None else out.total).backward()
+    grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, clip_grad, schedules.last_layer_frozen(step))
+    t.method.update_teacher(values["teacher_momentum"])
+    return out, values, grad_norm
+
+
 def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool) -> RunResult:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -76,99 +155,53 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size).to(run.device)
-    method.set_attention(run.attention)
-    # DDP averages student gradients; the teacher has no trainable parameters and the centers
-    # are all-reduced by the losses themselves, so buffers are not broadcast.
-    model = (
-        torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[run.device.index] if run.device.type == "cuda" else None, broadcast_buffers=False
-        )
-        if env.enabled
-        else method
-    )
-    optimizer = build_optimizer(method, cfg.optim, run.device)
-    scaler = torch.amp.GradScaler("cuda") if run.use_scaler else None
-    clip_sets = [list(m.parameters()) for m in method.student.values()]
-
-    step = 0
+    trainee = _build(cfg, run, env)
     ckpt_path = out / CHECKPOINT_NAME
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, run.device)
-        _check_resume_config(state["config"], cfg, ckpt_path)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d", ckpt_path, step)
-
+    step = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else 0
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     schedules = Schedules(cfg, plan)
     if env.is_main:
         logger.info(
             "%d images, %s, %d process(es), device %s, precision %s, attention %s",
-            len(dataset), plan, env.world_size, run.device, run.precision, run.attention,
+            len(dataset),
+            plan,
+            env.world_size,
+            run.device,
+            run.precision,
+            run.attention,
         )
     metrics = MetricsLogger(out) if env.is_main else None
-
-    def checkpoint(at_step: int) -> None:
-        if not env.is_main:
-            return
-        state = {
-            "method": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "step": at_step,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-            "plan": asdict(plan),
-        }
-        save_checkpoint(ckpt_path, state)
-        save_backbone(out / TEACHER_NAME, method.teacher["backbone"].state_dict(), cfg.to_dict())
-
     skipped: list[str] = []
-    start_time = time.monotonic()
-    window_start, window_images = time.monotonic(), 0
-    images_per_second, last_loss = 0.0, math.nan
+    start_time = window_start = time.monotonic()
+    window_images, images_per_second, last_loss = 0, 0.0, math.nan
     bar = tqdm(
-        total=plan.total_steps, initial=step, disable=not (progress and env.is_main), dynamic_ncols=True, desc="pretrain"
+        total=plan.total_steps,
+        initial=step,
+        disable=not (progress and env.is_main),
+        dynamic_ncols=True,
+        desc="pretrain",
     )
-    method.train()
+    trainee.method.train()
     try:
         for batch in loader:
             if step >= plan.total_steps:
                 break
+            skipped.extend(batch.skipped if batch is not None else ())
             if batch is None or batch.batch_size == 0:
-                skipped.extend(batch.skipped if batch is not None else ())
                 continue
-            skipped.extend(batch.skipped)
-            batch = batch.to(run.device)
-            lr, wd = schedules.lr(step), schedules.weight_decay(step)
-            set_lr_wd(optimizer, lr, wd)
-            with run.autocast():
-                out_loss = model(batch, teacher_temp=schedules.teacher_temp(step))
-            if scaler is not None:
-                scaler.scale(out_loss.total).backward()
-            else:
-                out_loss.total.backward()
-            grad_norm = clip_and_step(
-                optimizer, scaler, clip_sets, cfg.optim.clip_grad, schedules.last_layer_frozen(step)
+            out_loss, values, grad_norm = _train_step(
+                trainee, batch.to(run.device), step, schedules, run, cfg.optim.clip_grad
             )
-            momentum = schedules.teacher_momentum(step)
-            method.update_teacher(momentum)
             step += 1
             window_images += batch.batch_size * env.world_size
             bar.update(1)
-
             at_end = step >= plan.total_steps
             stop_early = (cfg.train.max_minutes > 0 and time.monotonic() - start_time > cfg.train.max_minutes * 60) or (
                 cfg.train.max_steps > 0 and step >= cfg.train.max_steps
             )
             if step % cfg.train.log_every == 0 or at_end or stop_early:
-                # The only host syncs of the step: every log_every steps.
+                # The only host syncs of the step: every log_every steps (and at checkpoints).
                 last_loss = float(all_reduce_mean(out_loss.total.detach(), env))
                 if not math.isfinite(last_loss):
                     raise NonFiniteLossError(
@@ -177,26 +210,23 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                 now = time.monotonic()
                 images_per_second = window_images / max(now - window_start, 1e-9)
                 window_start, window_images = now, 0
-                values = {
-                    "loss": last_loss,
+                values.update(
+                    loss=last_loss,
                     **{f"loss_{k}": float(all_reduce_mean(v, env)) for k, v in out_loss.parts.items()},
-                    "lr": lr,
-                    "weight_decay": wd,
-                    "teacher_momentum": momentum,
-                    "teacher_temp": schedules.teacher_temp(step - 1),
-                    "epoch": step / plan.steps_per_epoch,
-                    "images_per_second": images_per_second,
-                    "elapsed_s": now - start_time,
-                }
+                    epoch=step / plan.steps_per_epoch,
+                    images_per_second=images_per_second,
+                    elapsed_s=now - start_time,
+                )
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 if metrics is not None:
                     metrics.log(step, values)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_second:.1f}")
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
             if step % cfg.train.checkpoint_every == 0 or at_end or stop_early:
                 if not math.isfinite(float(all_reduce_mean(out_loss.total.detach(), env))):
                     raise NonFiniteLossError(f"step {step}: non-finite loss; last good checkpoint kept at {ckpt_path}")
-                checkpoint(step)
+                if env.is_main:
+                    _save(trainee, out, step, cfg, plan)
                 barrier(env)
             if stop_early:
                 logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from ibot.config import Config, RunPlan
 
 
-def cosine_schedule(step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
+def cosine_schedule(
+    step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0, warmup_start: float = 0.0
+) -> float:
     """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then cosine to ``final``.
 
     ``step`` 0 gives ``warmup_start`` (or ``base`` without warm-up); ``total_steps - 1`` gives ``final``.
