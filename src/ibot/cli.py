@@ -38,7 +38,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def run_knn(
     weights: str, train_dir: str, test_dir: str, random_init: bool, overrides: list[str], progress: bool = True
 ) -> dict:
-    """k-NN of the frozen backbone at ``weights``; returns {"k": {k: [top1, top5]}, ...}."""
+    """k-NN of the frozen backbone at ``weights``: {"weights", "train_images", ..., "knn": {k: {"top1", "top5"}}}."""
     import torch
 
     from ibot.config import config_from_dict
@@ -57,6 +57,9 @@ def run_knn(
         raise IBOTError("eval knn: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
     train_f = extract_features(backbone, train_dir, cfg, runtime, progress=progress)
     test_f = extract_features(backbone, test_dir, cfg, runtime, progress=progress)
+    for folder, feats in ((train_dir, train_f), (test_dir, test_f)):
+        if bool((feats.labels < 0).any()):
+            raise IBOTError(f"{folder}: k-NN needs labelled images, one sub-folder per class")
     results = knn_classify(
         train_f.cls, train_f.labels, test_f.cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
     )
