@@ -6,8 +6,6 @@ collate function counts it, so the trainer can report every skipped file once at
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ibot.data.index_cache import cache_path, read_cache, write_cache
 from ibot.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -101,15 +100,14 @@ class ImageFolderIndex:
         if not root.is_dir():
             raise DataError(f"{root}: not a directory")
         relative = None
-        cache_file = None
         if cache_dir:
-            key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-            cache_file = Path(cache_dir).expanduser() / f"index-{key}.json"
-            relative = _read_cache(cache_file, _fingerprint(root))
+            cache_file = cache_path(cache_dir, "index", str(root.resolve()))
+            fingerprint = _fingerprint(root)
+            relative = read_cache(cache_file, fingerprint)
         if relative is None:
             relative = _walk_images(root)
-            if cache_file is not None and relative:
-                _write_cache(cache_file, _fingerprint(root), relative)
+            if cache_dir and relative:
+                write_cache(cache_file, fingerprint, relative)
         if not relative:
             raise DataError(f"{root}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         parts = [r.split(os.sep) for r in relative]
@@ -117,26 +115,6 @@ class ImageFolderIndex:
         class_to_idx = {name: i for i, name in enumerate(top)}
         labels = tuple(class_to_idx[p[0]] if len(p) > 1 else -1 for p in parts)
         return ImageFolderIndex(root, tuple(str(root / r) for r in relative), labels, tuple(top))
-
-
-def _read_cache(path: Path, fingerprint: list[list]) -> list[str] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if data.get("fingerprint") != fingerprint:
-        return None
-    return list(data["files"])
-
-
-def _write_cache(path: Path, fingerprint: list[list], files: list[str]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": files}))
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only cache location only costs the re-scan
-        logger.warning("could not write the file index cache %s: %s", path, exc)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,8 @@ member with an image extension and its label the integer in ``key.cls`` (-1 if a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, load_rgb, transform_seeded
+from ibot.data.index_cache import cache_path, read_cache, write_cache
 from ibot.errors import DataError
 
 
@@ -74,23 +73,13 @@ class TarShards(Dataset):
 
     def _load_index(self, index_cache: str | Path | None) -> list[ShardEntry]:
         fingerprint = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.shards]
-        cache_file = None
-        if index_cache:
-            key = hashlib.sha1(json.dumps(fingerprint).encode()).hexdigest()[:16]
-            cache_file = Path(index_cache).expanduser() / f"shards-{key}.json"
-            try:
-                return [ShardEntry(*e) for e in json.loads(cache_file.read_text())]
-            except (OSError, ValueError, TypeError):
-                pass
+        cache_file = cache_path(index_cache, "shards", json.dumps(fingerprint)) if index_cache else None
+        cached = read_cache(cache_file, fingerprint) if cache_file is not None else None
+        if cached is not None:
+            return [ShardEntry(*e) for e in cached]
         entries = [e for i, p in enumerate(self.shards) for e in _index_shard(p, i)]
         if cache_file is not None:
-            try:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps([[e.shard, e.offset, e.size, e.label] for e in entries]))
-                os.replace(tmp, cache_file)
-            except OSError:
-                pass
+            write_cache(cache_file, fingerprint, [[e.shard, e.offset, e.size, e.label] for e in entries])
         return entries
 
     def __len__(self) -> int:

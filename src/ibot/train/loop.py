@@ -200,13 +200,16 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             stop_early = (cfg.train.max_minutes > 0 and time.monotonic() - start_time > cfg.train.max_minutes * 60) or (
                 cfg.train.max_steps > 0 and step >= cfg.train.max_steps
             )
-            if step % cfg.train.log_every == 0 or at_end or stop_early:
-                # The only host syncs of the step: every log_every steps (and at checkpoints).
+            log_now = step % cfg.train.log_every == 0 or at_end or stop_early
+            save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
+            if log_now or save_now:
+                # The only host sync of the step; it also keeps a non-finite state from being saved.
                 last_loss = float(all_reduce_mean(out_loss.total.detach(), env))
                 if not math.isfinite(last_loss):
                     raise NonFiniteLossError(
                         f"step {step}: loss is {last_loss}; last good checkpoint kept at {ckpt_path}"
                     )
+            if log_now:
                 now = time.monotonic()
                 images_per_second = window_images / max(now - window_start, 1e-9)
                 window_start, window_images = now, 0
@@ -222,9 +225,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                 if metrics is not None:
                     metrics.log(step, values)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-            if step % cfg.train.checkpoint_every == 0 or at_end or stop_early:
-                if not math.isfinite(float(all_reduce_mean(out_loss.total.detach(), env))):
-                    raise NonFiniteLossError(f"step {step}: non-finite loss; last good checkpoint kept at {ckpt_path}")
+            if save_now:
                 if env.is_main:
                     _save(trainee, out, step, cfg, plan)
                 barrier(env)
