@@ -9,10 +9,10 @@ from PIL import Image
 
 from ibot.config import DataConfig, MaskConfig
 from ibot.data.collate import MultiCropCollate
-from ibot.data.datasets import ImageFolder, ImageFolderIndex, load_rgb
+from ibot.data.datasets import ImageFolder, ImageFolderIndex, load_rgb, transform_seeded
 from ibot.data.loaders import InfiniteSampler
 from ibot.data.transforms import MultiCropTransform
-from ibot.errors import DataError
+from ibot.errors import ConfigError, DataError
 
 
 class TestLoadRGB:
@@ -93,6 +93,31 @@ def test_multicrop_shapes_and_normalisation(image_folder: Path) -> None:
     assert crops.global_crops.shape == (2, 3, 16, 16)
     assert crops.local_crops.shape == (3, 3, 8, 8)
     assert crops.global_crops.dtype == torch.float32 and crops.global_crops.abs().max() < 10
+
+
+def _sharpness(crops: torch.Tensor) -> float:
+    """Mean absolute difference between horizontally adjacent pixels."""
+    return float((crops[..., 1:] - crops[..., :-1]).abs().mean())
+
+
+def test_blur_probabilities_come_from_the_config() -> None:
+    # A fine checkerboard, cropped whole: blur (always on for global crop 1 by default) averages
+    # it away; with data.global_blur_prob [0, 0] the same seed gives the same crop, still sharp.
+    board = Image.fromarray((np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    kwargs = dict(global_crop_size=32, local_crop_size=16, num_local_crops=2, global_crop_scale=(1.0, 1.0))
+    official = MultiCropTransform(DataConfig(**kwargs))
+    sharp = MultiCropTransform(DataConfig(**kwargs, global_blur_prob=(0.0, 0.0), local_blur_prob=0.0))
+    for seed in range(4):
+        blurred = transform_seeded(official, board, seed).global_crops[0]
+        kept = transform_seeded(sharp, board, seed).global_crops[0]
+        assert _sharpness(kept) > 2 * _sharpness(blurred)
+
+
+def test_augmentation_probabilities_are_checked() -> None:
+    with pytest.raises(ConfigError, match="data.global_blur_prob"):
+        DataConfig(global_blur_prob=(1.5, 0.0))
+    with pytest.raises(ConfigError, match="data.solarize_prob"):
+        DataConfig(solarize_prob=-0.1)
 
 
 class TestInfiniteSampler:

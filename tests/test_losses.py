@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss
+from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss
 
 
 def _ce(p: list[float], logits: list[float], temp: float) -> float:
@@ -121,3 +121,30 @@ def test_dino_loss_stays_fp32_under_bf16_autocast() -> None:
         under_autocast = DINOClsLoss(0.1)(student, teacher)
     assert under_autocast.dtype == torch.float32
     assert under_autocast.item() == pytest.approx(reference.item(), rel=1e-6)  # bf16 would be ~1e-3 off
+
+
+class TestKoLeoLoss:
+    def test_hand_computed_value(self) -> None:
+        # Unit vectors at 0, 90 and 180 degrees in a plane: each one's nearest neighbour is the
+        # 90-degree vector at distance sqrt(2), except that one, whose neighbours are both sqrt(2).
+        x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        assert KoLeoLoss()(x).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
+
+    def test_scale_invariant_and_uses_nearest_not_self(self) -> None:
+        x = torch.tensor([[3.0, 0.0], [0.0, 0.5], [0.6, 0.8]])
+        # normalised: (1,0), (0,1), (0.6,0.8); nearest of (1,0) is (0.6,0.8) at sqrt(0.8)
+        d = [math.sqrt(0.8), math.sqrt(0.4), math.sqrt(0.4)]
+        expected = -sum(math.log(v) for v in d) / 3
+        assert KoLeoLoss()(x).item() == pytest.approx(expected, rel=1e-5)
+
+    def test_gradient_pushes_close_points_apart(self) -> None:
+        x = torch.tensor([[1.0, 0.0], [1.0, 0.05], [-1.0, 0.0]], requires_grad=True)
+        KoLeoLoss()(x).backward()
+        step = x.detach() - 0.1 * x.grad
+        assert KoLeoLoss()(step) < KoLeoLoss()(x.detach())
+        cos = F.cosine_similarity(step[0], step[1], dim=0)
+        assert cos < F.cosine_similarity(x[0].detach(), x[1].detach(), dim=0)
+
+    def test_rejects_a_single_row(self) -> None:
+        with pytest.raises(ValueError, match="B >= 2"):
+            KoLeoLoss()(torch.ones(1, 4))

@@ -103,10 +103,24 @@ class TestIBOT:
 
     def test_patch_loss_only_sees_masked_tokens(self, method: IBOT) -> None:
         batch = make_batch()
-        student = method.student_logits(batch)
+        student = method.student_logits(batch).heads
         teacher = method.teacher_logits(batch)
         assert student.patch_logits.shape[0] == teacher.patch_logits.shape[0] == int(batch.mask.sum()) == 5
         assert student.cls_logits.shape[0] == 4 * batch.batch_size  # 2 global + 2 local views
+
+    def test_koleo_term_is_added_when_weighted(self, tiny_config: Config) -> None:
+        from dataclasses import replace
+
+        batch = make_batch()
+        torch.manual_seed(0)
+        plain = IBOT(tiny_config.model, tiny_config.loss, 16)(batch, 0.04)
+        torch.manual_seed(0)
+        method = IBOT(tiny_config.model, replace(tiny_config.loss, koleo_weight=0.5), 16)
+        out = method(batch, 0.04)
+        assert "koleo" not in plain.parts and torch.isfinite(out.parts["koleo"])
+        assert out.total.item() == pytest.approx((plain.total + 0.5 * out.parts["koleo"]).item(), rel=1e-5)
+        out.total.backward()  # KoLeo reaches the backbone (it acts on backbone [cls], not the head)
+        assert method.student["backbone"].vit.cls_token.grad is not None
 
     def test_separate_heads(self, tiny_config: Config) -> None:
         from dataclasses import replace

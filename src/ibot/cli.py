@@ -30,6 +30,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         result.images_per_second,
         result.output_dir,
     )
+    if result.knn_top1 is not None:
+        logger.info(
+            "k-NN monitor (k=%d): top-1 %.2f %% after %.1f training minutes",
+            cfg.eval.monitor_k,
+            result.knn_top1,
+            result.train_minutes,
+        )
     if result.skipped_images:
         logger.info("skipped %d unreadable images", result.skipped_images)
     return 0

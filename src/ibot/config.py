@@ -45,6 +45,11 @@ class DataConfig:
     num_local_crops: int = 10
     global_crop_scale: tuple[float, float] = (0.25, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.25)
+    # Official probabilities; tiny images (CIFAR) lose most of their content to blur, so
+    # small-image recipes turn it down.
+    global_blur_prob: tuple[float, float] = (1.0, 0.1)  # global crop 1, global crop 2
+    local_blur_prob: float = 0.5
+    solarize_prob: float = 0.2  # second global crop only
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -56,6 +61,9 @@ class DataConfig:
         for key in ("global_crop_scale", "local_crop_scale"):
             lo, hi = getattr(self, key)
             _check(0 < lo <= hi <= 1, f"data.{key}", "must satisfy 0 < min <= max <= 1")
+        for key in ("local_blur_prob", "solarize_prob"):
+            _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be in [0, 1]")
+        _check(all(0 <= p <= 1 for p in self.global_blur_prob), "data.global_blur_prob", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -112,11 +120,13 @@ class LossConfig:
     center_momentum: float = 0.9
     cls_weight: float = 1.0
     patch_weight: float = 1.0
+    koleo_weight: float = 0.0  # KoLeo on the student's global [cls] tokens (DINOv2 uses 0.1); 0 = off
 
     def __post_init__(self) -> None:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             _check(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
         _check(0 <= self.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+        _check(self.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -176,8 +186,17 @@ class EvalConfig:
     knn_k: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
     batch_size: int = 256
+    # k-NN monitor during pre-training: a fixed subset of train_path / test_path, scored on the
+    # teacher every so many minutes of training (monitor time is not counted as training time).
+    monitor_every_minutes: float = 0.0  # 0 disables
+    monitor_train_images: int = 5000
+    monitor_test_images: int = 1000
+    monitor_k: int = 20
 
     def __post_init__(self) -> None:
+        _check(self.monitor_every_minutes >= 0, "eval.monitor_every_minutes", "must be >= 0")
+        for key in ("monitor_train_images", "monitor_test_images", "monitor_k"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
         _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ibot.config import LossConfig, ModelConfig
 from ibot.data.collate import Batch
-from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss
+from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 
@@ -37,6 +37,14 @@ class HeadOutputs:
 
     cls_logits: torch.Tensor
     patch_logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StudentOutputs:
+    """The student's head outputs plus its backbone [cls] tokens of the global crops (G*B, D)."""
+
+    heads: HeadOutputs
+    global_cls: torch.Tensor
 
 
 def _gather(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
@@ -70,6 +78,8 @@ class IBOT(nn.Module):
         self.patch_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.cls_weight = loss_cfg.cls_weight
         self.patch_weight = loss_cfg.patch_weight
+        self.koleo_weight = loss_cfg.koleo_weight
+        self.koleo_loss = KoLeoLoss() if loss_cfg.koleo_weight > 0 else None
         # Paired once: the EMA is two multi-tensor ops over these lists.
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
@@ -106,19 +116,21 @@ class IBOT(nn.Module):
         tokens = self.teacher["backbone"](batch.global_crops)
         return self._heads(self.teacher, tokens.cls, _gather(tokens.patches, batch.masked_indices()))
 
-    def student_logits(self, batch: Batch) -> HeadOutputs:
+    def student_logits(self, batch: Batch) -> StudentOutputs:
         """Student on masked globals and locals -> [cls] logits (V*B, K), patch logits (M, K)."""
         backbone = self.student["backbone"]
         global_tokens = backbone(batch.global_crops, batch.mask)
         cls_tokens = global_tokens.cls
         if batch.local_crops.shape[0]:
             cls_tokens = torch.cat([cls_tokens, backbone(batch.local_crops).cls])
-        return self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
+        heads = self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
+        return StudentOutputs(heads, global_tokens.cls)
 
     def forward(self, batch: Batch, teacher_temp: float) -> LossOutput:
         """Both losses for one batch; also steps the two teacher centers (their only update)."""
         teacher = self.teacher_logits(batch)
-        student = self.student_logits(batch)
+        student_out = self.student_logits(batch)
+        student = student_out.heads
         b = batch.batch_size
         k = teacher.cls_logits.shape[-1]
         teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, teacher_temp).view(-1, b, k)  # (G, B, K)
@@ -128,7 +140,14 @@ class IBOT(nn.Module):
         self.cls_center.update(teacher.cls_logits)
         self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
-        return LossOutput(total, {"cls": cls_loss.detach(), "patch": patch_loss.detach()})
+        parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
+        if self.koleo_loss is not None:
+            # Per global crop, as DINOv2: neighbours are other images seen through the same view.
+            per_crop = student_out.global_cls.view(-1, b, student_out.global_cls.shape[-1])  # (G, B, D)
+            koleo = sum(self.koleo_loss(c) for c in per_crop)
+            total = total + self.koleo_weight * koleo
+            parts["koleo"] = koleo.detach()
+        return LossOutput(total, parts)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

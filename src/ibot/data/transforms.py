@@ -1,7 +1,8 @@
 """Multi-crop augmentation of iBOT/DINO: 2 global crops + n local crops per image.
 
 Global crop 1: blur p=1.0; global crop 2: blur p=0.1 and solarize p=0.2; local crops: blur
-p=0.5 (the intended probabilities of the official code; DINOv2's wrapper inverts them).
+p=0.5 (the intended probabilities of the official code; DINOv2's wrapper inverts them;
+each is a ``data.*_prob`` key).
 All crops: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
 p=0.8, grayscale p=0.2, then normalisation.
 """
@@ -47,9 +48,11 @@ class MultiCropTransform:
         size, local_size = cfg.global_crop_size, cfg.local_crop_size
         global_crop = T.RandomResizedCrop(size, scale=cfg.global_crop_scale, interpolation=bicubic)
         local_crop = T.RandomResizedCrop(local_size, scale=cfg.local_crop_scale, interpolation=bicubic)
-        self.global_1 = T.Compose([global_crop, jitter, _blur(1.0, size), normalize])
-        self.global_2 = T.Compose([global_crop, jitter, _blur(0.1, size), T.RandomSolarize(128, p=0.2), normalize])
-        self.local = T.Compose([local_crop, jitter, _blur(0.5, local_size), normalize])
+        blur_1, blur_2 = cfg.global_blur_prob
+        self.global_1 = T.Compose([global_crop, jitter, _blur(blur_1, size), normalize])
+        solarize = T.RandomSolarize(128, p=cfg.solarize_prob)
+        self.global_2 = T.Compose([global_crop, jitter, _blur(blur_2, size), solarize, normalize])
+        self.local = T.Compose([local_crop, jitter, _blur(cfg.local_blur_prob, local_size), normalize])
         self.num_local_crops = cfg.num_local_crops
         self.local_crop_size = local_size
 

@@ -1,7 +1,8 @@
-"""Logits -> scalar losses: teacher centering, the DINO [cls] loss and the iBOT patch loss."""
+"""Logits -> scalar losses: teacher centering, the DINO [cls] loss, the iBOT patch loss, KoLeo."""
 
 from ibot.losses.centering import Center
 from ibot.losses.dino import DINOClsLoss
 from ibot.losses.ibot_patch import IBOTPatchLoss
+from ibot.losses.koleo import KoLeoLoss
 
-__all__ = ["Center", "DINOClsLoss", "IBOTPatchLoss"]
+__all__ = ["Center", "DINOClsLoss", "IBOTPatchLoss", "KoLeoLoss"]

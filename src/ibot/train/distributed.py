@@ -49,6 +49,15 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value / env.world_size
 
 
+def broadcast_flag(flag: bool, env: DistEnv) -> bool:
+    """Rank 0's ``flag`` on every rank (so decisions taken on one clock are taken together)."""
+    if not env.enabled:
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

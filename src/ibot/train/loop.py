@@ -27,7 +27,8 @@ from ibot.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, init_distributed, shutdown
+from ibot.eval.monitor import KNNMonitor
+from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_flag, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
 from ibot.train.runtime import Runtime
@@ -44,6 +45,26 @@ class RunResult:
     images_per_second: float
     last_loss: float
     skipped_images: int
+    train_minutes: float  # wall time of the training steps, k-NN monitor excluded
+    knn_top1: float | None  # last k-NN monitor value (None without the monitor)
+
+
+class TrainClock:
+    """Wall time of training alone: time spent in the k-NN monitor is paused out."""
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._paused = 0.0
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self._start - self._paused) / 60
+
+    def pause_during(self, fn, *args):  # type: ignore[no-untyped-def]
+        t0 = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._paused += time.monotonic() - t0
 
 
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
@@ -172,8 +193,27 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             run.attention,
         )
     metrics = MetricsLogger(out) if env.is_main else None
+    monitor_every = cfg.eval.monitor_every_minutes
+    monitor = KNNMonitor(cfg, run) if monitor_every > 0 and env.is_main else None
+    knn_top1: float | None = None
+
+    def run_monitor(at_step: int) -> None:
+        """k-NN of the teacher on the monitor subset, logged at ``at_step`` (rank 0; others wait)."""
+        nonlocal knn_top1
+        if monitor is not None and metrics is not None:
+            values = clock.pause_during(monitor, trainee.method.teacher["backbone"])
+            knn_top1 = values["knn_top1"]
+            metrics.log(at_step, {**values, "train_minutes": clock.minutes()})
+            logger.info("step %d, %.1f min: k-NN top-1 %.2f %%", at_step, clock.minutes(), knn_top1)
+        if monitor_every > 0:
+            clock.pause_during(barrier, env)
+
     skipped: list[str] = []
-    start_time = window_start = time.monotonic()
+    clock = TrainClock()
+    next_monitor = monitor_every
+    if step == 0:
+        run_monitor(0)  # the untrained starting point of the curve
+    window_start = time.monotonic()
     window_images, images_per_second, last_loss = 0, 0.0, math.nan
     bar = tqdm(
         total=plan.total_steps,
@@ -197,9 +237,10 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             window_images += batch.batch_size * env.world_size
             bar.update(1)
             at_end = step >= plan.total_steps
-            stop_early = (cfg.train.max_minutes > 0 and time.monotonic() - start_time > cfg.train.max_minutes * 60) or (
-                cfg.train.max_steps > 0 and step >= cfg.train.max_steps
-            )
+            stop_early = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
+            if step % cfg.train.log_every == 0 and cfg.train.max_minutes > 0:
+                # Checked on rank 0's clock at log steps only, so every rank stops at the same step.
+                stop_early = stop_early or broadcast_flag(clock.minutes() > cfg.train.max_minutes, env)
             log_now = step % cfg.train.log_every == 0 or at_end or stop_early
             save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
             if log_now or save_now:
@@ -218,7 +259,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                     **{f"loss_{k}": float(all_reduce_mean(v, env)) for k, v in out_loss.parts.items()},
                     epoch=step / plan.steps_per_epoch,
                     images_per_second=images_per_second,
-                    elapsed_s=now - start_time,
+                    train_minutes=clock.minutes(),
                 )
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
@@ -231,11 +272,20 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                 barrier(env)
             if stop_early:
                 logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)
+            if at_end or stop_early:
+                run_monitor(step)
                 break
+            monitor_due = monitor_every > 0 and step % cfg.train.log_every == 0
+            if monitor_due and broadcast_flag(clock.minutes() >= next_monitor, env):
+                run_monitor(step)
+                next_monitor += monitor_every
+                window_start = time.monotonic()  # images/s counts training time only
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
     if skipped:
         logger.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
-    return RunResult(out, step, plan.total_steps, images_per_second, last_loss, len(skipped))
+    return RunResult(
+        out, step, plan.total_steps, images_per_second, last_loss, len(skipped), clock.minutes(), knn_top1
+    )

@@ -1,0 +1,67 @@
+"""k-NN monitor for pre-training: a fixed labelled subset, decoded once, scored on the teacher.
+
+Gives the run's metrics a learning curve of the quantity people judge pre-training by
+(DINO's weighted k-NN on [cls]) at a cost of seconds: the subset is small and its eval
+transform is applied once, so each call is one frozen forward pass plus a matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ibot.config import Config
+from ibot.data.datasets import Sample
+from ibot.data.loaders import build_dataset
+from ibot.data.transforms import build_eval_transform
+from ibot.errors import IBOTError
+from ibot.eval.knn import knn_classify
+from ibot.models.vit import MaskedViT
+from ibot.train.runtime import Runtime
+
+
+def _load_subset(folder: str, size: int, cfg: Config, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,)."""
+    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    dataset = build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    samples = [s for s in (dataset[i] for i in order.tolist()) if isinstance(s, Sample)]
+    if not samples:
+        raise IBOTError(f"{folder}: no readable images for the k-NN monitor")
+    labels = torch.tensor([s.label for s in samples])
+    if bool((labels < 0).any()):
+        raise IBOTError(f"{folder}: the k-NN monitor needs labelled images, one sub-folder per class")
+    return torch.stack([s.view for s in samples]), labels
+
+
+class KNNMonitor:
+    """``monitor(backbone)`` -> {"knn_top1": %, "knn_top5": %} at k = ``eval.monitor_k``."""
+
+    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+        e = cfg.eval
+        if not e.train_path or not e.test_path:
+            raise IBOTError("eval.monitor_every_minutes needs eval.train_path and eval.test_path")
+        self.train_images, self.train_labels = _load_subset(e.train_path, e.monitor_train_images, cfg, seed=0)
+        self.test_images, self.test_labels = _load_subset(e.test_path, e.monitor_test_images, cfg, seed=1)
+        self.k = e.monitor_k
+        self.temperature = e.knn_temperature
+        self.batch_size = e.batch_size
+        self.runtime = runtime
+
+    @torch.no_grad()
+    def _features(self, backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in images.split(self.batch_size):
+            with self.runtime.autocast():
+                out.append(backbone(chunk.to(self.runtime.device)).cls.float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, backbone: MaskedViT) -> dict[str, float]:
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            train = self._features(backbone, self.train_images)
+            test = self._features(backbone, self.test_images)
+        finally:
+            backbone.train(was_training)
+        top1, top5 = knn_classify(train, self.train_labels, test, self.test_labels, (self.k,), self.temperature)[self.k]
+        return {"knn_top1": top1, "knn_top5": top5}
