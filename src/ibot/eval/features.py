@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ibot.config import Config, config_from_dict
@@ -50,6 +50,19 @@ def _collate(items: list[Sample | str]) -> tuple[torch.Tensor, torch.Tensor, int
     return images, labels, len(items) - len(samples)
 
 
+def build_eval_dataset(folder: str, cfg: Config) -> Dataset:
+    """``folder`` (or shards) under the DINO evaluation transform of ``cfg``."""
+    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    return build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
+
+
+@torch.no_grad()
+def cls_features(backbone: MaskedViT, images: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """(X, 3, S, S) images -> (X, D) fp32 [cls] after the final norm, on the CPU."""
+    with runtime.autocast():
+        return backbone(images.to(runtime.device)).cls.float().cpu()
+
+
 @torch.no_grad()
 def extract_features(
     backbone: MaskedViT,
@@ -60,17 +73,13 @@ def extract_features(
     progress: bool = True,
 ) -> Features:
     """[cls] after the final norm for every image of ``folder`` (or shards; DINO k-NN protocol)."""
-    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
-    dataset = build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(build_eval_dataset(folder, cfg), batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=_collate)
     backbone = backbone.to(runtime.device)
     feats, labels, skipped = [], [], 0
     for images, batch_labels, batch_skipped in tqdm(loader, desc=f"features {folder}", disable=not progress):
         skipped += batch_skipped
         if images.numel() == 0:
             continue
-        with runtime.autocast():
-            tokens = backbone(images.to(runtime.device))
-        feats.append(tokens.cls.float().cpu())
+        feats.append(cls_features(backbone, images, runtime))
         labels.append(batch_labels)
     return Features(torch.cat(feats), torch.cat(labels), skipped)

@@ -11,9 +11,8 @@ import torch
 
 from ibot.config import Config
 from ibot.data.datasets import Sample
-from ibot.data.loaders import build_dataset
-from ibot.data.transforms import build_eval_transform
 from ibot.errors import IBOTError
+from ibot.eval.features import build_eval_dataset, cls_features
 from ibot.eval.knn import knn_classify
 from ibot.models.vit import MaskedViT
 from ibot.train.runtime import Runtime
@@ -21,8 +20,7 @@ from ibot.train.runtime import Runtime
 
 def _load_subset(folder: str, size: int, cfg: Config, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,)."""
-    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
-    dataset = build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
+    dataset = build_eval_dataset(folder, cfg)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
     samples = [s for s in (dataset[i] for i in order.tolist()) if isinstance(s, Sample)]
     if not samples:
@@ -47,13 +45,8 @@ class KNNMonitor:
         self.batch_size = e.batch_size
         self.runtime = runtime
 
-    @torch.no_grad()
     def _features(self, backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
-        out = []
-        for chunk in images.split(self.batch_size):
-            with self.runtime.autocast():
-                out.append(backbone(chunk.to(self.runtime.device)).cls.float().cpu())
-        return torch.cat(out)
+        return torch.cat([cls_features(backbone, chunk, self.runtime) for chunk in images.split(self.batch_size)])
 
     def __call__(self, backbone: MaskedViT) -> dict[str, float]:
         was_training = backbone.training

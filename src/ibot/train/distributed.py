@@ -49,13 +49,13 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value / env.world_size
 
 
-def broadcast_flag(flag: bool, env: DistEnv) -> bool:
-    """Rank 0's ``flag`` on every rank (so decisions taken on one clock are taken together)."""
+def broadcast_flags(flags: list[bool], env: DistEnv) -> list[bool]:
+    """Rank 0's ``flags`` on every rank, in one message (decisions taken on one clock, together)."""
     if not env.enabled:
-        return flag
-    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return flags
+    value = torch.tensor([int(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.broadcast(value, src=0)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def barrier(env: DistEnv) -> None:

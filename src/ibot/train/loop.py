@@ -28,7 +28,7 @@ from ibot.train.checkpoint import (
     set_rng_state,
 )
 from ibot.eval.monitor import KNNMonitor
-from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_flag, init_distributed, shutdown
+from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_flags, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
 from ibot.train.runtime import Runtime
@@ -238,9 +238,15 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             bar.update(1)
             at_end = step >= plan.total_steps
             stop_early = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
-            if step % cfg.train.log_every == 0 and cfg.train.max_minutes > 0:
-                # Checked on rank 0's clock at log steps only, so every rank stops at the same step.
-                stop_early = stop_early or broadcast_flag(clock.minutes() > cfg.train.max_minutes, env)
+            out_of_time = monitor_due = False
+            if step % cfg.train.log_every == 0 and (cfg.train.max_minutes > 0 or monitor_every > 0):
+                # Decided on rank 0's clock, at log steps only, in one broadcast: every rank stops
+                # (or waits for the monitor) at the same step.
+                minutes = clock.minutes()
+                out_of_time, monitor_due = broadcast_flags(
+                    [0 < cfg.train.max_minutes < minutes, 0 < monitor_every and next_monitor <= minutes], env
+                )
+            stop_early = stop_early or out_of_time
             log_now = step % cfg.train.log_every == 0 or at_end or stop_early
             save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
             if log_now or save_now:
@@ -275,8 +281,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             if at_end or stop_early:
                 run_monitor(step)
                 break
-            monitor_due = monitor_every > 0 and step % cfg.train.log_every == 0
-            if monitor_due and broadcast_flag(clock.minutes() >= next_monitor, env):
+            if monitor_due:
                 run_monitor(step)
                 next_monitor += monitor_every
                 window_start = time.monotonic()  # images/s counts training time only
