@@ -73,3 +73,15 @@ def test_overrides_may_follow_options() -> None:
     assert args.overrides == ["optim.lr=1", "optim.epochs=2"]
     with pytest.raises(SystemExit):
         parse_args(["pretrain", "--config", "x.yaml", "--bogus-flag"])
+
+
+@pytest.mark.parametrize("text, minutes", [("90s", 1.5), ("45m", 45.0), ("1.5h", 90.0), ("20", 20.0)])
+def test_budget_durations(text: str, minutes: float) -> None:
+    assert parse_args(["pretrain", "--config", "c.yaml", "--budget", text]).budget == pytest.approx(minutes)
+
+
+@pytest.mark.parametrize("text", ["abc", "0m", "-5m", "m"])
+def test_bad_budget_is_refused(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["pretrain", "--config", "c.yaml", "--budget", text])
+    assert "--budget" in capsys.readouterr().err

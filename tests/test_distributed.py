@@ -24,8 +24,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path) -> None:
-    common = tiny_overrides(image_folder, tmp_path / "unused")
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
+def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path, centering: str) -> None:
+    # Both centerings reduce over the global batch: sums for EMA, every Sinkhorn-Knopp marginal.
+    common = tiny_overrides(image_folder, tmp_path / "unused") + [f"loss.centering={centering}"]
     single = load_config(None, common + ["data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"])
     train(single, progress=False)
 

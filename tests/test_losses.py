@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss
+from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss, NoCentering, SinkhornKnopp, build_centering
 
 
 def _ce(p: list[float], logits: list[float], temp: float) -> float:
@@ -110,6 +110,45 @@ class TestCenter:
         center.center.fill_(0.5)
         center.update(torch.empty(0, 2))
         assert torch.equal(center.center, torch.full((1, 2), 0.5))
+
+
+class TestSinkhornKnopp:
+    def test_rows_are_distributions_and_prototypes_share_the_batch(self) -> None:
+        logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+        probs = SinkhornKnopp(iterations=50).probs(logits, teacher_temp=0.1)
+        assert torch.allclose(probs.sum(dim=1), torch.ones(32), atol=1e-5)
+        assert torch.allclose(probs.sum(dim=0), torch.full((8,), 32 / 8), atol=1e-2)
+
+    def test_one_dominant_prototype_is_balanced_at_once(self) -> None:
+        # Every sample prefers prototype 0: a fresh EMA center lets it win everywhere (centering
+        # only catches up over ~1 / (1 - m) steps); Sinkhorn-Knopp spreads this very batch.
+        logits = 0.1 * torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        logits[:, 0] += 5.0
+        assert (Center(8).probs(logits, 0.1).argmax(dim=1) == 0).all()
+        probs = SinkhornKnopp().probs(logits, 0.1)
+        assert probs.argmax(dim=1).unique().numel() >= 6
+        assert probs.sum(dim=0).max() < 2 * 16 / 8
+
+    def test_large_logits_do_not_overflow(self) -> None:
+        logits = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        sk = SinkhornKnopp()
+        assert torch.allclose(sk.probs(logits * 30 + 100, 0.04), sk.probs(logits * 30, 0.04), atol=1e-5)
+        assert torch.isfinite(sk.probs(logits * 30, 0.01)).all()
+
+    def test_no_rows_gives_no_rows(self) -> None:
+        assert SinkhornKnopp().probs(torch.empty(0, 8), 0.04).shape == (0, 8)
+
+
+def test_no_centering_is_plain_sharpening() -> None:
+    logits = torch.randn(4, 6)
+    assert torch.allclose(NoCentering().probs(logits, 0.1), torch.softmax(logits / 0.1, dim=-1))
+
+
+def test_build_centering_names_the_option() -> None:
+    assert isinstance(build_centering("sinkhorn_knopp", 8, 0.9), SinkhornKnopp)
+    assert build_centering("ema", 8, 0.5).momentum == 0.5
+    with pytest.raises(ValueError, match="loss.centering"):
+        build_centering("softmax", 8, 0.9)
 
 
 def test_dino_loss_stays_fp32_under_bf16_autocast() -> None:

@@ -122,6 +122,16 @@ class TestIBOT:
         out.total.backward()  # KoLeo reaches the backbone (it acts on backbone [cls], not the head)
         assert method.student["backbone"].vit.cls_token.grad is not None
 
+    @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "none"])
+    def test_stateless_centerings_train_and_save_no_center(self, tiny_config: Config, centering: str) -> None:
+        from dataclasses import replace
+
+        method = IBOT(tiny_config.model, replace(tiny_config.loss, centering=centering), 16)
+        out = method(make_batch(), 0.04)
+        assert torch.isfinite(out.total) and out.parts["patch"] > 0
+        out.total.backward()
+        assert not any("center" in key for key in method.state_dict())
+
     def test_separate_heads(self, tiny_config: Config) -> None:
         from dataclasses import replace
 

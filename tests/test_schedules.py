@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ibot.config import RunPlan, load_config
-from ibot.train.schedules import Schedules, cosine_schedule, linear_warmup
+from ibot.train.schedules import Schedules, budget_total_steps, cosine_schedule, linear_warmup
 
 
 class TestCosineSchedule:
@@ -52,3 +52,10 @@ def test_run_schedules_at_chosen_steps() -> None:
     assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(15) == pytest.approx(0.055)
     assert s.teacher_temp(30) == pytest.approx(0.07) and s.teacher_temp(90) == pytest.approx(0.07)
     assert s.last_layer_frozen(9) and not s.last_layer_frozen(10)
+
+
+def test_budget_total_steps_from_the_pace_so_far() -> None:
+    assert budget_total_steps(100, 10.0, 60.0) == 600  # 10 steps a minute for 60 minutes
+    assert budget_total_steps(100, 75.0, 60.0) == 100  # budget spent: the schedule ends here
+    with pytest.raises(ValueError, match="pace"):
+        budget_total_steps(0, 0.0, 60.0)

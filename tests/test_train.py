@@ -84,6 +84,33 @@ def test_resume_is_exact(image_folder: Path, tmp_path: Path, workers: int) -> No
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(exp_avg, part["optimizer"]["state"].values()))
 
 
+def test_resume_continues_the_training_clock(image_folder: Path, tmp_path: Path) -> None:
+    from ibot.train.checkpoint import save_checkpoint
+
+    cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "run"))
+    train(_with(cfg, max_steps=2), progress=False)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    assert 0 < state["train_minutes"] < 5
+    save_checkpoint(path, {**state, "train_minutes": 30.0})  # as if the first part had trained 30 min
+    resumed = train(cfg, resume=True, progress=False)
+    assert 30.0 < resumed.train_minutes < 35.0
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["train_minutes"] > 30.0
+
+
+def test_budget_fits_the_schedule_to_the_time(tiny_config: Config) -> None:
+    """Schedules span ``train.budget_minutes`` of training, not ``optim.epochs`` (400 steps here)."""
+    cfg = replace(tiny_config, optim=replace(tiny_config.optim, epochs=100))
+    result = train(_with(cfg, budget_minutes=0.05), progress=False)
+    assert result.step == result.total_steps < 400
+    assert 0.05 <= result.train_minutes < 0.15
+    rows = read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
+    peak = max(r["lr"] for r in rows)
+    floor = cfg.optim.min_lr
+    assert rows[-1]["lr"] < floor + 0.1 * (peak - floor)  # the cosine ran to (nearly) its end in the budget
+    assert rows[-1]["teacher_momentum"] > 0.999
+
+
 def test_resume_refuses_a_different_model(image_folder: Path, tmp_path: Path) -> None:
     cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "run") + ["train.max_steps=1"])
     train(cfg, progress=False)

@@ -13,6 +13,19 @@ from ibot.errors import IBOTError
 logger = logging.getLogger("ibot")
 
 
+def parse_duration_minutes(text: str) -> float:
+    """``90s``, ``45m``, ``1.5h`` or a bare number of minutes -> minutes (argparse type of --budget)."""
+    units = {"s": 1 / 60, "m": 1.0, "h": 60.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "m")
+    try:
+        minutes = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 60m or 1.5h") from None
+    if minutes <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be positive")
+    return minutes
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from ibot.config import load_config
     from ibot.train.loop import train
@@ -20,6 +33,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
+    if args.budget:
+        overrides.append(f"train.budget_minutes={args.budget}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     logger.info(
@@ -126,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML file of config deltas")
     p.add_argument("--output-dir", help="same as train.output_dir=...")
     p.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
+    p.add_argument(
+        "--budget",
+        type=parse_duration_minutes,
+        help="training time (e.g. 60m, 1.5h): schedules span it instead of optim.epochs; "
+        "same as train.budget_minutes=...",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.set_defaults(func=_cmd_pretrain)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ibot.errors import ConfigError
+from ibot.losses.centering import CENTERINGS
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_pico": dict(embed_dim=48, depth=2, num_heads=2),  # for tests and smoke runs
@@ -117,7 +118,8 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
-    center_momentum: float = 0.9
+    center_momentum: float = 0.9  # ema centering only
+    centering: str = "ema"  # teacher targets: ema (DINO/iBOT), sinkhorn_knopp (DINOv2) or none
     cls_weight: float = 1.0
     patch_weight: float = 1.0
     koleo_weight: float = 0.0  # KoLeo on the student's global [cls] tokens (DINOv2 uses 0.1); 0 = off
@@ -126,6 +128,7 @@ class LossConfig:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             _check(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
         _check(0 <= self.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+        _check(self.centering in CENTERINGS, "loss.centering", f"must be one of {', '.join(CENTERINGS)}")
         _check(self.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0")
 
 
@@ -167,6 +170,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metric lines (host syncs happen only then)
     checkpoint_every: int = 500  # steps; a checkpoint is always written at the end
     max_minutes: float = 0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    # Schedules (LR, weight decay, teacher momentum) span this much training time instead of
+    # optim.epochs, and the run ends when it is spent (``--budget 60m``); 0 = use optim.epochs.
+    budget_minutes: float = 0
     max_steps: int = 0  # stop (with a checkpoint) at this step, schedules unchanged; 0 = no limit
 
     def __post_init__(self) -> None:
@@ -174,6 +180,7 @@ class TrainConfig:
         _check(self.attention in ATTENTIONS, "train.attention", f"must be one of {ATTENTIONS}")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.budget_minutes >= 0, "train.budget_minutes", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,10 @@ class Config:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Values derived from the config and the run's world size; logged, never written back."""
+    """Values derived from the config and the run's world size; logged, never written back.
+
+    With ``train.budget_minutes`` the loop re-estimates ``total_steps`` from the pace so far.
+    """
 
     global_batch_size: int
     steps_per_epoch: int

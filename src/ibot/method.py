@@ -18,7 +18,7 @@ from torch import nn
 
 from ibot.config import LossConfig, ModelConfig
 from ibot.data.collate import Batch
-from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss
+from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 
@@ -72,8 +72,8 @@ class IBOT(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.shared_head = model_cfg.shared_head
-        self.cls_center = Center(model_cfg.out_dim, loss_cfg.center_momentum)
-        self.patch_center = Center(model_cfg.out_dim, loss_cfg.center_momentum)
+        self.cls_center = build_centering(loss_cfg.centering, model_cfg.out_dim, loss_cfg.center_momentum)
+        self.patch_center = build_centering(loss_cfg.centering, model_cfg.out_dim, loss_cfg.center_momentum)
         self.cls_loss = DINOClsLoss(loss_cfg.student_temp)
         self.patch_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.cls_weight = loss_cfg.cls_weight

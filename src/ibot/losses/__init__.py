@@ -1,8 +1,13 @@
-"""Logits -> scalar losses: teacher centering, the DINO [cls] loss, the iBOT patch loss, KoLeo."""
+"""Logits -> scalar losses: teacher targets (centering), the DINO [cls] loss, the iBOT patch loss, KoLeo."""
 
-from ibot.losses.centering import Center
+from ibot.losses.centering import CENTERINGS, Center, NoCentering, SinkhornKnopp, build_centering
 from ibot.losses.dino import DINOClsLoss
 from ibot.losses.ibot_patch import IBOTPatchLoss
 from ibot.losses.koleo import KoLeoLoss
 
-__all__ = ["Center", "DINOClsLoss", "IBOTPatchLoss", "KoLeoLoss"]
+__all__ = [
+    "CENTERINGS",
+    "Center",
+    "NoCentering",
+    "SinkhornKnopp",
+    "build_centering", "DINOClsLoss", "IBOTPatchLoss", "KoLeoLoss"]

@@ -49,13 +49,13 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value / env.world_size
 
 
-def broadcast_flags(flags: list[bool], env: DistEnv) -> list[bool]:
-    """Rank 0's ``flags`` on every rank, in one message (decisions taken on one clock, together)."""
+def broadcast_values(values: list[float], env: DistEnv) -> list[float]:
+    """Rank 0's ``values`` on every rank, in one message (decisions taken on one clock, together)."""
     if not env.enabled:
-        return flags
-    value = torch.tensor([int(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(value, src=0)
-    return [bool(v) for v in value.tolist()]
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
 
 
 def barrier(env: DistEnv) -> None:

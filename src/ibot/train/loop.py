@@ -6,7 +6,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,11 +28,11 @@ from ibot.train.checkpoint import (
     set_rng_state,
 )
 from ibot.eval.monitor import KNNMonitor
-from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_flags, init_distributed, shutdown
+from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_values, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
 from ibot.train.runtime import Runtime
-from ibot.train.schedules import Schedules
+from ibot.train.schedules import Schedules, budget_total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,13 @@ class RunResult:
 
 
 class TrainClock:
-    """Wall time of training alone: time spent in the k-NN monitor is paused out."""
+    """Wall time of training alone: time spent in the k-NN monitor is paused out.
 
-    def __init__(self) -> None:
-        self._start = time.monotonic()
+    ``minutes`` starts at ``already`` (the training time of the run before a resume).
+    """
+
+    def __init__(self, already: float = 0.0) -> None:
+        self._start = time.monotonic() - 60 * already
         self._paused = 0.0
 
     def minutes(self) -> float:
@@ -75,7 +78,7 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult:
-    """Pre-train with iBOT until ``optim.epochs`` or ``train.max_minutes``; returns a summary.
+    """Pre-train with iBOT for ``optim.epochs`` or ``train.budget_minutes`` (or until ``train.max_minutes``).
 
     Under torchrun every process runs this; gradients are averaged by DDP, the centers are
     all-reduced, and rank 0 alone writes metrics and checkpoints.
@@ -120,8 +123,8 @@ def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
     )
 
 
-def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> int:
-    """Load everything from ``path``; returns the step to continue from."""
+def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> tuple[int, float]:
+    """Load everything from ``path``; returns the step to continue from and the training minutes so far."""
     state = load_checkpoint(path, run.device)
     _check_resume_config(state["config"], cfg, path)
     t.method.load_state_dict(state["method"])
@@ -130,15 +133,16 @@ def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> int:
         t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     logger.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("train_minutes", 0.0))
 
 
-def _save(t: _Trainee, out: Path, step: int, cfg: Config, plan: RunPlan) -> None:
+def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, plan: RunPlan) -> None:
     state = {
         "method": t.method.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler is not None else {},
         "step": step,
+        "train_minutes": train_minutes,
         "rng": rng_state(),
         "config": cfg.to_dict(),
         "plan": asdict(plan),
@@ -178,7 +182,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
 
     trainee = _build(cfg, run, env)
     ckpt_path = out / CHECKPOINT_NAME
-    step = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else 0
+    step, minutes_before = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else (0, 0.0)
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     schedules = Schedules(cfg, plan)
@@ -209,7 +213,8 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             clock.pause_during(barrier, env)
 
     skipped: list[str] = []
-    clock = TrainClock()
+    clock = TrainClock(minutes_before)
+    budget = cfg.train.budget_minutes
     next_monitor = monitor_every
     if step == 0:
         run_monitor(0)  # the untrained starting point of the curve
@@ -236,17 +241,19 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             step += 1
             window_images += batch.batch_size * env.world_size
             bar.update(1)
-            at_end = step >= plan.total_steps
             stop_early = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
-            out_of_time = monitor_due = False
-            if step % cfg.train.log_every == 0 and (cfg.train.max_minutes > 0 or monitor_every > 0):
-                # Decided on rank 0's clock, at log steps only, in one broadcast: every rank stops
-                # (or waits for the monitor) at the same step.
-                minutes = clock.minutes()
-                out_of_time, monitor_due = broadcast_flags(
-                    [0 < cfg.train.max_minutes < minutes, 0 < monitor_every and next_monitor <= minutes], env
-                )
-            stop_early = stop_early or out_of_time
+            monitor_due = False
+            if step % cfg.train.log_every == 0 and (cfg.train.max_minutes > 0 or monitor_every > 0 or budget > 0):
+                # Rank 0's clock, read at log steps only and sent in one broadcast: every rank
+                # stops, waits for the monitor and re-plans the budget at the same step.
+                (minutes,) = broadcast_values([clock.minutes()], env)
+                stop_early = stop_early or 0 < cfg.train.max_minutes < minutes
+                monitor_due = 0 < monitor_every and next_monitor <= minutes
+                if budget > 0:
+                    plan = replace(plan, total_steps=budget_total_steps(step, minutes, budget))
+                    schedules = Schedules(cfg, plan)
+                    bar.total = plan.total_steps
+            at_end = step >= plan.total_steps
             log_now = step % cfg.train.log_every == 0 or at_end or stop_early
             save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
             if log_now or save_now:
@@ -274,7 +281,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
             if save_now:
                 if env.is_main:
-                    _save(trainee, out, step, cfg, plan)
+                    _save(trainee, out, step, clock.minutes(), cfg, plan)
                 barrier(env)
             if stop_early:
                 logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)

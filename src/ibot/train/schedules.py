@@ -29,6 +29,16 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
     return start + (end - start) * step / warmup_steps
 
 
+def budget_total_steps(step: int, minutes: float, budget_minutes: float) -> int:
+    """Steps that fill ``budget_minutes`` at the average pace so far (``step`` steps in ``minutes``).
+
+    Never below ``step``: once the budget is spent the schedule is over.
+    """
+    if step <= 0 or minutes <= 0:
+        raise ValueError(f"need a measured pace, got {step} steps in {minutes} minutes")
+    return max(step, round(step * budget_minutes / minutes))
+
+
 @dataclass(frozen=True)
 class Schedules:
     """Learning rate, weight decay, teacher momentum and temperature for any step."""
