@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,39 @@ def test_pretrain_then_knn_through_the_console_script(image_folder: Path, tmp_pa
     )
     assert knn.returncode == 0, knn.stderr
     assert "k=20 top-1" in knn.stdout and (tmp_path / "knn.json").is_file()
+    # In-process (the subprocess start costs seconds): probes reuse the cached features.
+    from ibot.cli import main
+
+    probe_args = ["eval", "probe", str(run), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]
+    probe_args += ["--no-progress", "--json", str(tmp_path / "probe.json")]
+    probe_args += ["eval.probe_epochs=1", "eval.probe_batch_size=4"]
+    assert main(probe_args) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    names = ["cls", "cls4", "cls+avg", "cls4+avg", "mean-pool", "attention-pool", "attentive"]
+    assert [r["probe"] for r in result["probes"]] == names
+    assert len(list((run / "features").glob("*.safetensors"))) == 1  # one folder, one cache entry
+    assert main([*probe_args, "eval.probes=[bogus]"]) == 2
+    dense_args = ["eval", "dense", str(run), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]
+    dense_args += ["--no-progress", "--json", str(tmp_path / "dense.json"), "eval.probe_epochs=1"]
+    dense_args += ["eval.dense_train_mosaics=8", "eval.dense_test_mosaics=4", "eval.probe_batch_size=4"]
+    assert main(dense_args) == 0
+    dense = json.loads((tmp_path / "dense.json").read_text())["dense"]
+    assert [r["features"] for r in dense] == ["patch tokens", "[cls] broadcast"]
+    assert (run / "eval" / "attention_pool.png").is_file() and (run / "eval" / "knn.json").is_file()
+    robust_args = ["eval", "robustness", str(run), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]
+    robust_args += ["--no-progress", "eval.probe_epochs=1", "eval.probe_batch_size=4", "eval.robustness_images=4"]
+    assert main(robust_args) == 0
+    robust = json.loads((run / "eval" / "robustness.json").read_text())
+    assert len(robust["per_corruption"]) == 15 and robust["images"] == 4
+    assert all(len(v) == 5 for v in robust["per_severity"].values())
+    finetune_args = ["eval", "finetune", str(run), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]
+    finetune_args += ["--no-progress", "finetune.epochs=1", "finetune.batch_size=4", "finetune.num_workers=0"]
+    assert main(finetune_args) == 0
+    assert json.loads((run / "eval" / "finetune.json").read_text())["steps"] == 4
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "mean-pool" in report and "patch tokens" in report and "eval/attention_pool.png" in report
+    assert "Fine-tuning" in report and "Robustness" in report
 
 
 def test_knn_on_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -47,7 +47,7 @@ class TestLoadConfig:
             ("mask.ratio=0.9", "mask.ratio"),
             ("data.global_crop_scale=[0.5]", "data.global_crop_scale"),
             ("train.precision=fp8", "train.precision"),
-            ("loss.centering=softmax", "loss.centering"),
+            ("loss.patch_centering=softmax", "loss.patch_centering"),
         ],
     )
     def test_bad_values_name_the_key(self, override: str, key: str) -> None:

@@ -27,7 +27,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
 def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path, centering: str) -> None:
     # Both centerings reduce over the global batch: sums for EMA, every Sinkhorn-Knopp marginal.
-    common = tiny_overrides(image_folder, tmp_path / "unused") + [f"loss.centering={centering}"]
+    common = tiny_overrides(image_folder, tmp_path / "unused")
+    common += [f"loss.cls_centering={centering}", f"loss.patch_centering={centering}"]
     single = load_config(None, common + ["data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"])
     train(single, progress=False)
 

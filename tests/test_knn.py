@@ -39,7 +39,7 @@ def test_unlabelled_data_is_rejected() -> None:
 
 
 def test_extract_and_knn_on_a_trained_run(tiny_config, image_folder: Path) -> None:  # type: ignore[no-untyped-def]
-    from ibot.cli import run_knn
+    from ibot.eval.commands import run_knn
     from ibot.train.loop import train
 
     train(tiny_config, progress=False)

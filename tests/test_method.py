@@ -126,7 +126,8 @@ class TestIBOT:
     def test_stateless_centerings_train_and_save_no_center(self, tiny_config: Config, centering: str) -> None:
         from dataclasses import replace
 
-        method = IBOT(tiny_config.model, replace(tiny_config.loss, centering=centering), 16)
+        loss_cfg = replace(tiny_config.loss, cls_centering=centering, patch_centering=centering)
+        method = IBOT(tiny_config.model, loss_cfg, 16)
         out = method(make_batch(), 0.04)
         assert torch.isfinite(out.total) and out.parts["patch"] > 0
         out.total.backward()
@@ -195,3 +196,29 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config: Config) 
         grads.append([p.grad.clone() for p in method.student.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_collapse_monitors_tell_the_two_collapses_apart() -> None:
+    from ibot.method import collapse_monitors
+    from ibot.train.loop import collapse_warnings
+
+    k = 16
+    uniform = collapse_monitors("cls", torch.full((8, k), 1 / k), torch.tensor(3.0))
+    assert uniform["cls_teacher_entropy"].item() == pytest.approx(torch.log(torch.tensor(16.0)).item())
+    assert uniform["cls_kl"].item() == pytest.approx(3.0 - torch.log(torch.tensor(16.0)).item())
+    one_hot = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), k).float()
+    one = collapse_monitors("patch", one_hot, torch.tensor(0.0))
+    assert one["patch_prototypes_used"].item() == 1 and one["patch_perplexity"].item() == pytest.approx(1.0)
+    spread = collapse_monitors("cls", torch.eye(k)[:8], torch.tensor(0.0))
+    assert spread["cls_prototypes_used"].item() == 8 and spread["cls_perplexity"].item() == pytest.approx(8.0)
+    values = {key: float(v) for key, v in {**uniform, **one}.items()}
+    assert set(collapse_warnings(values, k)) == {("cls", "uniform"), ("patch", "one prototype")}
+    healthy = {key: float(v) for key, v in spread.items()}
+    assert collapse_warnings(healthy, k) == {}
+
+
+def test_forward_reports_collapse_monitors(method: IBOT) -> None:
+    out = method(make_batch(), 0.04)
+    for branch in ("cls", "patch"):
+        assert 0 <= out.monitors[f"{branch}_teacher_entropy"] <= torch.log(torch.tensor(32.0)) + 1e-4
+        assert 1 <= out.monitors[f"{branch}_prototypes_used"] <= 32

@@ -1,4 +1,7 @@
-"""The ``ibot`` command: pretrain, eval knn, demo. Config path + dotted overrides, few flags."""
+"""The ``ibot`` command: pretrain, eval knn / probe / robustness / dense / finetune, report, demo.
+
+Config path + dotted overrides, few flags.
+"""
 
 from __future__ import annotations
 
@@ -57,66 +60,44 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_knn(
-    weights: str, train_dir: str, test_dir: str, random_init: bool, overrides: list[str], progress: bool = True
-) -> dict:
-    """k-NN of the frozen backbone at ``weights``: {"weights", "train_images", ..., "knn": {k: {"top1", "top5"}}}."""
-    import torch
+def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
+    """Keep ``result`` in the run's eval folder (for ``ibot report``), and at ``--json`` if given."""
+    from ibot.eval.commands import run_dir
+    from ibot.report import eval_result_path
 
-    from ibot.config import config_from_dict
-    from ibot.eval.features import extract_features, load_frozen_backbone
-    from ibot.eval.knn import knn_classify
-    from ibot.train.runtime import Runtime
-
-    backbone, cfg = load_frozen_backbone(weights, random_init=random_init)
-    cfg = config_from_dict(cfg.to_dict(), overrides)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    runtime = Runtime.resolve(cfg.train)
-    train_dir = train_dir or cfg.eval.train_path
-    test_dir = test_dir or cfg.eval.test_path
-    if not train_dir or not test_dir:
-        raise IBOTError("eval knn: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
-    train_f = extract_features(backbone, train_dir, cfg, runtime, progress=progress)
-    test_f = extract_features(backbone, test_dir, cfg, runtime, progress=progress)
-    for folder, feats in ((train_dir, train_f), (test_dir, test_f)):
-        if bool((feats.labels < 0).any()):
-            raise IBOTError(f"{folder}: k-NN needs labelled images, one sub-folder per class")
-    results = knn_classify(
-        train_f.cls, train_f.labels, test_f.cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
-    )
-    return {
-        "weights": "random-init" if random_init else str(weights),
-        "train_images": int(train_f.labels.numel()),
-        "test_images": int(test_f.labels.numel()),
-        "skipped_images": train_f.skipped + test_f.skipped,
-        "knn": {k: {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
-    }
-
-
-def format_knn(results: list[dict]) -> str:
-    ks = list(results[0]["knn"])
-    head = "| weights | " + " | ".join(f"k={k} top-1 / top-5" for k in ks) + " |"
-    rule = "|---|" + "---|" * len(ks)
-    rows = [
-        f"| {r['weights']} | " + " | ".join(f"{r['knn'][k]['top1']:.2f} / {r['knn'][k]['top5']:.2f}" for k in ks) + " |"
-        for r in results
-    ]
-    return "\n".join([head, rule, *rows])
-
-
-def _cmd_knn(args: argparse.Namespace) -> int:
-    results = [
-        run_knn(args.weights, args.train_dir, args.test_dir, args.random_init, args.overrides, not args.no_progress)
-    ]
-    print(format_knn(results))
+    text = json.dumps(result, indent=2)
+    path = eval_result_path(run_dir(args.weights), command, args.random_init)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(text)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """``ibot eval <command>``: ``commands.run_<command>``, its table, its JSON in the run folder."""
+    from ibot.eval import commands
+
+    run = getattr(commands, f"run_{args.eval_command}")
+    result = run(
+        args.weights, args.train_dir, args.test_dir, args.random_init, args.overrides,
+        cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    print(getattr(commands, f"format_{args.eval_command}")(result))
+    _save_result(args, args.eval_command, result)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ibot.report import write_report
+
+    md, page = write_report(args.run_dir)
+    print(f"wrote {md} and {page}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ibot.config import load_config
+    from ibot.eval import commands
     from ibot.train.loop import train
 
     cfg = load_config(args.config, list(args.overrides))
@@ -124,10 +105,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = train(cfg, resume=False, progress=not args.no_progress)
     logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
     weights = str(Path(cfg.train.output_dir))
-    results = [run_knn(weights, "", "", random_init, [], not args.no_progress) for random_init in (False, True)]
+    results = [
+        commands.run_knn(weights, "", "", random_init, [], progress=not args.no_progress)
+        for random_init in (False, True)
+    ]
     results[0]["weights"] = f"iBOT teacher ({weights})"
     results[1]["weights"] = "random init, same shape"
-    table = format_knn(results)
+    table = commands.format_knn(*results)
     (Path(cfg.train.output_dir) / "knn.md").write_text(table + "\n")
     print(table)
     return 0
@@ -152,16 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate frozen features")
-    esub = e.add_subparsers(dest="probe", required=True)
-    k = esub.add_parser("knn", help="weighted k-NN on [cls] features (DINO protocol)")
-    k.add_argument("weights", help="teacher.safetensors or a run folder")
-    k.add_argument("--train-dir", default="", help="labelled image folder for the neighbours")
-    k.add_argument("--test-dir", default="", help="labelled image folder to classify")
-    k.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
-    k.add_argument("--json", help="also write the results here")
-    k.add_argument("--no-progress", action="store_true")
-    k.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
-    k.set_defaults(func=_cmd_knn)
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    for name, help_text in (
+        ("knn", "weighted k-NN on [cls] features (DINO protocol)"),
+        ("probe", "linear probes and patch-token pooling probes (Beyond [cls])"),
+        ("robustness", "a clean-trained probe under 15 CIFAR-10-C corruptions x 5 severities"),
+        ("dense", "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]"),
+        ("finetune", "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"),
+    ):
+        cmd = esub.add_parser(name, help=help_text)
+        cmd.add_argument("weights", help="teacher.safetensors or a run folder")
+        cmd.add_argument("--train-dir", default="", help="labelled image folder to fit on")
+        cmd.add_argument("--test-dir", default="", help="labelled image folder to classify")
+        cmd.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+        cmd.add_argument("--cache-dir", default="", help="feature cache of probe/robustness (default: RUN/features)")
+        cmd.add_argument("--json", help="also write the results here")
+        cmd.add_argument("--no-progress", action="store_true")
+        cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
+        cmd.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
+    r.add_argument("run_dir", help="a pre-training output folder")
+    r.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")
     d.add_argument("--config", default="configs/demo.yaml")

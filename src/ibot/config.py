@@ -119,7 +119,9 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
     center_momentum: float = 0.9  # ema centering only
-    centering: str = "ema"  # teacher targets: ema (DINO/iBOT), sinkhorn_knopp (DINOv2) or none
+    # Teacher targets per branch: ema (DINO/iBOT), sinkhorn_knopp (DINOv2) or none (an ablation).
+    cls_centering: str = "ema"
+    patch_centering: str = "ema"
     cls_weight: float = 1.0
     patch_weight: float = 1.0
     koleo_weight: float = 0.0  # KoLeo on the student's global [cls] tokens (DINOv2 uses 0.1); 0 = off
@@ -128,7 +130,8 @@ class LossConfig:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             _check(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
         _check(0 <= self.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
-        _check(self.centering in CENTERINGS, "loss.centering", f"must be one of {', '.join(CENTERINGS)}")
+        for key in ("cls_centering", "patch_centering"):
+            _check(getattr(self, key) in CENTERINGS, f"loss.{key}", f"must be one of {', '.join(CENTERINGS)}")
         _check(self.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0")
 
 
@@ -199,6 +202,22 @@ class EvalConfig:
     monitor_train_images: int = 5000
     monitor_test_images: int = 1000
     monitor_k: int = 20
+    # Probes on frozen tokens (``ibot eval probe``): every probe at every lr, picked on a
+    # validation split of the training folder (see ibot.eval.probes for the names).
+    probes: tuple[str, ...] = ("cls", "cls4", "cls+avg", "cls4+avg", "mean-pool", "attention-pool", "attentive")
+    probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    probe_epochs: int = 10
+    probe_batch_size: int = 256
+    probe_val_fraction: float = 0.1
+    # Dense probe (``ibot eval dense``): grid x grid mosaics of the train / test folders, one
+    # class per tile, trained with the probe_* settings above.
+    dense_grid: int = 2
+    dense_train_mosaics: int = 5000
+    dense_test_mosaics: int = 1000
+    # Robustness (``ibot eval robustness``): this probe, trained on clean features, scored on this
+    # many test images under each CIFAR-10-C corruption and severity (15 x 5 sets).
+    robustness_probe: str = "cls"
+    robustness_images: int = 1000
 
     def __post_init__(self) -> None:
         _check(self.monitor_every_minutes >= 0, "eval.monitor_every_minutes", "must be >= 0")
@@ -206,6 +225,35 @@ class EvalConfig:
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
         _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
+        _check(len(self.probes) > 0 and len(self.probe_lrs) > 0, "eval.probes", "needs probes and probe_lrs")
+        _check(all(lr > 0 for lr in self.probe_lrs), "eval.probe_lrs", "every lr must be > 0")
+        _check(self.probe_epochs >= 1 and self.probe_batch_size >= 1, "eval.probe_epochs", "epochs and batch >= 1")
+        _check(0 < self.probe_val_fraction < 1, "eval.probe_val_fraction", "must be in (0, 1)")
+        for key in ("dense_grid", "dense_train_mosaics", "dense_test_mosaics", "robustness_images"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Full fine-tuning (``ibot eval finetune``): BEiT/iBOT recipe with layer-wise lr decay."""
+
+    epochs: float = 5
+    lr: float = 5e-4  # per 256 images, for the head; block i gets layer_decay ** (depth - i) of it
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    batch_size: int = 128
+    warmup_epochs: float = 0.5
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0 and self.lr > 0, "finetune.epochs", "epochs and lr must be > 0")
+        _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
+        _check(0 <= self.drop_path < 1, "finetune.drop_path", "must be in [0, 1)")
+        _check(self.batch_size >= 2, "finetune.batch_size", "must be >= 2 (mixup mixes pairs)")
 
 
 @dataclass(frozen=True)
@@ -219,6 +267,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -25,10 +25,35 @@ from ibot.models.vit import MaskedViT
 
 @dataclass(frozen=True)
 class LossOutput:
-    """``total`` carries the graph; ``parts`` are detached per-loss values for logging."""
+    """``total`` carries the graph; ``parts`` (per-loss values) and ``monitors`` are detached, for logging."""
 
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
+    monitors: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def collapse_monitors(prefix: str, teacher_probs: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How close a branch is to either collapse, from its (M, K) teacher targets and its loss.
+
+    ``teacher_entropy`` near ln K: uniform collapse (targets say nothing); ``prototypes_used``
+    (distinct argmax in the batch) or ``perplexity`` (exp of the entropy of the batch-mean
+    target) near 1: one prototype wins. ``kl`` = loss - teacher entropy, student vs teacher.
+    No host sync: tensors, read only at log steps.
+    """
+    probs = teacher_probs.float().flatten(0, -2)
+    if probs.shape[0] == 0:
+        zero = probs.new_zeros(())
+        return {f"{prefix}_{k}": zero for k in ("teacher_entropy", "kl", "prototypes_used", "perplexity")}
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
+    mean = probs.mean(dim=0)
+    used = torch.bincount(probs.argmax(dim=-1), minlength=probs.shape[-1]).gt(0).sum().float()
+    return {
+        f"{prefix}_teacher_entropy": entropy,
+        f"{prefix}_kl": loss.detach().float() - entropy,
+        f"{prefix}_prototypes_used": used,
+        f"{prefix}_perplexity": (-(mean * mean.clamp(min=1e-12).log()).sum()).exp(),
+    }
 
 
 @dataclass(frozen=True)
@@ -72,8 +97,8 @@ class IBOT(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.shared_head = model_cfg.shared_head
-        self.cls_center = build_centering(loss_cfg.centering, model_cfg.out_dim, loss_cfg.center_momentum)
-        self.patch_center = build_centering(loss_cfg.centering, model_cfg.out_dim, loss_cfg.center_momentum)
+        self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
+        self.patch_center = build_centering(loss_cfg.patch_centering, model_cfg.out_dim, loss_cfg.center_momentum)
         self.cls_loss = DINOClsLoss(loss_cfg.student_temp)
         self.patch_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.cls_weight = loss_cfg.cls_weight
@@ -141,13 +166,17 @@ class IBOT(nn.Module):
         self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
+        monitors = {
+            **collapse_monitors("cls", teacher_cls_probs, cls_loss),
+            **collapse_monitors("patch", teacher_patch_probs, patch_loss),
+        }
         if self.koleo_loss is not None:
             # Per global crop, as DINOv2: neighbours are other images seen through the same view.
             per_crop = student_out.global_cls.view(-1, b, student_out.global_cls.shape[-1])  # (G, B, D)
             koleo = sum(self.koleo_loss(c) for c in per_crop)
             total = total + self.koleo_weight * koleo
             parts["koleo"] = koleo.detach()
-        return LossOutput(total, parts)
+        return LossOutput(total, parts, monitors)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

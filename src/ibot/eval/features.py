@@ -1,10 +1,14 @@
-"""Frozen backbones and the one feature-extraction pass every probe uses."""
+"""Frozen backbones and the one feature-extraction pass every probe uses (cached on disk)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -12,6 +16,7 @@ from ibot.config import Config, config_from_dict
 from ibot.data.datasets import Sample
 from ibot.data.loaders import build_dataset
 from ibot.data.transforms import build_eval_transform
+from ibot.errors import DataError, IBOTError
 from ibot.models.vit import MaskedViT
 from ibot.train.checkpoint import load_backbone
 from ibot.train.runtime import Runtime
@@ -19,29 +24,58 @@ from ibot.train.runtime import Runtime
 
 @dataclass(frozen=True)
 class Features:
-    """[cls] features (X, D), labels (X,), and how many images could not be read."""
+    """Frozen tokens of a labelled folder, after the final norm.
+
+    ``cls`` (X, L, D) fp32: [cls] of the last L blocks, the last block last; ``patches``
+    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skipped``:
+    images that could not be read.
+    """
 
     cls: torch.Tensor
     labels: torch.Tensor
     skipped: int
+    patches: torch.Tensor | None = None
+
+    @property
+    def last_cls(self) -> torch.Tensor:
+        """(X, D) [cls] of the last block: the k-NN protocol's feature."""
+        return self.cls[:, -1]
 
 
-def load_frozen_backbone(path: str, random_init: bool = False, seed: int = 0) -> tuple[MaskedViT, Config]:
+def load_frozen_backbone(
+    path: str, random_init: bool = False, seed: int = 0, drop_path_rate: float = 0.0
+) -> tuple[MaskedViT, Config]:
     """The backbone saved at ``path`` (a ``teacher.safetensors`` or a run folder), in eval mode.
 
     With ``random_init`` the same architecture is built from seed ``seed`` and the weights are
-    not loaded: the untrained baseline of the same shape.
+    not loaded: the untrained baseline of the same shape. ``drop_path_rate`` is for fine-tuning.
     """
     tensors, config_dict = load_backbone(path)
     cfg = config_from_dict(config_dict)
     torch.manual_seed(seed)
-    backbone = MaskedViT.from_config(cfg.model, cfg.data.global_crop_size)
+    backbone = MaskedViT.from_config(replace(cfg.model, drop_path_rate=drop_path_rate), cfg.data.global_crop_size)
     if not random_init:
+        _check_fits(path, backbone.state_dict(), tensors)
         backbone.load_state_dict(tensors)
     return backbone.eval().requires_grad_(False), cfg
 
 
-def _collate(items: list[Sample | str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _check_fits(path: str, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """One line naming the keys that are missing, unexpected or of the wrong shape."""
+    problems = []
+    for label, keys in (
+        ("missing", sorted(expected.keys() - tensors.keys())),
+        ("unexpected", sorted(tensors.keys() - expected.keys())),
+        ("wrong shape", sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)),
+    ):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise DataError(f"{path}: weights do not fit the architecture in their config; " + "; ".join(problems))
+
+
+def collate_eval(items: list[Sample | str]) -> tuple[torch.Tensor, torch.Tensor, int]:
     samples = [s for s in items if isinstance(s, Sample)]
     if not samples:
         return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
@@ -71,15 +105,84 @@ def extract_features(
     runtime: Runtime,
     num_workers: int = 2,
     progress: bool = True,
+    n_last: int = 1,
+    patches: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> Features:
-    """[cls] after the final norm for every image of ``folder`` (or shards; DINO k-NN protocol)."""
-    loader = DataLoader(build_eval_dataset(folder, cfg), batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=_collate)
+    """[cls] of the last ``n_last`` blocks (and the last block's patch tokens) for ``folder``.
+
+    With ``cache_dir`` the result is stored there under a key of the weights, the folder, the
+    transform and what was extracted, and later calls with the same key read it back.
+    """
+    dataset = build_eval_dataset(folder, cfg)
+    cache = None
+    if cache_dir is not None:
+        key = _cache_key(backbone, folder, len(dataset), cfg, runtime, n_last, patches)
+        cache = Path(cache_dir) / f"{key}.safetensors"
+        if cache.is_file():
+            return _read_cache(cache)
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=collate_eval)
     backbone = backbone.to(runtime.device)
-    feats, labels, skipped = [], [], 0
+    cls_parts, patch_parts, labels, skipped = [], [], [], 0
     for images, batch_labels, batch_skipped in tqdm(loader, desc=f"features {folder}", disable=not progress):
         skipped += batch_skipped
         if images.numel() == 0:
             continue
-        feats.append(cls_features(backbone, images, runtime))
+        with runtime.autocast():
+            tokens = backbone.forward_intermediates(images.to(runtime.device), n_last)
+        cls_parts.append(torch.stack([t.cls.float() for t in tokens], dim=1).cpu())
+        if patches:
+            patch_parts.append(tokens[-1].patches.half().cpu())
         labels.append(batch_labels)
-    return Features(torch.cat(feats), torch.cat(labels), skipped)
+    if not labels:
+        raise IBOTError(f"{folder}: no readable images to extract features from")
+    features = Features(
+        torch.cat(cls_parts), torch.cat(labels), skipped, torch.cat(patch_parts) if patches else None
+    )
+    if cache is not None:
+        _write_cache(cache, features)
+    return features
+
+
+def _cache_key(
+    backbone: MaskedViT, folder: str, size: int, cfg: Config, runtime: Runtime, n_last: int, patches: bool
+) -> str:
+    """Weights (by content), folder (path, size, mtime), eval transform, precision and outputs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    path = Path(folder).resolve()
+    described = {
+        "folder": str(path),
+        "size": size,
+        "mtime": path.stat().st_mtime_ns,
+        "image_size": cfg.data.global_crop_size,
+        "crop_ratio": cfg.eval.crop_ratio,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "precision": runtime.precision,
+        "n_last": n_last,
+        "patches": patches,
+    }
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _write_cache(path: Path, features: Features) -> None:
+    tensors = {"cls": features.cls, "labels": features.labels}
+    if features.patches is not None:
+        tensors["patches"] = features.patches
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"skipped": str(features.skipped)})
+    tmp.replace(path)
+
+
+def _read_cache(path: Path) -> Features:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        skipped = int((f.metadata() or {}).get("skipped", 0))
+    tensors = load_file(str(path))
+    return Features(tensors["cls"], tensors["labels"], skipped, tensors.get("patches"))

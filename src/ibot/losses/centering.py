@@ -105,11 +105,11 @@ class NoCentering(nn.Module):
 
 
 def build_centering(kind: str, dim: int, momentum: float) -> nn.Module:
-    """The teacher-target module named by ``loss.centering``."""
+    """The teacher-target module named by ``loss.cls_centering`` / ``loss.patch_centering``."""
     if kind == "ema":
         return Center(dim, momentum)
     if kind == "sinkhorn_knopp":
         return SinkhornKnopp()
     if kind == "none":
         return NoCentering()
-    raise ValueError(f"loss.centering: expected one of {CENTERINGS}, got {kind!r}")
+    raise ValueError(f"centering: expected one of {CENTERINGS}, got {kind!r}")

@@ -17,6 +17,7 @@ from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
 from ibot.errors import ConfigError, NonFiniteLossError
+from ibot.eval.monitor import KNNMonitor
 from ibot.method import IBOT, LossOutput
 from ibot.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -27,7 +28,6 @@ from ibot.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ibot.eval.monitor import KNNMonitor
 from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_values, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
@@ -68,6 +68,20 @@ class TrainClock:
             return fn(*args)
         finally:
             self._paused += time.monotonic() - t0
+
+
+def collapse_warnings(values: dict[str, float], num_prototypes: int) -> dict[tuple[str, str], str]:
+    """{(branch, kind): message} for branches whose teacher targets look collapsed (``collapse_monitors``)."""
+    uniform = 0.98 * math.log(num_prototypes)
+    found = {}
+    for branch in ("cls", "patch"):
+        entropy = values.get(f"{branch}_teacher_entropy", 0.0)
+        perplexity = values.get(f"{branch}_perplexity", math.inf)
+        if entropy > uniform:
+            found[branch, "uniform"] = f"teacher entropy {entropy:.2f}, ln K = {math.log(num_prototypes):.2f}"
+        if 0 < perplexity < 2:
+            found[branch, "one prototype"] = f"batch perplexity {perplexity:.2f}"
+    return found
 
 
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
@@ -213,6 +227,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             clock.pause_during(barrier, env)
 
     skipped: list[str] = []
+    warned: set[tuple[str, str]] = set()
     clock = TrainClock(minutes_before)
     budget = cfg.train.budget_minutes
     next_monitor = monitor_every
@@ -267,9 +282,12 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                 now = time.monotonic()
                 images_per_second = window_images / max(now - window_start, 1e-9)
                 window_start, window_images = now, 0
+                logged = {f"loss_{k}": v for k, v in out_loss.parts.items()} | out_loss.monitors
+                # One all-reduce for every loss part and collapse monitor.
+                reduced = all_reduce_mean(torch.stack([v.float() for v in logged.values()]), env).tolist()
                 values.update(
                     loss=last_loss,
-                    **{f"loss_{k}": float(all_reduce_mean(v, env)) for k, v in out_loss.parts.items()},
+                    **dict(zip(logged, reduced)),
                     epoch=step / plan.steps_per_epoch,
                     images_per_second=images_per_second,
                     train_minutes=clock.minutes(),
@@ -278,6 +296,10 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                     values["grad_norm"] = float(grad_norm)
                 if metrics is not None:
                     metrics.log(step, values)
+                    for key, detail in collapse_warnings(values, cfg.model.out_dim).items():
+                        if key not in warned:  # once per branch and kind
+                            warned.add(key)
+                            logger.warning("step %d: the %s branch looks collapsed (%s): %s", step, *key, detail)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
             if save_now:
                 if env.is_main:

@@ -1,0 +1,55 @@
+"""Where the attention-pooling probe looks: its pooling weights over a few test images, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ibot.data.datasets import Sample
+from ibot.eval.probes import ProbeResult
+from ibot.models.vit import MaskedViT
+from ibot.train.runtime import Runtime
+
+
+@torch.no_grad()
+def save_attention_pool_maps(
+    result: ProbeResult,
+    backbone: MaskedViT,
+    dataset: Dataset,
+    runtime: Runtime,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    path: str | Path,
+    count: int = 8,
+) -> Path:
+    """The first ``count`` readable images of ``dataset``, each above its pooling-weight heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = [s for s in (dataset[i] for i in range(min(len(dataset), 4 * count))) if isinstance(s, Sample)][:count]
+    images = torch.stack([s.view for s in samples])
+    with runtime.autocast():
+        tokens = backbone.to(runtime.device).eval()(images.to(runtime.device))
+    cls, patches = result.standardise(tokens.cls.float().cpu().unsqueeze(1), tokens.patches.float().cpu())
+    weights = result.module.attention(patches)  # (B, N)
+    grid = images.shape[-1] // backbone.patch_size
+    maps = F.interpolate(weights.view(-1, 1, grid, grid), size=images.shape[-2:], mode="nearest")[:, 0]
+    pixels = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    fig, axes = plt.subplots(2, len(samples), figsize=(1.6 * len(samples), 3.4), squeeze=False)
+    for i in range(len(samples)):
+        axes[0, i].imshow(pixels[i].permute(1, 2, 0).numpy())
+        axes[1, i].imshow(maps[i].numpy(), cmap="inferno")
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle("attention-pool weights (bright = counts more)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,293 @@
+"""What each ``ibot eval`` command computes: weights + folders -> a JSON-able result, and its table.
+
+The command line (``ibot.cli``) parses arguments, calls one ``run_*`` here, prints its
+``format_*`` table and keeps the result in the run folder for ``ibot report``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ibot.errors import IBOTError
+
+
+def eval_setup(weights: str, train_dir: str, test_dir: str, random_init: bool, overrides: list[str], command: str):  # type: ignore[no-untyped-def]
+    """Frozen backbone, its config with ``overrides``, the runtime and the two labelled folders."""
+    import torch
+
+    from ibot.config import config_from_dict
+    from ibot.eval.features import load_frozen_backbone
+    from ibot.train.checkpoint import load_backbone
+    from ibot.train.runtime import Runtime
+
+    cfg = config_from_dict(load_backbone(weights)[1], overrides)  # first: the overrides may set drop path
+    drop_path = cfg.finetune.drop_path if command == "finetune" else 0.0
+    backbone, _ = load_frozen_backbone(weights, random_init=random_init, drop_path_rate=drop_path)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    train_dir = train_dir or cfg.eval.train_path
+    test_dir = test_dir or cfg.eval.test_path
+    if not train_dir or not test_dir:
+        raise IBOTError(f"eval {command}: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
+    return backbone, cfg, Runtime.resolve(cfg.train), train_dir, test_dir
+
+
+def run_dir(weights: str) -> Path:
+    """The folder evaluation results go to: the run folder, or the folder of a weights file."""
+    path = Path(weights)
+    return path if path.is_dir() else path.parent
+
+
+def require_labels(folder: str, labels, command: str) -> None:  # type: ignore[no-untyped-def]
+    if bool((labels < 0).any()):
+        raise IBOTError(f"{folder}: {command} needs labelled images, one sub-folder per class")
+
+
+def run_knn(
+    weights: str,
+    train_dir: str,
+    test_dir: str,
+    random_init: bool,
+    overrides: list[str],
+    cache_dir: str = "",
+    progress: bool = True,
+) -> dict:
+    """k-NN of the frozen backbone at ``weights``: {"weights", "train_images", ..., "knn": {k: {"top1", "top5"}}}."""
+    from ibot.eval.features import extract_features
+    from ibot.eval.knn import knn_classify
+
+    backbone, cfg, runtime, train_dir, test_dir = eval_setup(
+        weights, train_dir, test_dir, random_init, overrides, "knn"
+    )
+    train_f = extract_features(backbone, train_dir, cfg, runtime, progress=progress)
+    test_f = extract_features(backbone, test_dir, cfg, runtime, progress=progress)
+    for folder, feats in ((train_dir, train_f), (test_dir, test_f)):
+        require_labels(folder, feats.labels, "k-NN")
+    results = knn_classify(
+        train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
+    )
+    return {
+        "weights": "random-init" if random_init else str(weights),
+        "train_images": int(train_f.labels.numel()),
+        "test_images": int(test_f.labels.numel()),
+        "skipped_images": train_f.skipped + test_f.skipped,
+        "knn": {k: {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
+    }
+
+
+def probe_features(backbone, cfg, runtime, weights: str, folders: tuple[str, str], cache_dir: str, progress: bool):  # type: ignore[no-untyped-def]
+    """[cls] of the last 4 blocks and the last patch tokens of train and test, through the cache."""
+    from ibot.eval.features import extract_features
+
+    cache = cache_dir or str(run_dir(weights) / "features")
+    feats = [
+        extract_features(backbone, folder, cfg, runtime, progress=progress, n_last=4, patches=True, cache_dir=cache)
+        for folder in folders
+    ]
+    for folder, f in zip(folders, feats):
+        require_labels(folder, f.labels, "a probe")
+    return feats
+
+
+def run_robustness(
+    weights: str,
+    train_dir: str,
+    test_dir: str,
+    random_init: bool,
+    overrides: list[str],
+    cache_dir: str = "",
+    progress: bool = True,
+) -> dict:
+    """A probe trained on clean features, scored under the 15 CIFAR-10-C corruptions x 5 severities."""
+    from ibot.eval.probes import PROBES, train_probes
+    from ibot.eval.robustness import corruption_benchmark
+
+    backbone, cfg, runtime, train_dir, test_dir = eval_setup(
+        weights, train_dir, test_dir, random_init, overrides, "robustness"
+    )
+    e = cfg.eval
+    if e.robustness_probe not in PROBES:
+        raise IBOTError(f"eval.robustness_probe: unknown {e.robustness_probe}; choose from {', '.join(PROBES)}")
+    feats = probe_features(backbone, cfg, runtime, weights, (train_dir, test_dir), cache_dir, progress)
+    (probe,) = train_probes(
+        feats[0],
+        feats[1],
+        (e.robustness_probe,),
+        e.probe_lrs,
+        e.probe_epochs,
+        e.probe_batch_size,
+        e.probe_val_fraction,
+        seed=cfg.train.seed,
+        progress=progress,
+    )
+    result = corruption_benchmark(
+        probe, backbone, test_dir, cfg, runtime, e.robustness_images, feats[0].cls.shape[1], cfg.train.seed, progress
+    )
+    return {
+        "weights": "random-init" if random_init else str(weights),
+        "probe": probe.probe,
+        "lr": probe.lr,
+        "test_top1_all_clean": probe.test_top1,
+        **result.as_dict(),
+    }
+
+
+def run_finetune(
+    weights: str,
+    train_dir: str,
+    test_dir: str,
+    random_init: bool,
+    overrides: list[str],
+    cache_dir: str = "",
+    progress: bool = True,
+) -> dict:
+    """Full fine-tuning with layer-wise lr decay, mixup/cutmix and drop path; test top-1."""
+    from ibot.eval.finetune import finetune
+
+    backbone, cfg, runtime, train_dir, test_dir = eval_setup(
+        weights, train_dir, test_dir, random_init, overrides, "finetune"
+    )
+    result = finetune(backbone, cfg, train_dir, test_dir, runtime, progress)
+    return {"weights": "random-init" if random_init else str(weights), "settings": cfg.to_dict()["finetune"], **result}
+
+
+def format_finetune(result: dict) -> str:
+    return "\n".join(
+        [
+            f"| fine-tuning ({result['weights']}, {result['epochs']:g} epochs) | test top-1 |",
+            "|---|---|",
+            f"| | {result['test_top1']:.2f} |",
+        ]
+    )
+
+
+def format_robustness(result: dict) -> str:
+    rows = [f"| {name} | {top1:.2f} |" for name, top1 in result["per_corruption"].items()]
+    head = f"| corruption ({result['weights']}, probe {result['probe']}) | top-1, mean of severities 1-5 |"
+    tail = [
+        f"| clean (same images) | {result['clean_top1']:.2f} |",
+        f"| **mean corrupted** | **{result['mean_corrupted_top1']:.2f}** |",
+    ]
+    return "\n".join([head, "|---|---|", *rows, *tail])
+
+
+def run_probe(
+    weights: str,
+    train_dir: str,
+    test_dir: str,
+    random_init: bool,
+    overrides: list[str],
+    cache_dir: str = "",
+    progress: bool = True,
+) -> dict:
+    """Linear and patch-pooling probes of the frozen backbone: {"weights", ..., "probes": [{probe, lr, ...}]}."""
+    from ibot.eval.probes import PROBES, train_probes
+
+    backbone, cfg, runtime, train_dir, test_dir = eval_setup(
+        weights, train_dir, test_dir, random_init, overrides, "probe"
+    )
+    e = cfg.eval
+    unknown = [p for p in e.probes if p not in PROBES]
+    if unknown:
+        raise IBOTError(f"eval.probes: unknown {', '.join(unknown)}; choose from {', '.join(PROBES)}")
+    feats = probe_features(backbone, cfg, runtime, weights, (train_dir, test_dir), cache_dir, progress)
+    results = train_probes(
+        feats[0],
+        feats[1],
+        e.probes,
+        e.probe_lrs,
+        e.probe_epochs,
+        e.probe_batch_size,
+        e.probe_val_fraction,
+        seed=cfg.train.seed,
+        progress=progress,
+    )
+    pooled = [r for r in results if r.probe == "attention-pool"]
+    if pooled:
+        from ibot.eval.attention_maps import save_attention_pool_maps
+        from ibot.eval.features import build_eval_dataset
+        from ibot.report import ATTENTION_PNG, EVAL_DIR
+
+        name = ATTENTION_PNG.replace(".png", "-random-init.png") if random_init else ATTENTION_PNG
+        save_attention_pool_maps(
+            pooled[0],
+            backbone,
+            build_eval_dataset(test_dir, cfg),
+            runtime,
+            cfg.data.mean,
+            cfg.data.std,
+            run_dir(weights) / EVAL_DIR / name,
+        )
+    return {
+        "weights": "random-init" if random_init else str(weights),
+        "train_images": int(feats[0].labels.numel()),
+        "test_images": int(feats[1].labels.numel()),
+        "skipped_images": feats[0].skipped + feats[1].skipped,
+        "probes": [r.as_dict() for r in results],
+    }
+
+
+def run_dense(
+    weights: str,
+    train_dir: str,
+    test_dir: str,
+    random_init: bool,
+    overrides: list[str],
+    cache_dir: str = "",
+    progress: bool = True,
+) -> dict:
+    """Mosaic segmentation probe: patch tokens vs. broadcast [cls] -> {"weights", "dense": [...]}."""
+    from ibot.eval.dense import mosaic_tokens, train_dense_probes
+    from ibot.eval.features import build_eval_dataset
+
+    backbone, cfg, runtime, train_dir, test_dir = eval_setup(
+        weights, train_dir, test_dir, random_init, overrides, "dense"
+    )
+    e = cfg.eval
+    tokens = [
+        mosaic_tokens(
+            backbone, build_eval_dataset(folder, cfg), count, e.dense_grid, runtime, seed, e.batch_size, progress
+        )
+        for folder, count, seed in ((train_dir, e.dense_train_mosaics, 0), (test_dir, e.dense_test_mosaics, 1))
+    ]
+    results = train_dense_probes(
+        tokens[0],
+        tokens[1],
+        e.probe_lrs,
+        e.probe_epochs,
+        e.probe_batch_size,
+        e.probe_val_fraction,
+        seed=cfg.train.seed,
+        progress=progress,
+    )
+    return {
+        "weights": "random-init" if random_init else str(weights),
+        "mosaics": f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",
+        "dense": [r.as_dict() for r in results],
+    }
+
+
+def format_dense(result: dict) -> str:
+    rows = [
+        f"| {r['features']} | {r['lr']:g} | {r['test_miou']:.2f} | {r['test_pixel_accuracy']:.2f} |"
+        for r in result["dense"]
+    ]
+    head = f"| features ({result['weights']}, mosaics {result['mosaics']}) | lr | test mIoU | pixel accuracy |"
+    return "\n".join([head, "|---|---|---|---|", *rows])
+
+
+def format_probe(result: dict) -> str:
+    rows = [f"| {r['probe']} | {r['lr']:g} | {r['val_top1']:.2f} | {r['test_top1']:.2f} |" for r in result["probes"]]
+    head = f"| probe ({result['weights']}) | lr (picked on val) | val top-1 | test top-1 |"
+    return "\n".join([head, "|---|---|---|---|", *rows])
+
+
+def format_knn(*results: dict) -> str:
+    ks = list(results[0]["knn"])
+    head = "| weights | " + " | ".join(f"k={k} top-1 / top-5" for k in ks) + " |"
+    rule = "|---|" + "---|" * len(ks)
+    rows = [
+        f"| {r['weights']} | " + " | ".join(f"{r['knn'][k]['top1']:.2f} / {r['knn'][k]['top5']:.2f}" for k in ks) + " |"
+        for r in results
+    ]
+    return "\n".join([head, rule, *rows])

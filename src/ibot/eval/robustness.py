@@ -1,0 +1,109 @@
+"""Robustness: a probe trained on clean features, scored on corrupted copies of the test images.
+
+A seeded subset of the test folder is corrupted with each of the 15 CIFAR-10-C corruptions at
+severities 1-5 (``ibot.eval.corruptions``), passed through the evaluation transform and the
+frozen backbone, and classified by the probe; the summary is the mean over the 75 sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ibot.config import Config
+from ibot.data.datasets import Sample
+from ibot.data.loaders import build_dataset
+from ibot.data.transforms import build_eval_transform
+from ibot.errors import IBOTError
+from ibot.eval.corruptions import CORRUPTIONS, corrupt
+from ibot.eval.probes import ProbeResult
+from ibot.models.vit import MaskedViT
+from ibot.train.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class RobustnessResult:
+    """Top-1 % per corruption and severity (1-5), on the clean subset, and the mean over all."""
+
+    images: int
+    clean_top1: float
+    top1: dict[str, list[float]]
+
+    @property
+    def mean_corrupted_top1(self) -> float:
+        return float(np.mean([v for values in self.top1.values() for v in values]))
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "clean_top1": self.clean_top1,
+            "mean_corrupted_top1": self.mean_corrupted_top1,
+            "per_corruption": {k: float(np.mean(v)) for k, v in self.top1.items()},
+            "per_severity": self.top1,
+        }
+
+
+def _load_subset(folder: str, count: int, cfg: Config, seed: int) -> tuple[list[np.ndarray], torch.Tensor]:
+    dataset = build_dataset(folder, np.asarray, cfg.data.format, cfg.data.index_cache)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    samples = [s for s in (dataset[i] for i in order[: 2 * count]) if isinstance(s, Sample)][:count]
+    if not samples:
+        raise IBOTError(f"{folder}: no readable images for the robustness benchmark")
+    labels = torch.tensor([s.label for s in samples])
+    if bool((labels < 0).any()):
+        raise IBOTError(f"{folder}: the robustness benchmark needs labelled images, one sub-folder per class")
+    return [s.view for s in samples], labels
+
+
+@torch.no_grad()
+def _top1(
+    probe: ProbeResult,
+    backbone: MaskedViT,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    runtime: Runtime,
+    n_last: int,
+    batch_size: int,
+) -> float:
+    correct = 0
+    for chunk, target in zip(images.split(batch_size), labels.split(batch_size)):
+        with runtime.autocast():
+            tokens = backbone.forward_intermediates(chunk.to(runtime.device), n_last)
+        cls = torch.stack([t.cls.float() for t in tokens], dim=1).cpu()
+        cls, patches = probe.standardise(cls, tokens[-1].patches.float().cpu())
+        correct += int((probe.module(cls, patches).argmax(dim=1) == target).sum())
+    return 100.0 * correct / len(labels)
+
+
+def corruption_benchmark(
+    probe: ProbeResult,
+    backbone: MaskedViT,
+    test_folder: str,
+    cfg: Config,
+    runtime: Runtime,
+    count: int,
+    n_last: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> RobustnessResult:
+    """``probe`` (trained on clean features of ``n_last`` blocks) on ``count`` corrupted test images."""
+    arrays, labels = _load_subset(test_folder, count, cfg, seed)
+    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    backbone = backbone.to(runtime.device).eval()
+
+    def prepared(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.stack([transform(Image.fromarray(a)) for a in images])
+
+    bs = cfg.eval.batch_size
+    clean = _top1(probe, backbone, prepared(arrays), labels, runtime, n_last, bs)
+    top1: dict[str, list[float]] = {}
+    jobs = [(c, s) for c in CORRUPTIONS for s in range(1, 6)]
+    for number, (name, severity) in enumerate(tqdm(jobs, desc="corruptions", disable=not progress)):
+        rng = np.random.default_rng([seed, number])
+        images = prepared([corrupt(a, name, severity, rng) for a in arrays])
+        top1.setdefault(name, []).append(_top1(probe, backbone, images, labels, runtime, n_last, bs))
+    return RobustnessResult(len(labels), clean, top1)
