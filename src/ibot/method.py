@@ -33,27 +33,31 @@ class LossOutput:
 
 
 @torch.no_grad()
-def collapse_monitors(prefix: str, teacher_probs: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """How close a branch is to either collapse, from its (M, K) teacher targets and its loss.
+def collapse_monitors(prefix: str, teacher_probs: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How close a branch is to either collapse, from its (..., K) teacher targets.
 
     ``teacher_entropy`` near ln K: uniform collapse (targets say nothing); ``prototypes_used``
     (distinct argmax in the batch) or ``perplexity`` (exp of the entropy of the batch-mean
-    target) near 1: one prototype wins. ``kl`` = loss - teacher entropy, student vs teacher.
+    target) near 1: one prototype wins; ``kl``: student vs teacher, given by the caller.
     No host sync: tensors, read only at log steps.
     """
     probs = teacher_probs.float().flatten(0, -2)
     if probs.shape[0] == 0:
         zero = probs.new_zeros(())
         return {f"{prefix}_{k}": zero for k in ("teacher_entropy", "kl", "prototypes_used", "perplexity")}
-    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1).mean()
     mean = probs.mean(dim=0)
     used = torch.bincount(probs.argmax(dim=-1), minlength=probs.shape[-1]).gt(0).sum().float()
     return {
-        f"{prefix}_teacher_entropy": entropy,
-        f"{prefix}_kl": loss.detach().float() - entropy,
+        f"{prefix}_teacher_entropy": entropy(probs).mean(),
+        f"{prefix}_kl": kl.detach().float(),
         f"{prefix}_prototypes_used": used,
-        f"{prefix}_perplexity": (-(mean * mean.clamp(min=1e-12).log()).sum()).exp(),
+        f"{prefix}_perplexity": entropy(mean).exp(),
     }
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last dimension."""
+    return -(probs * probs.clamp(min=1e-12).log()).sum(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -166,9 +170,16 @@ class IBOT(nn.Module):
         self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
+        with torch.no_grad():
+            # [cls]: every pair's cross-entropy minus its teacher entropy is its KL, and each teacher
+            # view sits in the same number of pairs, so the mean KL is the loss minus the mean entropy.
+            cls_kl = cls_loss - entropy(teacher_cls_probs.float()).mean()
+            student_patch = torch.log_softmax(student.patch_logits.float() / self.patch_loss.student_temp, dim=-1)
+            patch_kl = (teacher_patch_probs * (teacher_patch_probs.clamp(min=1e-12).log() - student_patch)).sum(-1)
+            patch_kl = patch_kl.mean() if patch_kl.numel() else patch_kl.new_zeros(())
         monitors = {
-            **collapse_monitors("cls", teacher_cls_probs, cls_loss),
-            **collapse_monitors("patch", teacher_patch_probs, patch_loss),
+            **collapse_monitors("cls", teacher_cls_probs, cls_kl),
+            **collapse_monitors("patch", teacher_patch_probs, patch_kl),
         }
         if self.koleo_loss is not None:
             # Per global crop, as DINOv2: neighbours are other images seen through the same view.
