@@ -67,7 +67,7 @@ def run_knn(
         train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
     )
     return {
-        "weights": "random-init" if random_init else str(weights),
+        "weights": weights_label(weights, random_init),
         "train_images": int(train_f.labels.numel()),
         "test_images": int(test_f.labels.numel()),
         "skipped_images": train_f.skipped + test_f.skipped,
@@ -89,6 +89,33 @@ def probe_features(backbone, cfg, runtime, weights: str, folders: tuple[str, str
     return feats
 
 
+def trained_probes(backbone, cfg, runtime, weights, folders, names, key, cache_dir, progress):  # type: ignore[no-untyped-def]
+    """Probes ``names`` (config key ``key``) trained on the cached features of ``folders``."""
+    from ibot.eval.probes import PROBES, train_probes
+
+    unknown = [p for p in names if p not in PROBES]
+    if unknown:
+        raise IBOTError(f"{key}: unknown {', '.join(unknown)}; choose from {', '.join(PROBES)}")
+    feats = probe_features(backbone, cfg, runtime, weights, folders, cache_dir, progress)
+    e = cfg.eval
+    results = train_probes(
+        feats[0],
+        feats[1],
+        tuple(names),
+        e.probe_lrs,
+        e.probe_epochs,
+        e.probe_batch_size,
+        e.probe_val_fraction,
+        seed=cfg.train.seed,
+        progress=progress,
+    )
+    return feats, results
+
+
+def weights_label(weights: str, random_init: bool) -> str:
+    return "random-init" if random_init else str(weights)
+
+
 def run_robustness(
     weights: str,
     train_dir: str,
@@ -99,32 +126,28 @@ def run_robustness(
     progress: bool = True,
 ) -> dict:
     """A probe trained on clean features, scored under the 15 CIFAR-10-C corruptions x 5 severities."""
-    from ibot.eval.probes import PROBES, train_probes
     from ibot.eval.robustness import corruption_benchmark
 
     backbone, cfg, runtime, train_dir, test_dir = eval_setup(
         weights, train_dir, test_dir, random_init, overrides, "robustness"
     )
     e = cfg.eval
-    if e.robustness_probe not in PROBES:
-        raise IBOTError(f"eval.robustness_probe: unknown {e.robustness_probe}; choose from {', '.join(PROBES)}")
-    feats = probe_features(backbone, cfg, runtime, weights, (train_dir, test_dir), cache_dir, progress)
-    (probe,) = train_probes(
-        feats[0],
-        feats[1],
-        (e.robustness_probe,),
-        e.probe_lrs,
-        e.probe_epochs,
-        e.probe_batch_size,
-        e.probe_val_fraction,
-        seed=cfg.train.seed,
-        progress=progress,
+    feats, (probe,) = trained_probes(
+        backbone,
+        cfg,
+        runtime,
+        weights,
+        (train_dir, test_dir),
+        [e.robustness_probe],
+        "eval.robustness_probe",
+        cache_dir,
+        progress,
     )
     result = corruption_benchmark(
         probe, backbone, test_dir, cfg, runtime, e.robustness_images, feats[0].cls.shape[1], cfg.train.seed, progress
     )
     return {
-        "weights": "random-init" if random_init else str(weights),
+        "weights": weights_label(weights, random_init),
         "probe": probe.probe,
         "lr": probe.lr,
         "test_top1_all_clean": probe.test_top1,
@@ -148,7 +171,7 @@ def run_finetune(
         weights, train_dir, test_dir, random_init, overrides, "finetune"
     )
     result = finetune(backbone, cfg, train_dir, test_dir, runtime, progress)
-    return {"weights": "random-init" if random_init else str(weights), "settings": cfg.to_dict()["finetune"], **result}
+    return {"weights": weights_label(weights, random_init), "settings": cfg.to_dict()["finetune"], **result}
 
 
 def format_finetune(result: dict) -> str:
@@ -181,26 +204,11 @@ def run_probe(
     progress: bool = True,
 ) -> dict:
     """Linear and patch-pooling probes of the frozen backbone: {"weights", ..., "probes": [{probe, lr, ...}]}."""
-    from ibot.eval.probes import PROBES, train_probes
-
     backbone, cfg, runtime, train_dir, test_dir = eval_setup(
         weights, train_dir, test_dir, random_init, overrides, "probe"
     )
-    e = cfg.eval
-    unknown = [p for p in e.probes if p not in PROBES]
-    if unknown:
-        raise IBOTError(f"eval.probes: unknown {', '.join(unknown)}; choose from {', '.join(PROBES)}")
-    feats = probe_features(backbone, cfg, runtime, weights, (train_dir, test_dir), cache_dir, progress)
-    results = train_probes(
-        feats[0],
-        feats[1],
-        e.probes,
-        e.probe_lrs,
-        e.probe_epochs,
-        e.probe_batch_size,
-        e.probe_val_fraction,
-        seed=cfg.train.seed,
-        progress=progress,
+    feats, results = trained_probes(
+        backbone, cfg, runtime, weights, (train_dir, test_dir), cfg.eval.probes, "eval.probes", cache_dir, progress
     )
     pooled = [r for r in results if r.probe == "attention-pool"]
     if pooled:
@@ -219,7 +227,7 @@ def run_probe(
             run_dir(weights) / EVAL_DIR / name,
         )
     return {
-        "weights": "random-init" if random_init else str(weights),
+        "weights": weights_label(weights, random_init),
         "train_images": int(feats[0].labels.numel()),
         "test_images": int(feats[1].labels.numel()),
         "skipped_images": feats[0].skipped + feats[1].skipped,
@@ -261,7 +269,7 @@ def run_dense(
         progress=progress,
     )
     return {
-        "weights": "random-init" if random_init else str(weights),
+        "weights": weights_label(weights, random_init),
         "mosaics": f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",
         "dense": [r.as_dict() for r in results],
     }
