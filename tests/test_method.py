@@ -203,13 +203,12 @@ def test_collapse_monitors_tell_the_two_collapses_apart() -> None:
     from ibot.train.loop import collapse_warnings
 
     k = 16
-    uniform = collapse_monitors("cls", torch.full((8, k), 1 / k), torch.tensor(0.5))
+    uniform = collapse_monitors("cls", torch.full((8, k), 1 / k))
     assert uniform["cls_teacher_entropy"].item() == pytest.approx(torch.log(torch.tensor(16.0)).item())
-    assert uniform["cls_kl"].item() == 0.5
     one_hot = torch.nn.functional.one_hot(torch.zeros(8, dtype=torch.long), k).float()
-    one = collapse_monitors("patch", one_hot, torch.tensor(0.0))
+    one = collapse_monitors("patch", one_hot)
     assert one["patch_prototypes_used"].item() == 1 and one["patch_perplexity"].item() == pytest.approx(1.0)
-    spread = collapse_monitors("cls", torch.eye(k)[:8], torch.tensor(0.0))
+    spread = collapse_monitors("cls", torch.eye(k)[:8])
     assert spread["cls_prototypes_used"].item() == 8 and spread["cls_perplexity"].item() == pytest.approx(8.0)
     values = {key: float(v) for key, v in {**uniform, **one}.items()}
     assert set(collapse_warnings(values, k)) == {("cls", "uniform"), ("patch", "one prototype")}
@@ -218,8 +217,11 @@ def test_collapse_monitors_tell_the_two_collapses_apart() -> None:
 
 
 def test_forward_reports_collapse_monitors(method: IBOT) -> None:
-    out = method(make_batch(), 0.04)
+    assert method(make_batch(), 0.04).monitors == {}  # only when asked: not on every step
+    out = method(make_batch(), 0.04, monitors=True)
     for branch in ("cls", "patch"):
         assert 0 <= out.monitors[f"{branch}_teacher_entropy"] <= torch.log(torch.tensor(32.0)) + 1e-4
         assert 1 <= out.monitors[f"{branch}_prototypes_used"] <= 32
         assert out.monitors[f"{branch}_kl"] >= -1e-5  # a KL divergence, whatever the loss weighting
+    kl = out.parts["cls"] - out.monitors["cls_teacher_entropy"]
+    assert out.monitors["cls_kl"].item() == pytest.approx(kl.item())

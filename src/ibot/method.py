@@ -33,25 +33,22 @@ class LossOutput:
 
 
 @torch.no_grad()
-def collapse_monitors(prefix: str, teacher_probs: torch.Tensor, kl: torch.Tensor) -> dict[str, torch.Tensor]:
+def collapse_monitors(prefix: str, teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
     """How close a branch is to either collapse, from its (..., K) teacher targets.
 
     ``teacher_entropy`` near ln K: uniform collapse (targets say nothing); ``prototypes_used``
     (distinct argmax in the batch) or ``perplexity`` (exp of the entropy of the batch-mean
-    target) near 1: one prototype wins; ``kl``: student vs teacher, given by the caller.
-    No host sync: tensors, read only at log steps.
+    target) near 1: one prototype wins. No host sync: tensors, read only at log steps.
     """
     probs = teacher_probs.float().flatten(0, -2)
     if probs.shape[0] == 0:
         zero = probs.new_zeros(())
-        return {f"{prefix}_{k}": zero for k in ("teacher_entropy", "kl", "prototypes_used", "perplexity")}
-    mean = probs.mean(dim=0)
+        return {f"{prefix}_{k}": zero for k in ("teacher_entropy", "prototypes_used", "perplexity")}
     used = torch.bincount(probs.argmax(dim=-1), minlength=probs.shape[-1]).gt(0).sum().float()
     return {
         f"{prefix}_teacher_entropy": entropy(probs).mean(),
-        f"{prefix}_kl": kl.detach().float(),
         f"{prefix}_prototypes_used": used,
-        f"{prefix}_perplexity": entropy(mean).exp(),
+        f"{prefix}_perplexity": entropy(probs.mean(dim=0)).exp(),
     }
 
 
@@ -155,8 +152,11 @@ class IBOT(nn.Module):
         heads = self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
         return StudentOutputs(heads, global_tokens.cls)
 
-    def forward(self, batch: Batch, teacher_temp: float) -> LossOutput:
-        """Both losses for one batch; also steps the two teacher centers (their only update)."""
+    def forward(self, batch: Batch, teacher_temp: float, monitors: bool = False) -> LossOutput:
+        """Both losses for one batch; also steps the two teacher centers (their only update).
+
+        ``monitors``: also the collapse monitors (only worth their cost on steps that are logged).
+        """
         teacher = self.teacher_logits(batch)
         student_out = self.student_logits(batch)
         student = student_out.heads
@@ -170,24 +170,28 @@ class IBOT(nn.Module):
         self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
-        with torch.no_grad():
-            # [cls]: every pair's cross-entropy minus its teacher entropy is its KL, and each teacher
-            # view sits in the same number of pairs, so the mean KL is the loss minus the mean entropy.
-            cls_kl = cls_loss - entropy(teacher_cls_probs.float()).mean()
-            student_patch = torch.log_softmax(student.patch_logits.float() / self.patch_loss.student_temp, dim=-1)
-            patch_kl = (teacher_patch_probs * (teacher_patch_probs.clamp(min=1e-12).log() - student_patch)).sum(-1)
-            patch_kl = patch_kl.mean() if patch_kl.numel() else patch_kl.new_zeros(())
-        monitors = {
-            **collapse_monitors("cls", teacher_cls_probs, cls_kl),
-            **collapse_monitors("patch", teacher_patch_probs, patch_kl),
-        }
+        watched = self._monitors(teacher_cls_probs, teacher_patch_probs, cls_loss, student) if monitors else {}
         if self.koleo_loss is not None:
             # Per global crop, as DINOv2: neighbours are other images seen through the same view.
             per_crop = student_out.global_cls.view(-1, b, student_out.global_cls.shape[-1])  # (G, B, D)
             koleo = sum(self.koleo_loss(c) for c in per_crop)
             total = total + self.koleo_weight * koleo
             parts["koleo"] = koleo.detach()
-        return LossOutput(total, parts, monitors)
+        return LossOutput(total, parts, watched)
+
+    @torch.no_grad()
+    def _monitors(
+        self, cls_probs: torch.Tensor, patch_probs: torch.Tensor, cls_loss: torch.Tensor, student: HeadOutputs
+    ) -> dict[str, torch.Tensor]:
+        """Collapse monitors of both branches plus the student-teacher KL of each."""
+        out = {**collapse_monitors("cls", cls_probs), **collapse_monitors("patch", patch_probs)}
+        # [cls]: every pair's cross-entropy minus its teacher entropy is its KL, and each teacher
+        # view sits in the same number of pairs, so the mean KL is the loss minus the mean entropy.
+        out["cls_kl"] = cls_loss.detach().float() - out["cls_teacher_entropy"]
+        student_patch = torch.log_softmax(student.patch_logits.float() / self.patch_loss.student_temp, dim=-1)
+        patch_kl = (patch_probs * (patch_probs.clamp(min=1e-12).log() - student_patch)).sum(-1)
+        out["patch_kl"] = patch_kl.mean() if patch_kl.numel() else patch_kl.new_zeros(())
+        return out
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

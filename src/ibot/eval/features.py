@@ -18,7 +18,7 @@ from ibot.data.loaders import build_dataset
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
 from ibot.models.vit import MaskedViT
-from ibot.train.checkpoint import load_backbone
+from ibot.train.checkpoint import atomic_write, load_backbone
 from ibot.train.runtime import Runtime
 
 
@@ -90,6 +90,26 @@ def build_eval_dataset(folder: str, cfg: Config) -> Dataset:
     return build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
 
 
+def labelled_subset(dataset: Dataset, folder: str, size: int, seed: int, purpose: str) -> list[Sample]:
+    """The first ``size`` readable images of a ``seed``-ed permutation of ``dataset`` (all if fewer).
+
+    One-line errors name ``folder`` when nothing is readable or the images have no class folders.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    samples: list[Sample] = []
+    for i in order:
+        if len(samples) == size:
+            break
+        sample = dataset[i]
+        if isinstance(sample, Sample):
+            samples.append(sample)
+    if not samples:
+        raise IBOTError(f"{folder}: no readable images for {purpose}")
+    if any(s.label < 0 for s in samples):
+        raise IBOTError(f"{folder}: {purpose} needs labelled images, one sub-folder per class")
+    return samples
+
+
 @torch.no_grad()
 def cls_features(backbone: MaskedViT, images: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """(X, 3, S, S) images -> (X, D) fp32 [cls] after the final norm, on the CPU."""
@@ -136,9 +156,7 @@ def extract_features(
         labels.append(batch_labels)
     if not labels:
         raise IBOTError(f"{folder}: no readable images to extract features from")
-    features = Features(
-        torch.cat(cls_parts), torch.cat(labels), skipped, torch.cat(patch_parts) if patches else None
-    )
+    features = Features(torch.cat(cls_parts), torch.cat(labels), skipped, torch.cat(patch_parts) if patches else None)
     if cache is not None:
         _write_cache(cache, features)
     return features
@@ -173,10 +191,7 @@ def _write_cache(path: Path, features: Features) -> None:
     tensors = {"cls": features.cls, "labels": features.labels}
     if features.patches is not None:
         tensors["patches"] = features.patches
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"skipped": str(features.skipped)})
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"skipped": str(features.skipped)}))
 
 
 def _read_cache(path: Path) -> Features:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from ibot.config import Config
-from ibot.data.datasets import Sample
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, cls_features
+from ibot.eval.features import build_eval_dataset, cls_features, labelled_subset
 from ibot.eval.knn import knn_classify
 from ibot.models.vit import MaskedViT
 from ibot.train.runtime import Runtime
@@ -20,15 +19,8 @@ from ibot.train.runtime import Runtime
 
 def _load_subset(folder: str, size: int, cfg: Config, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,)."""
-    dataset = build_eval_dataset(folder, cfg)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    samples = [s for s in (dataset[i] for i in order.tolist()) if isinstance(s, Sample)]
-    if not samples:
-        raise IBOTError(f"{folder}: no readable images for the k-NN monitor")
-    labels = torch.tensor([s.label for s in samples])
-    if bool((labels < 0).any()):
-        raise IBOTError(f"{folder}: the k-NN monitor needs labelled images, one sub-folder per class")
-    return torch.stack([s.view for s in samples]), labels
+    samples = labelled_subset(build_eval_dataset(folder, cfg), folder, size, seed, "the k-NN monitor")
+    return torch.stack([s.view for s in samples]), torch.tensor([s.label for s in samples])
 
 
 class KNNMonitor:

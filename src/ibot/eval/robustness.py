@@ -15,11 +15,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ibot.config import Config
-from ibot.data.datasets import Sample
 from ibot.data.loaders import build_dataset
 from ibot.data.transforms import build_eval_transform
-from ibot.errors import IBOTError
 from ibot.eval.corruptions import CORRUPTIONS, corrupt
+from ibot.eval.features import labelled_subset
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
 from ibot.train.runtime import Runtime
@@ -48,15 +47,10 @@ class RobustnessResult:
 
 
 def _load_subset(folder: str, count: int, cfg: Config, seed: int) -> tuple[list[np.ndarray], torch.Tensor]:
+    """``count`` raw RGB uint8 images of ``folder`` (seeded) and their labels."""
     dataset = build_dataset(folder, np.asarray, cfg.data.format, cfg.data.index_cache)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    samples = [s for s in (dataset[i] for i in order[: 2 * count]) if isinstance(s, Sample)][:count]
-    if not samples:
-        raise IBOTError(f"{folder}: no readable images for the robustness benchmark")
-    labels = torch.tensor([s.label for s in samples])
-    if bool((labels < 0).any()):
-        raise IBOTError(f"{folder}: the robustness benchmark needs labelled images, one sub-folder per class")
-    return [s.view for s in samples], labels
+    samples = labelled_subset(dataset, folder, count, seed, "the robustness benchmark")
+    return [s.view for s in samples], torch.tensor([s.label for s in samples])
 
 
 @torch.no_grad()

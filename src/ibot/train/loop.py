@@ -166,9 +166,9 @@ def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, 
 
 
 def _train_step(
-    t: _Trainee, batch: Batch, step: int, schedules: Schedules, run: Runtime, clip_grad: float
+    t: _Trainee, batch: Batch, step: int, schedules: Schedules, run: Runtime, clip_grad: float, monitors: bool
 ) -> tuple[LossOutput, dict[str, float], torch.Tensor | None]:
-    """One optimisation step at ``step``: loss, backward, clip, AdamW, teacher EMA."""
+    """One optimisation step at ``step``: loss, backward, clip, AdamW, teacher EMA (+ collapse monitors)."""
     values = {
         "lr": schedules.lr(step),
         "weight_decay": schedules.weight_decay(step),
@@ -177,7 +177,7 @@ def _train_step(
     }
     set_lr_wd(t.optimizer, values["lr"], values["weight_decay"])
     with run.autocast():
-        out = t.model(batch, teacher_temp=values["teacher_temp"])
+        out = t.model(batch, teacher_temp=values["teacher_temp"], monitors=monitors)
     (t.scaler.scale(out.total) if t.scaler is not None else out.total).backward()
     grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, clip_grad, schedules.last_layer_frozen(step))
     t.method.update_teacher(values["teacher_momentum"])
@@ -251,7 +251,8 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             if batch is None or batch.batch_size == 0:
                 continue
             out_loss, values, grad_norm = _train_step(
-                trainee, batch.to(run.device), step, schedules, run, cfg.optim.clip_grad
+                trainee, batch.to(run.device), step, schedules, run, cfg.optim.clip_grad,
+                monitors=(step + 1) % cfg.train.log_every == 0,  # the steps whose metrics are logged
             )
             step += 1
             window_images += batch.batch_size * env.world_size
