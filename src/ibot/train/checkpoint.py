@@ -73,12 +73,28 @@ def save_backbone(path: str | Path, state_dict: dict[str, torch.Tensor], config:
 
 
 def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Backbone weights and the config they were trained with."""
+    """Backbone weights and the config they were trained with.
+
+    ``path``: a run folder, its ``teacher.safetensors``, or a timm / DINO / iBOT ViT state dict
+    (``.safetensors`` without ibot metadata, or ``.pth``/``.pt``/``.bin`` read with
+    ``weights_only=True``), converted by ``ibot.models.foreign``.
+    """
+    from ibot.models.foreign import import_vit, unwrap
+
     path = Path(path)
     if path.is_dir():
         path = path / TEACHER_NAME
     if not path.is_file():
         raise DataError(f"{path}: backbone weights not found")
+    if path.suffix != ".safetensors":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(
+                f"{path}: unreadable without unpickling arbitrary objects ({type(exc).__name__}); "
+                "save the model's state_dict alone"
+            ) from None
+        return import_vit(unwrap(loaded, str(path)), str(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -86,5 +102,5 @@ def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
     if "config" not in metadata:
-        raise DataError(f"{path}: no ibot config in the safetensors metadata")
+        return import_vit(tensors, str(path))
     return tensors, json.loads(metadata["config"])

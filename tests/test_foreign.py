@@ -1,0 +1,68 @@
+"""Backbones from timm / DINO / iBOT state dicts give the same features as the model they came from."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from ibot.errors import DataError
+from ibot.eval.features import load_frozen_backbone
+
+
+def _timm_vit(embed_dim: int = 48) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=embed_dim, depth=2, num_heads=2, num_classes=10
+    ).eval()
+
+
+def _assert_same_cls(path: Path, vit: VisionTransformer) -> None:
+    backbone, cfg = load_frozen_backbone(str(path))
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.data.global_crop_size) == ("vit_pico", 4, 16)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = vit.forward_features(images)[:, 0]
+        torch.testing.assert_close(backbone(images).cls, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_state_dict_as_pth_and_safetensors(tmp_path: Path) -> None:
+    vit = _timm_vit()
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")  # classifier head included: dropped on import
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    _assert_same_cls(tmp_path / "vit.pth", vit)
+    _assert_same_cls(tmp_path / "vit.safetensors", vit)
+
+
+def test_ibot_checkpoint_teacher_with_prefixes_and_mask_token(tmp_path: Path) -> None:
+    vit = _timm_vit()
+    masked_embed = torch.randn(1, 48)
+    teacher = {f"module.backbone.{k}": v for k, v in vit.state_dict().items() if not k.startswith("head.")}
+    teacher["module.backbone.masked_embed"] = masked_embed
+    teacher["module.head.last_layer.weight_g"] = torch.ones(64, 1)
+    torch.save({"teacher": teacher, "student": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
+    _assert_same_cls(tmp_path / "checkpoint.pth", vit)
+    backbone, _ = load_frozen_backbone(str(tmp_path / "checkpoint.pth"))
+    torch.testing.assert_close(backbone.mask_token.flatten(), masked_embed.flatten())
+
+
+def test_unknown_width_names_it(tmp_path: Path) -> None:
+    torch.save(_timm_vit(embed_dim=40).state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(DataError, match="width 40 and depth 2 is none of"):
+        load_frozen_backbone(str(tmp_path / "vit.pth"))
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    torch.save({"teacher": _timm_vit().state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
+    with pytest.raises(DataError, match="without unpickling"):
+        load_frozen_backbone(str(tmp_path / "full.pth"))
+
+
+def test_not_a_vit(tmp_path: Path) -> None:
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "linear.pt")
+    with pytest.raises(DataError, match="no 'cls_token'"):
+        load_frozen_backbone(str(tmp_path / "linear.pt"))
