@@ -119,6 +119,11 @@ class TestIBOT:
         out = method(batch, 0.04)
         assert "koleo" not in plain.parts and torch.isfinite(out.parts["koleo"])
         assert out.total.item() == pytest.approx((plain.total + 0.5 * out.parts["koleo"]).item(), rel=1e-5)
+        torch.manual_seed(0)
+        scheduled = IBOT(tiny_config.model, replace(tiny_config.loss, koleo_weight=0.5), 16)(
+            batch, 0.04, koleo_weight=0.2
+        )
+        assert scheduled.total.item() == pytest.approx((plain.total + 0.2 * scheduled.parts["koleo"]).item(), rel=1e-5)
         out.total.backward()  # KoLeo reaches the backbone (it acts on backbone [cls], not the head)
         assert method.student["backbone"].vit.cls_token.grad is not None
 

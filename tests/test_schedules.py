@@ -54,6 +54,18 @@ def test_run_schedules_at_chosen_steps() -> None:
     assert s.last_layer_frozen(9) and not s.last_layer_frozen(10)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_koleo_weight_schedule(schedule: str) -> None:
+    cfg = load_config(
+        None, ["data.batch_size=256", "optim.epochs=10", "loss.koleo_weight=0.1", f"loss.koleo_schedule={schedule}"]
+    )
+    s = Schedules(cfg, RunPlan.derive(cfg, dataset_size=2560))  # 100 steps
+    assert s.koleo_weight(0) == pytest.approx(0.1)
+    middle, last = (0.1, 0.1) if schedule == "constant" else (0.05, 0.0)
+    assert s.koleo_weight(round(99 / 2)) == pytest.approx(middle, abs=2e-3)
+    assert s.koleo_weight(99) == pytest.approx(last, abs=1e-12)
+
+
 def test_budget_total_steps_from_the_pace_so_far() -> None:
     assert budget_total_steps(100, 10.0, 60.0) == 600  # 10 steps a minute for 60 minutes
     assert budget_total_steps(100, 75.0, 60.0) == 100  # budget spent: the schedule ends here

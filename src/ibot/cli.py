@@ -79,8 +79,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = getattr(commands, f"run_{args.eval_command}")
     result = run(
-        args.weights, args.train_dir, args.test_dir, args.random_init, args.overrides,
-        cache_dir=args.cache_dir, progress=not args.no_progress,
+        args.weights,
+        args.train_dir,
+        args.test_dir,
+        args.random_init,
+        args.overrides,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
     )
     print(getattr(commands, f"format_{args.eval_command}")(result))
     _save_result(args, args.eval_command, result)
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"),
     ):
         cmd = esub.add_parser(name, help=help_text)
-        cmd.add_argument("weights", help="teacher.safetensors or a run folder")
+        cmd.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
         cmd.add_argument("--train-dir", default="", help="labelled image folder to fit on")
         cmd.add_argument("--test-dir", default="", help="labelled image folder to classify")
         cmd.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")

@@ -125,6 +125,9 @@ class LossConfig:
     cls_weight: float = 1.0
     patch_weight: float = 1.0
     koleo_weight: float = 0.0  # KoLeo on the student's global [cls] tokens (DINOv2 uses 0.1); 0 = off
+    # constant (DINOv2) or cosine from koleo_weight to 0 over the run: once the [cls] tokens are
+    # spread, KoLeo keeps pushing nearest neighbours apart, which is what k-NN relies on.
+    koleo_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -133,6 +136,7 @@ class LossConfig:
         for key in ("cls_centering", "patch_centering"):
             _check(getattr(self, key) in CENTERINGS, f"loss.{key}", f"must be one of {', '.join(CENTERINGS)}")
         _check(self.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0")
+        _check(self.koleo_schedule in ("constant", "cosine"), "loss.koleo_schedule", "must be constant or cosine")
 
 
 @dataclass(frozen=True)

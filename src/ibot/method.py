@@ -152,10 +152,13 @@ class IBOT(nn.Module):
         heads = self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
         return StudentOutputs(heads, global_tokens.cls)
 
-    def forward(self, batch: Batch, teacher_temp: float, monitors: bool = False) -> LossOutput:
+    def forward(
+        self, batch: Batch, teacher_temp: float, monitors: bool = False, koleo_weight: float | None = None
+    ) -> LossOutput:
         """Both losses for one batch; also steps the two teacher centers (their only update).
 
         ``monitors``: also the collapse monitors (only worth their cost on steps that are logged).
+        ``koleo_weight``: this step's KoLeo weight (scheduled); None = ``loss.koleo_weight``.
         """
         teacher = self.teacher_logits(batch)
         student_out = self.student_logits(batch)
@@ -175,7 +178,7 @@ class IBOT(nn.Module):
             # Per global crop, as DINOv2: neighbours are other images seen through the same view.
             per_crop = student_out.global_cls.view(-1, b, student_out.global_cls.shape[-1])  # (G, B, D)
             koleo = sum(self.koleo_loss(c) for c in per_crop)
-            total = total + self.koleo_weight * koleo
+            total = total + (self.koleo_weight if koleo_weight is None else koleo_weight) * koleo
             parts["koleo"] = koleo.detach()
         return LossOutput(total, parts, watched)
 

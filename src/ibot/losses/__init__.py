@@ -10,4 +10,8 @@ __all__ = [
     "Center",
     "NoCentering",
     "SinkhornKnopp",
-    "build_centering", "DINOClsLoss", "IBOTPatchLoss", "KoLeoLoss"]
+    "build_centering",
+    "DINOClsLoss",
+    "IBOTPatchLoss",
+    "KoLeoLoss",
+]

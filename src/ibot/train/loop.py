@@ -174,10 +174,11 @@ def _train_step(
         "weight_decay": schedules.weight_decay(step),
         "teacher_momentum": schedules.teacher_momentum(step),
         "teacher_temp": schedules.teacher_temp(step),
+        "koleo_weight": schedules.koleo_weight(step),
     }
     set_lr_wd(t.optimizer, values["lr"], values["weight_decay"])
     with run.autocast():
-        out = t.model(batch, teacher_temp=values["teacher_temp"], monitors=monitors)
+        out = t.model(batch, values["teacher_temp"], monitors, values["koleo_weight"])
     (t.scaler.scale(out.total) if t.scaler is not None else out.total).backward()
     grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, clip_grad, schedules.last_layer_frozen(step))
     t.method.update_teacher(values["teacher_momentum"])
@@ -251,7 +252,12 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             if batch is None or batch.batch_size == 0:
                 continue
             out_loss, values, grad_norm = _train_step(
-                trainee, batch.to(run.device), step, schedules, run, cfg.optim.clip_grad,
+                trainee,
+                batch.to(run.device),
+                step,
+                schedules,
+                run,
+                cfg.optim.clip_grad,
                 monitors=(step + 1) % cfg.train.log_every == 0,  # the steps whose metrics are logged
             )
             step += 1
@@ -321,6 +327,4 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             metrics.close()
     if skipped:
         logger.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
-    return RunResult(
-        out, step, plan.total_steps, images_per_second, last_loss, len(skipped), clock.minutes(), knn_top1
-    )
+    return RunResult(out, step, plan.total_steps, images_per_second, last_loss, len(skipped), clock.minutes(), knn_top1)

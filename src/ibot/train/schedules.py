@@ -41,7 +41,7 @@ def budget_total_steps(step: int, minutes: float, budget_minutes: float) -> int:
 
 @dataclass(frozen=True)
 class Schedules:
-    """Learning rate, weight decay, teacher momentum and temperature for any step."""
+    """Learning rate, weight decay, teacher momentum, temperature and KoLeo weight for any step."""
 
     cfg: Config
     plan: RunPlan
@@ -64,6 +64,12 @@ class Schedules:
     def teacher_temp(self, step: int) -> float:
         c = self.cfg.loss
         return linear_warmup(step, self._steps(c.warmup_teacher_temp_epochs), c.warmup_teacher_temp, c.teacher_temp)
+
+    def koleo_weight(self, step: int) -> float:
+        c = self.cfg.loss
+        if c.koleo_schedule == "constant":
+            return c.koleo_weight
+        return cosine_schedule(step, self.plan.total_steps, c.koleo_weight, 0.0)
 
     def last_layer_frozen(self, step: int) -> bool:
         return step < self._steps(self.cfg.optim.freeze_last_layer_epochs)
