@@ -16,13 +16,14 @@ def eval_setup(weights: str, train_dir: str, test_dir: str, random_init: bool, o
     import torch
 
     from ibot.config import config_from_dict
-    from ibot.eval.features import load_frozen_backbone
+    from ibot.eval.features import frozen_backbone
     from ibot.train.checkpoint import load_backbone
     from ibot.train.runtime import Runtime
 
-    cfg = config_from_dict(load_backbone(weights)[1], overrides)  # first: the overrides may set drop path
+    tensors, config_dict = load_backbone(weights)  # read once: weights and config
+    cfg = config_from_dict(config_dict, overrides)  # before building: the overrides may set drop path
     drop_path = cfg.finetune.drop_path if command == "finetune" else 0.0
-    backbone, _ = load_frozen_backbone(weights, random_init=random_init, drop_path_rate=drop_path)
+    backbone = frozen_backbone(weights, tensors, cfg, random_init, seed=0, drop_path_rate=drop_path)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     train_dir = train_dir or cfg.eval.train_path
@@ -97,19 +98,20 @@ def trained_probes(backbone, cfg, runtime, weights, folders, names, key, cache_d
     if unknown:
         raise IBOTError(f"{key}: unknown {', '.join(unknown)}; choose from {', '.join(PROBES)}")
     feats = probe_features(backbone, cfg, runtime, weights, folders, cache_dir, progress)
+    return feats, train_probes(feats[0], feats[1], tuple(names), **probe_sweep(cfg, progress))
+
+
+def probe_sweep(cfg, progress: bool) -> dict:  # type: ignore[no-untyped-def]
+    """The lr sweep / epochs / split settings shared by every probe trainer (``eval.probe_*``)."""
     e = cfg.eval
-    results = train_probes(
-        feats[0],
-        feats[1],
-        tuple(names),
-        e.probe_lrs,
-        e.probe_epochs,
-        e.probe_batch_size,
-        e.probe_val_fraction,
-        seed=cfg.train.seed,
-        progress=progress,
-    )
-    return feats, results
+    return {
+        "lrs": e.probe_lrs,
+        "epochs": e.probe_epochs,
+        "batch_size": e.probe_batch_size,
+        "val_fraction": e.probe_val_fraction,
+        "seed": cfg.train.seed,
+        "progress": progress,
+    }
 
 
 def weights_label(weights: str, random_init: bool) -> str:
@@ -258,16 +260,7 @@ def run_dense(
         )
         for folder, count, seed in ((train_dir, e.dense_train_mosaics, 0), (test_dir, e.dense_test_mosaics, 1))
     ]
-    results = train_dense_probes(
-        tokens[0],
-        tokens[1],
-        e.probe_lrs,
-        e.probe_epochs,
-        e.probe_batch_size,
-        e.probe_val_fraction,
-        seed=cfg.train.seed,
-        progress=progress,
-    )
+    results = train_dense_probes(tokens[0], tokens[1], **probe_sweep(cfg, progress))
     return {
         "weights": weights_label(weights, random_init),
         "mosaics": f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",

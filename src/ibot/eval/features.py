@@ -45,19 +45,26 @@ class Features:
 def load_frozen_backbone(
     path: str, random_init: bool = False, seed: int = 0, drop_path_rate: float = 0.0
 ) -> tuple[MaskedViT, Config]:
-    """The backbone saved at ``path`` (a ``teacher.safetensors`` or a run folder), in eval mode.
+    """The backbone saved at ``path`` (a run folder, its ``teacher.safetensors`` or a foreign ViT), in eval mode."""
+    tensors, config_dict = load_backbone(path)
+    cfg = config_from_dict(config_dict)
+    return frozen_backbone(path, tensors, cfg, random_init, seed, drop_path_rate), cfg
+
+
+def frozen_backbone(
+    path: str, tensors: dict[str, torch.Tensor], cfg: Config, random_init: bool, seed: int, drop_path_rate: float
+) -> MaskedViT:
+    """``cfg.model``'s backbone holding ``tensors`` (read from ``path``), in eval mode.
 
     With ``random_init`` the same architecture is built from seed ``seed`` and the weights are
     not loaded: the untrained baseline of the same shape. ``drop_path_rate`` is for fine-tuning.
     """
-    tensors, config_dict = load_backbone(path)
-    cfg = config_from_dict(config_dict)
     torch.manual_seed(seed)
     backbone = MaskedViT.from_config(replace(cfg.model, drop_path_rate=drop_path_rate), cfg.data.global_crop_size)
     if not random_init:
         _check_fits(path, backbone.state_dict(), tensors)
         backbone.load_state_dict(tensors)
-    return backbone.eval().requires_grad_(False), cfg
+    return backbone.eval().requires_grad_(False)
 
 
 def _check_fits(path: str, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
