@@ -113,11 +113,36 @@ def test_blur_probabilities_come_from_the_config() -> None:
         assert _sharpness(kept) > 2 * _sharpness(blurred)
 
 
+def test_colour_augmentation_comes_from_the_config() -> None:
+    # A flat red image: grayscale p=1 makes every crop grey (equal channels before the
+    # normalisation); no jitter and no grayscale keep the crops exactly red; hue jitter alone
+    # changes which channel dominates in some crops.
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    kwargs = dict(
+        global_crop_size=16, local_crop_size=8, num_local_crops=2, mean=(0, 0, 0), std=(1, 1, 1), solarize_prob=0.0
+    )
+    grey = MultiCropTransform(DataConfig(**kwargs, grayscale_prob=1.0))
+    plain = MultiCropTransform(DataConfig(**kwargs, color_jitter_prob=0.0, grayscale_prob=0.0))
+    hue = MultiCropTransform(DataConfig(**kwargs, color_jitter=(0, 0, 0, 0.5), color_jitter_prob=1.0, grayscale_prob=0))
+    dominant = set()
+    for seed in range(6):
+        g = transform_seeded(grey, red, seed).global_crops
+        assert torch.allclose(g[:, 0], g[:, 1], atol=1e-6) and torch.allclose(g[:, 1], g[:, 2], atol=1e-6)
+        p = transform_seeded(plain, red, seed).global_crops
+        assert torch.allclose(p[:, 0], torch.full_like(p[:, 0], 200 / 255), atol=1e-3)
+        dominant |= set(transform_seeded(hue, red, seed).global_crops.mean(dim=(2, 3)).argmax(dim=1).tolist())
+    assert dominant != {0}
+
+
 def test_augmentation_probabilities_are_checked() -> None:
     with pytest.raises(ConfigError, match="data.global_blur_prob"):
         DataConfig(global_blur_prob=(1.5, 0.0))
     with pytest.raises(ConfigError, match="data.solarize_prob"):
         DataConfig(solarize_prob=-0.1)
+    with pytest.raises(ConfigError, match="data.grayscale_prob"):
+        DataConfig(grayscale_prob=2.0)
+    with pytest.raises(ConfigError, match="data.color_jitter"):
+        DataConfig(color_jitter=(0.4, 0.4, 0.2, 0.7))
 
 
 class TestInfiniteSampler:

@@ -51,6 +51,12 @@ class DataConfig:
     global_blur_prob: tuple[float, float] = (1.0, 0.1)  # global crop 1, global crop 2
     local_blur_prob: float = 0.5
     solarize_prob: float = 0.2  # second global crop only
+    # Official colour augmentation: jitter (brightness, contrast, saturation, hue) applied with
+    # probability color_jitter_prob, then grayscale. Small, short runs may want less: colour
+    # is much of what a weak CIFAR feature can use for k-NN (docs/cifar10.md).
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -62,9 +68,11 @@ class DataConfig:
         for key in ("global_crop_scale", "local_crop_scale"):
             lo, hi = getattr(self, key)
             _check(0 < lo <= hi <= 1, f"data.{key}", "must satisfy 0 < min <= max <= 1")
-        for key in ("local_blur_prob", "solarize_prob"):
+        for key in ("local_blur_prob", "solarize_prob", "color_jitter_prob", "grayscale_prob"):
             _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be in [0, 1]")
         _check(all(0 <= p <= 1 for p in self.global_blur_prob), "data.global_blur_prob", "must be in [0, 1]")
+        _check(all(v >= 0 for v in self.color_jitter), "data.color_jitter", "must be >= 0")
+        _check(self.color_jitter[3] <= 0.5, "data.color_jitter", "hue must be <= 0.5")
 
 
 @dataclass(frozen=True)

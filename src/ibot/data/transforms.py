@@ -4,7 +4,8 @@ Global crop 1: blur p=1.0; global crop 2: blur p=0.1 and solarize p=0.2; local c
 p=0.5 (the intended probabilities of the official code; DINOv2's wrapper inverts them;
 each is a ``data.*_prob`` key).
 All crops: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
-p=0.8, grayscale p=0.2, then normalisation.
+p=0.8, grayscale p=0.2 (``data.color_jitter``, ``data.color_jitter_prob``,
+``data.grayscale_prob``), then normalisation.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ class MultiCropTransform:
     """image -> ``Crops``; the official iBOT augmentation pipeline built from torchvision."""
 
     def __init__(self, cfg: DataConfig) -> None:
+        brightness, contrast, saturation, hue = cfg.color_jitter
         jitter = T.Compose(
             [
                 T.RandomHorizontalFlip(p=0.5),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=cfg.color_jitter_prob),
+                T.RandomGrayscale(p=cfg.grayscale_prob),
             ]
         )
         normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])

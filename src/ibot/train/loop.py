@@ -117,7 +117,7 @@ class _Trainee:
 
 
 def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
-    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size).to(run.device)
+    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim).to(run.device)
     method.set_attention(run.attention)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.compile:
@@ -276,6 +276,15 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                     schedules = Schedules(cfg, plan)
                     bar.total = plan.total_steps
             at_end = step >= plan.total_steps
+            if at_end and budget > 0 and not stop_early:
+                # The estimate falls short when the pace picks up after the last re-plan: run on
+                # (the cosine sits at its floor by now) until the budget is really spent.
+                (minutes,) = broadcast_values([clock.minutes()], env)
+                if minutes < budget:
+                    plan = replace(plan, total_steps=max(step + 1, budget_total_steps(step, minutes, budget)))
+                    schedules = Schedules(cfg, plan)
+                    bar.total = plan.total_steps
+                    at_end = False
             log_now = step % cfg.train.log_every == 0 or at_end or stop_early
             save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
             if log_now or save_now:
