@@ -96,15 +96,15 @@ class TestIBOT:
         assert all(torch.equal(t, s) for t, s in zip(method.teacher.parameters(), method.student.parameters()))
 
     def test_centers_step_once_per_forward(self, method: IBOT) -> None:
-        before = method.cls_center.center.clone(), method.patch_center.center.clone()
+        before = method.cls_center.center.clone(), method.patch_targets.center.center.clone()
         method(make_batch(), teacher_temp=0.04)
         assert not torch.equal(method.cls_center.center, before[0])
-        assert not torch.equal(method.patch_center.center, before[1])
+        assert not torch.equal(method.patch_targets.center.center, before[1])
 
     def test_patch_loss_only_sees_masked_tokens(self, method: IBOT) -> None:
         batch = make_batch()
         student = method.student_logits(batch).heads
-        teacher = method.teacher_logits(batch)
+        teacher, _ = method.teacher_logits(batch)
         assert student.patch_logits.shape[0] == teacher.patch_logits.shape[0] == int(batch.mask.sum()) == 5
         assert student.cls_logits.shape[0] == 4 * batch.batch_size  # 2 global + 2 local views
 

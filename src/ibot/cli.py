@@ -1,4 +1,4 @@
-"""The ``ibot`` command: pretrain, eval knn / probe / robustness / dense / finetune, report, demo.
+"""The ``ibot`` command: pretrain, eval knn / probe / robustness / dense / finetune, ablate, visualize, report, demo.
 
 Config path + dotted overrides, few flags.
 """
@@ -100,6 +100,45 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from ibot.ablate import format_ablation, load_variants, run_ablation
+
+    variants = load_variants(args.variants)
+    rows = run_ablation(
+        args.config,
+        list(args.overrides),
+        variants,
+        args.seeds,
+        args.budget,
+        args.output_dir,
+        patch_probe=not args.no_patch_probe,
+        progress=not args.no_progress,
+    )
+    print(format_ablation(rows, list(variants)))
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from ibot import visualize
+    from ibot.eval.commands import run_dir
+    from ibot.eval.features import load_frozen_backbone
+
+    backbone, cfg = load_frozen_backbone(args.weights)
+    folder = args.images or cfg.eval.test_path
+    if not folder:
+        raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
+    images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count)
+    path = args.output or str(run_dir(args.weights) / "pictures" / f"{args.kind}.png")
+    if args.kind == "attention":
+        written = visualize.draw_attention(backbone, images, cfg, path)
+    elif args.kind == "clusters":
+        written = visualize.draw_clusters(backbone, images, cfg, path, args.clusters)
+    else:
+        written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs)
+    logger.info("wrote %s", written)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ibot.config import load_config
     from ibot.eval import commands
@@ -163,6 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")
     r.set_defaults(func=_cmd_report)
+
+    a = sub.add_parser("ablate", help="variants x seeds under one budget: k-NN, patch probe, collapse monitors")
+    a.add_argument("--config", help="YAML file of config deltas shared by every variant")
+    a.add_argument("--variants", required=True, help="YAML file: variants: {name: [dotted overrides]}")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--budget", type=parse_duration_minutes, required=True, help="training time per run, e.g. 5m")
+    a.add_argument("--output-dir", default="runs/ablate")
+    a.add_argument("--no-patch-probe", action="store_true", help="k-NN and monitors only")
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("overrides", nargs="*", help="dotted.key=value for every variant")
+    a.set_defaults(func=_cmd_ablate)
+
+    v = sub.add_parser("visualize", help="PNG pictures: [cls] attention per head, patch clusters, correspondences")
+    v.add_argument("kind", choices=("attention", "clusters", "correspondences"))
+    v.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+    v.add_argument("--images", default="", help="image folder (default: the run's eval.test_path)")
+    v.add_argument("--count", type=int, default=8, help="images to draw (spread over the folder)")
+    v.add_argument("--clusters", type=int, default=8, help="k of the patch-token k-means")
+    v.add_argument("--pairs", type=int, default=12, help="correspondence lines to draw")
+    v.add_argument("--output", default="", help="PNG path (default: RUN/pictures/KIND.png)")
+    v.set_defaults(func=_cmd_visualize)
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")
     d.add_argument("--config", default="configs/demo.yaml")

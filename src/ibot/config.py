@@ -20,6 +20,7 @@ import yaml
 
 from ibot.errors import ConfigError
 from ibot.losses.centering import CENTERINGS
+from ibot.losses.patch_targets import MIM_TARGETS
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_pico": dict(embed_dim=48, depth=2, num_heads=2),  # for tests and smoke runs
@@ -96,6 +97,27 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
+class MimConfig:
+    """Where the masked-patch targets come from: iBOT's online tokenizer, or an ablation of it."""
+
+    # online (iBOT), none (plain DINO: no masks, no patch loss), random (a frozen random-init
+    # teacher), frozen (the teacher of an earlier run, mim.tokenizer_path) or vq (the teacher's
+    # patch tokens quantised to a learned codebook of model.out_dim codes).
+    target: str = "online"
+    tokenizer_path: str = ""  # frozen: an earlier run's folder or checkpoint.pt (same model.*)
+    codebook_decay: float = 0.99  # vq: EMA k-means decay of the codebook
+    codebook_restart_steps: int = 100  # vq: a code unused this many steps restarts at a batch token
+
+    def __post_init__(self) -> None:
+        _check(self.target in MIM_TARGETS, "mim.target", f"must be one of {', '.join(MIM_TARGETS)}")
+        _check(0 <= self.codebook_decay < 1, "mim.codebook_decay", "must be in [0, 1)")
+        _check(self.codebook_restart_steps >= 1, "mim.codebook_restart_steps", "must be >= 1")
+        _check(
+            self.target != "frozen" or bool(self.tokenizer_path), "mim.tokenizer_path", "needed by mim.target=frozen"
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Backbone (timm ViT) and projection head shapes."""
 
@@ -130,6 +152,9 @@ class LossConfig:
     # Teacher targets per branch: ema (DINO/iBOT), sinkhorn_knopp (DINOv2) or none (an ablation).
     cls_centering: str = "ema"
     patch_centering: str = "ema"
+    # Sharpening per branch; false = the teacher uses the student's temperature (an ablation).
+    cls_sharpening: bool = True
+    patch_sharpening: bool = True
     cls_weight: float = 1.0
     patch_weight: float = 1.0
     koleo_weight: float = 0.0  # KoLeo on the student's global [cls] tokens (DINOv2 uses 0.1); 0 = off
@@ -274,6 +299,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    mim: MimConfig = field(default_factory=MimConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

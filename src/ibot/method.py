@@ -6,6 +6,8 @@ M masked patches in the batch, D embed dim, K prototypes.
 Teacher (no grad, eval mode) sees the unmasked global crops; the student sees the masked
 global crops and the local crops. Heads run only on [cls] tokens and *masked* patch tokens:
 the patch loss needs nothing else, so the K-wide logits exist for ~15 % of patches.
+The patch targets come from the module ``mim.target`` names (``ibot.losses.patch_targets``):
+the teacher itself (iBOT), a fixed network or a codebook.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ibot.config import LossConfig, ModelConfig
+from ibot.config import LossConfig, MimConfig, ModelConfig
 from ibot.data.collate import Batch
-from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
+from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, build_patch_targets
+from ibot.losses.patch_targets import _gather
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 
@@ -73,11 +76,6 @@ class StudentOutputs:
     global_cls: torch.Tensor
 
 
-def _gather(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
-    """(C, N, D) patch tokens -> (M, D) rows at flat indices into C*N (no host sync, unlike a bool mask)."""
-    return patches.flatten(0, 1).index_select(0, flat_indices)
-
-
 def _build_branch(model_cfg: ModelConfig, img_size: int) -> nn.ModuleDict:
     backbone = MaskedViT.from_config(model_cfg, img_size)
     modules: dict[str, nn.Module] = {"backbone": backbone}
@@ -89,17 +87,40 @@ def _build_branch(model_cfg: ModelConfig, img_size: int) -> nn.ModuleDict:
     return nn.ModuleDict(modules)
 
 
+def _rename_patch_center(state_dict: dict, prefix: str, *args) -> None:  # type: ignore[no-untyped-def]
+    old = f"{prefix}patch_center.center"
+    if old in state_dict:
+        state_dict[f"{prefix}patch_targets.center.center"] = state_dict.pop(old)
+
+
 class IBOT(nn.Module):
     """Student/teacher pair with the DINO [cls] loss and the iBOT masked-patch loss."""
 
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, img_size: int) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, loss_cfg: LossConfig, img_size: int, mim_cfg: MimConfig | None = None
+    ) -> None:
         super().__init__()
+        mim_cfg = mim_cfg or MimConfig()
         self.student = _build_branch(model_cfg, img_size)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.shared_head = model_cfg.shared_head
         self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
-        self.patch_center = build_centering(loss_cfg.patch_centering, model_cfg.out_dim, loss_cfg.center_momentum)
+        self.patch_targets = build_patch_targets(
+            mim_cfg.target,
+            self.teacher,
+            build_centering(loss_cfg.patch_centering, model_cfg.out_dim, loss_cfg.center_momentum),
+            model_cfg.out_dim,
+            self.teacher["backbone"].embed_dim,
+            mim_cfg.tokenizer_path,
+            mim_cfg.codebook_decay,
+            mim_cfg.codebook_restart_steps,
+        )
+        # Checkpoints written before mim.target existed keep the patch center at its old name.
+        self._register_load_state_dict_pre_hook(_rename_patch_center)
+        # Sharpening off (an ablation): the teacher divides by the student's temperature.
+        self.cls_sharpening = loss_cfg.cls_sharpening
+        self.patch_sharpening = loss_cfg.patch_sharpening
         self.cls_loss = DINOClsLoss(loss_cfg.student_temp)
         self.patch_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.cls_weight = loss_cfg.cls_weight
@@ -137,10 +158,15 @@ class IBOT(nn.Module):
         return HeadOutputs(branch["cls_head"](cls_tokens), branch["patch_head"](patch_tokens))
 
     @torch.no_grad()
-    def teacher_logits(self, batch: Batch) -> HeadOutputs:
-        """Teacher on unmasked global crops -> [cls] logits (G*B, K), patch logits (M, K)."""
+    def teacher_logits(self, batch: Batch) -> tuple[HeadOutputs, torch.Tensor]:
+        """Teacher on unmasked global crops -> [cls] logits (G*B, K), patch logits (M, K), patch tokens.
+
+        The patch logits are computed only when the patch targets use them (online tokenizer);
+        otherwise they are (0, K) and the teacher's head sees the [cls] tokens alone.
+        """
         tokens = self.teacher["backbone"](batch.global_crops)
-        return self._heads(self.teacher, tokens.cls, _gather(tokens.patches, batch.masked_indices()))
+        wanted = batch.masked_indices() if self.patch_targets.uses_teacher_logits else batch.masked_indices()[:0]
+        return self._heads(self.teacher, tokens.cls, _gather(tokens.patches, wanted)), tokens.patches
 
     def student_logits(self, batch: Batch) -> StudentOutputs:
         """Student on masked globals and locals -> [cls] logits (V*B, K), patch logits (M, K)."""
@@ -160,17 +186,20 @@ class IBOT(nn.Module):
         ``monitors``: also the collapse monitors (only worth their cost on steps that are logged).
         ``koleo_weight``: this step's KoLeo weight (scheduled); None = ``loss.koleo_weight``.
         """
-        teacher = self.teacher_logits(batch)
+        teacher, teacher_patches = self.teacher_logits(batch)
         student_out = self.student_logits(batch)
         student = student_out.heads
         b = batch.batch_size
         k = teacher.cls_logits.shape[-1]
-        teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, teacher_temp).view(-1, b, k)  # (G, B, K)
-        teacher_patch_probs = self.patch_center.probs(teacher.patch_logits, teacher_temp)  # (M, K)
+        cls_temp = teacher_temp if self.cls_sharpening else self.cls_loss.student_temp
+        patch_temp = teacher_temp if self.patch_sharpening else self.patch_loss.student_temp
+        teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, cls_temp).view(-1, b, k)  # (G, B, K)
+        teacher_patch_probs, _ = self.patch_targets(  # (M, K); steps the patch center / codebook
+            batch.global_crops, batch.masked_indices(), (teacher_patches, teacher.patch_logits), patch_temp
+        )
         cls_loss = self.cls_loss(student.cls_logits.view(-1, b, k), teacher_cls_probs)
         patch_loss = self.patch_loss(student.patch_logits, teacher_patch_probs, batch.mask, batch.masked_indices())
         self.cls_center.update(teacher.cls_logits)
-        self.patch_center.update(teacher.patch_logits)
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
         watched = self._monitors(teacher_cls_probs, teacher_patch_probs, cls_loss, student) if monitors else {}

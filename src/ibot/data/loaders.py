@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ibot.config import Config
+from ibot.config import Config, MaskConfig
 from ibot.data.collate import MultiCropCollate
 from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
 from ibot.data.shards import TarShards
@@ -65,6 +66,11 @@ def build_dataset(path: str, transform: Any, data_format: str = "auto", index_ca
     return ImageFolder(path, transform, index_cache)
 
 
+def training_mask_config(cfg: Config) -> MaskConfig:
+    """``cfg.mask``, except that plain DINO (``mim.target=none``) masks nothing: no patch loss."""
+    return replace(cfg.mask, probability=0.0) if cfg.mim.target == "none" else cfg.mask
+
+
 def build_train_loader(
     cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
 ) -> tuple[DataLoader, Dataset]:
@@ -77,7 +83,7 @@ def build_train_loader(
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=MultiCropCollate(cfg.mask, grid),
+        collate_fn=MultiCropCollate(training_mask_config(cfg), grid),
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
         prefetch_factor=4 if cfg.data.num_workers > 0 else None,

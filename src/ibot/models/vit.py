@@ -99,3 +99,17 @@ class MaskedViT(nn.Module):
                 y = self.vit.norm(x)
                 outputs.append(Tokens(cls=y[:, 0], patches=y[:, self.vit.num_prefix_tokens :]))
         return outputs
+
+    @torch.no_grad()
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, heads, 1 + N, 1 + N) attention probabilities of the last block (for pictures)."""
+        x = self.embed(images)
+        for block in self.vit.blocks[:-1]:
+            x = block(x)
+        last = self.vit.blocks[-1]
+        attn = last.attn
+        y = last.norm1(x)
+        b, n, _ = y.shape
+        q, k, _ = attn.qkv(y).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -1,0 +1,156 @@
+"""Pictures of what a frozen backbone learned, as PNG files (``ibot visualize ...``).
+
+- ``attention``: the last block's [cls] attention of every head over each image (DINO's figure).
+- ``clusters``: k-means of the patch tokens of a set of images, each patch coloured by its
+  cluster: the pattern layout of the iBOT paper (parts that recur across images share a colour).
+- ``correspondences``: the most similar mutual-nearest-neighbour patch pairs between two images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ibot.config import Config
+from ibot.data.datasets import Sample
+from ibot.errors import IBOTError
+from ibot.eval.features import build_eval_dataset
+from ibot.models.vit import MaskedViT
+
+
+def spread_images(folder: str, cfg: Config, count: int) -> torch.Tensor:
+    """``count`` readable images spread evenly over ``folder``'s sorted list (so over its classes)."""
+    dataset = build_eval_dataset(folder, cfg)
+    picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
+    samples = [s for s in (dataset[i] for i in picks) if isinstance(s, Sample)]
+    if not samples:
+        raise IBOTError(f"{folder}: no readable images to draw")
+    return torch.stack([s.view for s in samples])
+
+
+def to_pixels(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Normalised (B, 3, S, S) -> (B, S, S, 3) in [0, 1] for imshow."""
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def cls_attention(backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
+    """(B, heads, h, w): how much the last block's [cls] query attends to each patch, per head."""
+    attention = backbone.last_attention(images)[:, :, 0, backbone.vit.num_prefix_tokens :]
+    grid = images.shape[-1] // backbone.patch_size
+    return attention.reshape(*attention.shape[:2], grid, grid)
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means (cosine) of (X, D) points -> (assignments (X,), centroids (k, D)).
+
+    k-means++ seeding; an emptied cluster is re-seeded at the point farthest from its centroid.
+    """
+    x = F.normalize(points.float(), dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=g)]
+    while len(centroids) < k:
+        distance = (1 - (x @ centroids.t()).max(dim=1).values).clamp(min=0)
+        weights = distance if distance.sum() > 0 else torch.ones_like(distance)
+        centroids = torch.cat([centroids, x[torch.multinomial(weights, 1, generator=g)]])
+    for _ in range(iterations):
+        similarity = x @ centroids.t()
+        assign = similarity.argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        farthest = similarity.max(dim=1).values.argmin()
+        new = torch.where(counts.unsqueeze(1) > 0, F.normalize(sums, dim=-1), x[farthest].expand_as(centroids))
+        if torch.allclose(new, centroids):
+            break
+        centroids = new
+    return (x @ centroids.t()).argmax(dim=1), centroids
+
+
+def mutual_neighbours(a: torch.Tensor, b: torch.Tensor, pairs: int) -> list[tuple[int, int, float]]:
+    """Patch pairs (i in a, j in b, cosine) that are each other's nearest neighbour, best first."""
+    sim = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t()
+    best_b, best_a = sim.argmax(dim=1), sim.argmax(dim=0)
+    mutual = [(i, int(j), float(sim[i, j])) for i, j in enumerate(best_b.tolist()) if int(best_a[j]) == i]
+    return sorted(mutual, key=lambda t: -t[2])[:pairs]
+
+
+def _figure(rows: int, cols: int, scale: float = 1.4):  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=(scale * cols, scale * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: str | Path, title: str) -> Path:  # type: ignore[no-untyped-def]
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def draw_attention(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path) -> Path:
+    """One row per image: the image, then its [cls] attention map for every head."""
+    maps = cls_attention(backbone, images)
+    pixels = to_pixels(images, cfg)
+    plt, fig, axes = _figure(len(images), 1 + maps.shape[1])
+    for i in range(len(images)):
+        axes[i, 0].imshow(pixels[i].numpy())
+        for h in range(maps.shape[1]):
+            axes[i, 1 + h].imshow(maps[i, h].numpy(), cmap="inferno")
+            if i == 0:
+                axes[i, 1 + h].set_title(f"head {h}", fontsize=8)
+    return _save(plt, fig, path, "last-block [cls] attention per head")
+
+
+@torch.no_grad()
+def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, k: int) -> Path:
+    """Images in pairs of rows: the image above, its patches coloured by k-means cluster below."""
+    import matplotlib
+
+    patches = backbone(images).patches  # (B, N, D)
+    assign, _ = kmeans(patches.flatten(0, 1), k)
+    grid = images.shape[-1] // backbone.patch_size
+    layout = assign.view(len(images), grid, grid)
+    pixels = to_pixels(images, cfg)
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    plt, fig, axes = _figure(2 * rows, cols)
+    colours = matplotlib.colormaps["tab20"].resampled(max(k, 2))
+    for i in range(len(images)):
+        r, c = divmod(i, cols)
+        axes[2 * r, c].imshow(pixels[i].numpy())
+        axes[2 * r + 1, c].imshow(layout[i].numpy(), cmap=colours, vmin=0, vmax=max(k - 1, 1))
+    return _save(plt, fig, path, f"patch tokens, k-means into {k} clusters shared by all images")
+
+
+@torch.no_grad()
+def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, pairs: int) -> Path:
+    """The first two images side by side, lines between their best mutual-nearest patch pairs."""
+    if len(images) < 2:
+        raise IBOTError("correspondences need two readable images")
+    patches = backbone(images[:2]).patches
+    matches = mutual_neighbours(patches[0], patches[1], pairs)
+    pixels = to_pixels(images[:2], cfg)
+    size, p = images.shape[-1], backbone.patch_size
+    grid = size // p
+    plt, fig, axes = _figure(1, 1, scale=3.0)
+    ax = axes[0, 0]
+    ax.imshow(torch.cat([pixels[0], pixels[1]], dim=1).numpy())
+    colours = plt.get_cmap("rainbow")
+    for n, (i, j, _) in enumerate(matches):
+        (ya, xa), (yb, xb) = divmod(i, grid), divmod(j, grid)
+        colour = colours(n / max(len(matches) - 1, 1))
+        ax.plot([xa * p + p / 2, size + xb * p + p / 2], [ya * p + p / 2, yb * p + p / 2], color=colour, lw=1)
+    return _save(plt, fig, path, f"{len(matches)} best mutual-nearest patch pairs")
