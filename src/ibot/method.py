@@ -194,7 +194,7 @@ class IBOT(nn.Module):
         cls_temp = teacher_temp if self.cls_sharpening else self.cls_loss.student_temp
         patch_temp = teacher_temp if self.patch_sharpening else self.patch_loss.student_temp
         teacher_cls_probs = self.cls_center.probs(teacher.cls_logits, cls_temp).view(-1, b, k)  # (G, B, K)
-        teacher_patch_probs, _ = self.patch_targets(  # (M, K); steps the patch center / codebook
+        teacher_patch_probs = self.patch_targets(  # (M, K); steps the patch center / codebook
             batch.global_crops, batch.masked_indices(), (teacher_patches, teacher.patch_logits), patch_temp
         )
         cls_loss = self.cls_loss(student.cls_logits.view(-1, b, k), teacher_cls_probs)

@@ -11,7 +11,8 @@
   sees zero masked tokens and contributes nothing.
 
 Every module maps the teacher's view of a batch to (M, K) target probabilities at the masked
-positions and steps its own running state (centers, codebook) in the same call.
+positions and steps its own running state (centers, codebook) in the same call:
+``targets(global_crops, flat_indices, (teacher patch tokens, teacher patch logits), teacher_temp)``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ class TeacherTargets(nn.Module):
 
     def forward(
         self, global_crops: torch.Tensor, flat_indices: torch.Tensor, teacher: tuple, teacher_temp: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``teacher`` = (patch tokens (C, N, D), patch logits (M, K)) -> (probs (M, K), logits)."""
+    ) -> torch.Tensor:
+        """``teacher`` = (patch tokens (C, N, D), patch logits (M, K)) -> probs (M, K)."""
         _, logits = teacher
         probs = self.center.probs(logits, teacher_temp)
         self.center.update(logits)
-        return probs, logits
+        return probs
 
 
 class FixedNetworkTargets(nn.Module):
@@ -65,8 +66,7 @@ class FixedNetworkTargets(nn.Module):
         self.branch.requires_grad_(False)
         self.branch.train(False)
         self.center = centering
-        head_name = "head" if "head" in branch else "patch_head"
-        self.head = branch[head_name]
+        self.head_name = "head" if "head" in branch else "patch_head"
 
     def train(self, mode: bool = True) -> FixedNetworkTargets:
         super().train(mode)
@@ -76,12 +76,12 @@ class FixedNetworkTargets(nn.Module):
     @torch.no_grad()
     def forward(
         self, global_crops: torch.Tensor, flat_indices: torch.Tensor, teacher: tuple, teacher_temp: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         tokens = self.branch["backbone"](global_crops)
-        logits = self.head(_gather(tokens.patches, flat_indices))
+        logits = self.branch[self.head_name](_gather(tokens.patches, flat_indices))
         probs = self.center.probs(logits, teacher_temp)
         self.center.update(logits)
-        return probs, logits
+        return probs
 
 
 def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
@@ -146,7 +146,7 @@ class CodebookTargets(nn.Module):
     @torch.no_grad()
     def forward(
         self, global_crops: torch.Tensor, flat_indices: torch.Tensor, teacher: tuple, teacher_temp: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         patches, _ = teacher
         tokens = F.normalize(_gather(patches, flat_indices).float(), dim=-1)  # (M, D)
         if not bool(self.initialised):  # the first batch seeds every code (k-means style)
@@ -155,8 +155,7 @@ class CodebookTargets(nn.Module):
         codes = self.assign(tokens)
         one_hot = F.one_hot(codes, self.codebook.shape[0]).float()  # (M, K)
         self._update(tokens, one_hot)
-        # Logits for the monitors: cosine similarity to every code.
-        return one_hot, tokens @ self.codebook.t()
+        return one_hot
 
     def _update(self, tokens: torch.Tensor, one_hot: torch.Tensor) -> None:
         counts, sums = one_hot.sum(dim=0), one_hot.t() @ tokens  # (K,), (K, D)
