@@ -21,7 +21,7 @@ from torch import nn
 from ibot.config import LossConfig, MimConfig, ModelConfig
 from ibot.data.collate import Batch
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, build_patch_targets
-from ibot.losses.patch_targets import _gather
+from ibot.losses.patch_targets import gather_patches
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 
@@ -166,7 +166,7 @@ class IBOT(nn.Module):
         """
         tokens = self.teacher["backbone"](batch.global_crops)
         wanted = batch.masked_indices() if self.patch_targets.uses_teacher_logits else batch.masked_indices()[:0]
-        return self._heads(self.teacher, tokens.cls, _gather(tokens.patches, wanted)), tokens.patches
+        return self._heads(self.teacher, tokens.cls, gather_patches(tokens.patches, wanted)), tokens.patches
 
     def student_logits(self, batch: Batch) -> StudentOutputs:
         """Student on masked globals and locals -> [cls] logits (V*B, K), patch logits (M, K)."""
@@ -175,7 +175,7 @@ class IBOT(nn.Module):
         cls_tokens = global_tokens.cls
         if batch.local_crops.shape[0]:
             cls_tokens = torch.cat([cls_tokens, backbone(batch.local_crops).cls])
-        heads = self._heads(self.student, cls_tokens, _gather(global_tokens.patches, batch.masked_indices()))
+        heads = self._heads(self.student, cls_tokens, gather_patches(global_tokens.patches, batch.masked_indices()))
         return StudentOutputs(heads, global_tokens.cls)
 
     def forward(

@@ -89,12 +89,13 @@ def _figure(rows: int, cols: int, scale: float = 1.4):  # type: ignore[no-untype
     return plt, fig, axes
 
 
-def _save(plt, fig, path: str | Path, title: str) -> Path:  # type: ignore[no-untyped-def]
+def save_figure(plt, fig, path: str | Path, title: str, dpi: int = 110) -> Path:  # type: ignore[no-untyped-def]
+    """Title, tight layout, PNG at ``path`` (folders made), figure closed."""
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -111,7 +112,7 @@ def draw_attention(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path:
             axes[i, 1 + h].imshow(maps[i, h].numpy(), cmap="inferno")
             if i == 0:
                 axes[i, 1 + h].set_title(f"head {h}", fontsize=8)
-    return _save(plt, fig, path, "last-block [cls] attention per head")
+    return save_figure(plt, fig, path, "last-block [cls] attention per head")
 
 
 @torch.no_grad()
@@ -132,7 +133,7 @@ def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: 
         r, c = divmod(i, cols)
         axes[2 * r, c].imshow(pixels[i].numpy())
         axes[2 * r + 1, c].imshow(layout[i].numpy(), cmap=colours, vmin=0, vmax=max(k - 1, 1))
-    return _save(plt, fig, path, f"patch tokens, k-means into {k} clusters shared by all images")
+    return save_figure(plt, fig, path, f"patch tokens, k-means into {k} clusters shared by all images")
 
 
 @torch.no_grad()
@@ -153,4 +154,4 @@ def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config,
         (ya, xa), (yb, xb) = divmod(i, grid), divmod(j, grid)
         colour = colours(n / max(len(matches) - 1, 1))
         ax.plot([xa * p + p / 2, size + xb * p + p / 2], [ya * p + p / 2, yb * p + p / 2], color=colour, lw=1)
-    return _save(plt, fig, path, f"{len(matches)} best mutual-nearest patch pairs")
+    return save_figure(plt, fig, path, f"{len(matches)} best mutual-nearest patch pairs")

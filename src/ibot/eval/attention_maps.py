@@ -46,10 +46,6 @@ def save_attention_pool_maps(
         axes[1, i].imshow(maps[i].numpy(), cmap="inferno")
         for ax in axes[:, i]:
             ax.axis("off")
-    fig.suptitle("attention-pool weights (bright = counts more)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from ibot.visualize import save_figure
+
+    return save_figure(plt, fig, path, "attention-pool weights (bright = counts more)", dpi=100)

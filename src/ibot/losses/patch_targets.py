@@ -31,7 +31,7 @@ from ibot.losses.centering import _distributed
 MIM_TARGETS = ("online", "none", "random", "frozen", "vq")
 
 
-def _gather(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+def gather_patches(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
     """(C, N, D) patch tokens -> (M, D) rows at flat indices into C*N (no host sync, unlike a bool mask)."""
     return patches.flatten(0, 1).index_select(0, flat_indices)
 
@@ -78,7 +78,7 @@ class FixedNetworkTargets(nn.Module):
         self, global_crops: torch.Tensor, flat_indices: torch.Tensor, teacher: tuple, teacher_temp: float
     ) -> torch.Tensor:
         tokens = self.branch["backbone"](global_crops)
-        logits = self.branch[self.head_name](_gather(tokens.patches, flat_indices))
+        logits = self.branch[self.head_name](gather_patches(tokens.patches, flat_indices))
         probs = self.center.probs(logits, teacher_temp)
         self.center.update(logits)
         return probs
@@ -148,7 +148,7 @@ class CodebookTargets(nn.Module):
         self, global_crops: torch.Tensor, flat_indices: torch.Tensor, teacher: tuple, teacher_temp: float
     ) -> torch.Tensor:
         patches, _ = teacher
-        tokens = F.normalize(_gather(patches, flat_indices).float(), dim=-1)  # (M, D)
+        tokens = F.normalize(gather_patches(patches, flat_indices).float(), dim=-1)  # (M, D)
         if not bool(self.initialised):  # the first batch seeds every code (k-means style)
             self._restart(torch.ones_like(self.idle_steps, dtype=torch.bool), tokens)
             self.initialised.fill_(True)
