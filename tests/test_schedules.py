@@ -69,5 +69,6 @@ def test_koleo_weight_schedule(schedule: str) -> None:
 def test_budget_total_steps_from_the_pace_so_far() -> None:
     assert budget_total_steps(100, 10.0, 60.0) == 600  # 10 steps a minute for 60 minutes
     assert budget_total_steps(100, 75.0, 60.0) == 100  # budget spent: the schedule ends here
+    assert budget_total_steps(100, 59.9, 60.0) == 101  # not spent yet: never ends at this step
     with pytest.raises(ValueError, match="pace"):
         budget_total_steps(0, 0.0, 60.0)

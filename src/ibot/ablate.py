@@ -65,12 +65,12 @@ def run_config(
 
 def final_monitors(run_dir: Path) -> dict[str, float]:
     """The last logged value of each collapse monitor in ``metrics.jsonl``."""
+    from ibot.train.metrics import read_metrics
+
     found: dict[str, float] = {}
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            found.update({k: float(row[k]) for k in MONITOR_KEYS if k in row})
+    for row in read_metrics(path) if path.is_file() else []:
+        found.update({k: float(row[k]) for k in MONITOR_KEYS if k in row})
     return found
 
 

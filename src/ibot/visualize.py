@@ -30,11 +30,13 @@ def spread_images(folder: str, cfg: Config, count: int) -> torch.Tensor:
     return torch.stack([s.view for s in samples])
 
 
-def to_pixels(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+def to_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """Normalised (B, 3, S, S) -> (B, S, S, 3) in [0, 1] for imshow."""
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+    return (
+        (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1))
+        .clamp(0, 1)
+        .permute(0, 2, 3, 1)
+    )
 
 
 def cls_attention(backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,7 @@ def save_figure(plt, fig, path: str | Path, title: str, dpi: int = 110) -> Path:
 def draw_attention(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path) -> Path:
     """One row per image: the image, then its [cls] attention map for every head."""
     maps = cls_attention(backbone, images)
-    pixels = to_pixels(images, cfg)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
     plt, fig, axes = _figure(len(images), 1 + maps.shape[1])
     for i in range(len(images)):
         axes[i, 0].imshow(pixels[i].numpy())
@@ -124,7 +126,7 @@ def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: 
     assign, _ = kmeans(patches.flatten(0, 1), k)
     grid = images.shape[-1] // backbone.patch_size
     layout = assign.view(len(images), grid, grid)
-    pixels = to_pixels(images, cfg)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
     cols = min(8, len(images))
     rows = -(-len(images) // cols)
     plt, fig, axes = _figure(2 * rows, cols)
@@ -143,7 +145,7 @@ def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config,
         raise IBOTError("correspondences need two readable images")
     patches = backbone(images[:2]).patches
     matches = mutual_neighbours(patches[0], patches[1], pairs)
-    pixels = to_pixels(images[:2], cfg)
+    pixels = to_pixels(images[:2], cfg.data.mean, cfg.data.std)
     size, p = images.shape[-1], backbone.patch_size
     grid = size // p
     plt, fig, axes = _figure(1, 1, scale=3.0)

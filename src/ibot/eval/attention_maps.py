@@ -39,13 +39,13 @@ def save_attention_pool_maps(
     weights = result.module.attention(patches)  # (B, N)
     grid = images.shape[-1] // backbone.patch_size
     maps = F.interpolate(weights.view(-1, 1, grid, grid), size=images.shape[-2:], mode="nearest")[:, 0]
-    pixels = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    from ibot.visualize import save_figure, to_pixels
+
+    pixels = to_pixels(images, mean, std)
     fig, axes = plt.subplots(2, len(samples), figsize=(1.6 * len(samples), 3.4), squeeze=False)
     for i in range(len(samples)):
-        axes[0, i].imshow(pixels[i].permute(1, 2, 0).numpy())
+        axes[0, i].imshow(pixels[i].numpy())
         axes[1, i].imshow(maps[i].numpy(), cmap="inferno")
         for ax in axes[:, i]:
             ax.axis("off")
-    from ibot.visualize import save_figure
-
     return save_figure(plt, fig, path, "attention-pool weights (bright = counts more)", dpi=100)

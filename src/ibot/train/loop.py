@@ -265,9 +265,11 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             bar.update(1)
             stop_early = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
             monitor_due = False
-            if step % cfg.train.log_every == 0 and (cfg.train.max_minutes > 0 or monitor_every > 0 or budget > 0):
-                # Rank 0's clock, read at log steps only and sent in one broadcast: every rank
-                # stops, waits for the monitor and re-plans the budget at the same step.
+            timed = cfg.train.max_minutes > 0 or monitor_every > 0 or budget > 0
+            if (timed and step % cfg.train.log_every == 0) or (budget > 0 and step >= plan.total_steps):
+                # Rank 0's clock, read at log steps (and at the estimated end of a budget, which
+                # moves on if the pace picked up) and sent in one broadcast: every rank stops,
+                # waits for the monitor and re-plans the budget at the same step.
                 (minutes,) = broadcast_values([clock.minutes()], env)
                 stop_early = stop_early or 0 < cfg.train.max_minutes < minutes
                 monitor_due = 0 < monitor_every and next_monitor <= minutes
@@ -276,15 +278,6 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                     schedules = Schedules(cfg, plan)
                     bar.total = plan.total_steps
             at_end = step >= plan.total_steps
-            if at_end and budget > 0 and not stop_early:
-                # The estimate falls short when the pace picks up after the last re-plan: run on
-                # (the cosine sits at its floor by now) until the budget is really spent.
-                (minutes,) = broadcast_values([clock.minutes()], env)
-                if minutes < budget:
-                    plan = replace(plan, total_steps=max(step + 1, budget_total_steps(step, minutes, budget)))
-                    schedules = Schedules(cfg, plan)
-                    bar.total = plan.total_steps
-                    at_end = False
             log_now = step % cfg.train.log_every == 0 or at_end or stop_early
             save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
             if log_now or save_now:

@@ -32,11 +32,12 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
 def budget_total_steps(step: int, minutes: float, budget_minutes: float) -> int:
     """Steps that fill ``budget_minutes`` at the average pace so far (``step`` steps in ``minutes``).
 
-    Never below ``step``: once the budget is spent the schedule is over.
+    At least ``step + 1`` while the budget is not spent (the pace may have picked up since the
+    last estimate), and ``step`` once it is: the schedule is over.
     """
     if step <= 0 or minutes <= 0:
         raise ValueError(f"need a measured pace, got {step} steps in {minutes} minutes")
-    return max(step, round(step * budget_minutes / minutes))
+    return max(step + int(minutes < budget_minutes), round(step * budget_minutes / minutes))
 
 
 @dataclass(frozen=True)
