@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,14 +71,17 @@ def gflops_per_image(spec: Spec, head_hidden: int = 2048, bottleneck: int = 256,
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: str) -> float:
-    """Best GFLOP/s over a square GEMM and ViT MLP-shaped GEMMs."""
+    """Best GFLOP/s over square GEMMs and ViT MLP-shaped GEMMs (a GPU needs the large square one)."""
     best = 0.0
-    for m, k, n in [(4096, 4096, 4096), (8192, 384, 1536), (8192, 1536, 384), (8320, 192, 768)]:
+    shapes = [(4096, 4096, 4096), (8192, 384, 1536), (8192, 1536, 384), (8320, 192, 768)]
+    if device.startswith("cuda"):
+        shapes.append((8192, 8192, 8192))
+    for m, k, n in shapes:
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(2):
             a @ b
-        reps = 5
+        reps = 20 if device.startswith("cuda") else 5
         _sync(device)
         t = time.perf_counter()
         for _ in range(reps):
@@ -239,11 +242,16 @@ def build_lightly_step(  # type: ignore[no-untyped-def]
     return step, "timm default"
 
 
+def _spec(config: str, batch: int) -> Spec:
+    """Configuration ``config``, at ``batch`` images per step when that is set (> 0)."""
+    return replace(CONFIGS[config], batch=batch) if batch > 0 else CONFIGS[config]
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = CONFIGS[args.config]
+    spec = _spec(args.config, args.batch)
     rss_start = _rss_mb()
     build = build_ibot_step if args.impl == "ibot" else build_lightly_step
     step, attention = build(spec, args.precision, args.device, args.attention, args.compile, args.checkpointing)
@@ -303,7 +311,10 @@ def data_pipeline(spec_name: str, workers: int, batches: int) -> float:
         collate_fn=MultiCropCollate(cfg.mask, spec.global_size // spec.patch),
     )
     it = iter(loader)
-    next(it)
+    # Drain what the workers prefetched while starting (2 batches each), then time the steady state.
+    for _ in range(2 * workers + 1):
+        next(it)
+    batches = max(batches, 4 * workers)
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
@@ -319,6 +330,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ibot only: torch.compile the backbones")
     parser.add_argument("--checkpointing", action="store_true", help="ibot only: activation checkpointing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=0, help="images per step for every config (default: its own)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
@@ -340,12 +352,13 @@ def main() -> None:
     }
     print("matmul peak measured now: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
     print()
-    columns = ["config", "impl", "precision", "attention", "step s", "images/s", "GFLOP/img", "GFLOP/s", "MFU"]
+    columns = ["config", "batch", "impl", "precision", "attention", "step s", "images/s", "GFLOP/img", "GFLOP/s", "MFU"]
     columns += ["peak memory MB", "RSS after import MB"]
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * len(columns))
     for config in args.configs:
-        flops = gflops_per_image(CONFIGS[config])
+        batch = _spec(config, args.batch).batch
+        flops = gflops_per_image(_spec(config, args.batch))
         for precision in args.precisions:
             for impl in args.impls:
                 cmd = (
@@ -365,6 +378,8 @@ def main() -> None:
                         str(args.steps),
                         "--warmup",
                         str(args.warmup),
+                        "--batch",
+                        str(args.batch),
                         "--threads",
                         str(args.threads),
                         "--attention",
@@ -377,12 +392,20 @@ def main() -> None:
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                 if done.returncode != 0 or not lines:
                     err = (done.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"| {config} | {impl} | {precision} | - | failed: {err} |")
+                    print(f"| {config} | {batch} | {impl} | {precision} | - | failed: {err} |")
                     continue
                 r = json.loads(lines[-1][len("RESULT ") :])
                 achieved = flops * r["images_per_s"]
                 memory = r["cuda_peak_mb"] if r["cuda_peak_mb"] is not None else r["peak_rss_mb"]
-                cells = [config, impl, precision, r["attention"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.1f}"]
+                cells = [
+                    config,
+                    str(batch),
+                    impl,
+                    precision,
+                    r["attention"],
+                    f"{r['step_s']:.3f}",
+                    f"{r['images_per_s']:.1f}",
+                ]
                 cells += [f"{flops:.2f}", f"{achieved:.0f}", f"{100 * achieved / peaks[precision]:.1f} %"]
                 cells += [f"{memory:.0f}", f"{r['rss_start_mb']:.0f}"]
                 print("| " + " | ".join(cells) + " |", flush=True)

@@ -45,11 +45,12 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors even when the checkpoint was mapped onto a GPU.
+    torch.set_rng_state(state["torch"].cpu())
     version, _, gauss = random.getstate()
     random.setstate((version, tuple(state["python"]), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

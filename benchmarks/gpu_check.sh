@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The CUDA checks of one GPU machine in one go (a few minutes): the CUDA tests, the step
+# benchmark of both configurations beside lightly, config B at a GPU-sized batch, the CLI.
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (lightly from .whl/*.whl when that folder exists)
+set -u
+out=${1:-${OUT:-gpu_check}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/bench_site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
+
+step() {  # name, time limit (s), command...
+    local name=$1 limit=$2; shift 2
+    echo "== $name"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+}
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step bench 240 python3 benchmarks/step.py --configs A B --impls ibot lightly --precisions fp32 bf16 \
+    --steps 10 --warmup 3 --data-workers 0 4 8
+step bench_b64 100 python3 benchmarks/step.py --configs B --batch 64 --impls ibot lightly --precisions bf16 \
+    --steps 10 --warmup 3 --data-workers
+step bench_fp16_compile 180 python3 benchmarks/step.py --configs A B --impls ibot --precisions fp16 bf16 \
+    --compile --steps 10 --warmup 5 --data-workers
