@@ -1,4 +1,5 @@
-"""The ``ibot`` command: pretrain, eval knn / probe / robustness / dense / finetune, ablate, visualize, report, demo.
+"""The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune), ablate, visualize,
+report, demo.
 
 Config path + dotted overrides, few flags.
 """
@@ -29,16 +30,22 @@ def parse_duration_minutes(text: str) -> float:
     return minutes
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
+def _pretrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The Config of ``ibot pretrain`` / ``ibot submit``: file, overrides, then --output-dir and --budget."""
     from ibot.config import load_config
-    from ibot.train.loop import train
 
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.budget:
         overrides.append(f"train.budget_minutes={args.budget}")
-    cfg = load_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ibot.train.loop import train
+
+    cfg = _pretrain_config(args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     logger.info(
         "done: step %d/%d, loss %.4f, %.1f images/s, weights in %s",
@@ -57,6 +64,29 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         )
     if result.skipped_images:
         logger.info("skipped %d unreadable images", result.skipped_images)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from ibot.submit import SlurmConfig, submit
+
+    cfg = _pretrain_config(args)
+    slurm = SlurmConfig(
+        nodes=args.nodes,
+        tasks_per_node=args.tasks_per_node or max(args.gpus_per_node, 1),
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        timeout_min=args.timeout_min,
+        partition=args.partition,
+    )
+    job = submit(cfg, slurm, args.slurm_folder, local=args.local)
+    logger.info(
+        "submitted job %s (%d x %d tasks): logs in %s", job.job_id, slurm.nodes, slurm.tasks_per_node, job.paths.folder
+    )
+    if args.wait:
+        result = job.results()[0]  # rank 0's RunResult
+        logger.info("done: step %d/%d, weights in %s", result.step, result.total_steps, result.output_dir)
     return 0
 
 
@@ -165,19 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ibot", description="iBOT pre-training and frozen-feature evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="YAML file of config deltas")
+        p.add_argument("--output-dir", help="same as train.output_dir=...")
+        p.add_argument(
+            "--budget",
+            type=parse_duration_minutes,
+            help="training time (e.g. 60m, 1.5h): schedules span it instead of optim.epochs; "
+            "same as train.budget_minutes=...",
+        )
+        p.add_argument("overrides", nargs="*", help="dotted.key=value")
+
     p = sub.add_parser("pretrain", help="pre-train a ViT with iBOT")
-    p.add_argument("--config", required=True, help="YAML file of config deltas")
-    p.add_argument("--output-dir", help="same as train.output_dir=...")
+    pretrain_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
-    p.add_argument(
-        "--budget",
-        type=parse_duration_minutes,
-        help="training time (e.g. 60m, 1.5h): schedules span it instead of optim.epochs; "
-        "same as train.budget_minutes=...",
-    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("submit", help="pre-train as a SLURM job through submitit (requeued and resumed on timeout)")
+    pretrain_arguments(s)
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0)
+    s.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: one per GPU)")
+    s.add_argument("--cpus-per-task", type=int, default=10)
+    s.add_argument("--mem-gb", type=int, default=0, help="memory per node (default: the partition's)")
+    s.add_argument("--timeout-min", type=int, default=24 * 60)
+    s.add_argument("--partition", default="")
+    s.add_argument("--slurm-folder", help="submitit's logs and pickles (default: OUTPUT_DIR/slurm)")
+    s.add_argument("--local", action="store_true", help="run the job on this machine (submitit's local executor)")
+    s.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    s.set_defaults(func=_cmd_submit)
 
     e = sub.add_parser("eval", help="evaluate frozen features")
     esub = e.add_subparsers(dest="eval_command", required=True)

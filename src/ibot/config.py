@@ -207,6 +207,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     compile: bool = False  # torch.compile the backbones (one graph per crop resolution)
     activation_checkpointing: bool = False  # recompute student blocks in backward: less memory, ~1/3 more compute
+    # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards parameters,
+    # gradients and AdamW state over the ranks (FSDP2 ``fully_shard``; ViT-L and larger).
+    parallel: str = "ddp"
     log_every: int = 10  # steps between metric lines (host syncs happen only then)
     checkpoint_every: int = 500  # steps; a checkpoint is always written at the end
     max_minutes: float = 0  # stop (with a checkpoint) after this wall time; 0 = no limit
@@ -218,6 +221,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(self.attention in ATTENTIONS, "train.attention", f"must be one of {ATTENTIONS}")
+        _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.budget_minutes >= 0, "train.budget_minutes", "must be >= 0")

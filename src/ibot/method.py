@@ -127,10 +127,16 @@ class IBOT(nn.Module):
         self.patch_weight = loss_cfg.patch_weight
         self.koleo_weight = loss_cfg.koleo_weight
         self.koleo_loss = KoLeoLoss() if loss_cfg.koleo_weight > 0 else None
-        # Paired once: the EMA is two multi-tensor ops over these lists.
+        self.pair_ema_parameters()
+        self.teacher.train(False)
+
+    def pair_ema_parameters(self) -> None:
+        """Pair student and teacher parameters for the EMA (again after sharding replaces them).
+
+        Paired once: the EMA is one multi-tensor op over these lists.
+        """
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
-        self.teacher.train(False)
 
     def train(self, mode: bool = True) -> IBOT:
         """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""

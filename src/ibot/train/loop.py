@@ -114,6 +114,7 @@ class _Trainee:
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler | None
     clip_sets: list[list[torch.nn.Parameter]]
+    sharded: bool  # FSDP: parameters and optimizer state are shards; checkpoints are gathered
 
 
 def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
@@ -123,7 +124,12 @@ def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
     if cfg.train.compile:
         method.compile_backbones()
     model: torch.nn.Module = method
-    if env.enabled:
+    sharded = env.enabled and cfg.train.parallel == "fsdp"
+    if sharded:
+        from ibot.train.sharding import shard_method
+
+        shard_method(method)  # gradients are reduce-scattered in backward: no wrapper to forward through
+    elif env.enabled:
         # DDP averages student gradients; the teacher has no trainable parameters and the centers
         # are all-reduced by the losses themselves, so buffers are not broadcast.
         device_ids = [run.device.index] if run.device.type == "cuda" else None
@@ -134,15 +140,25 @@ def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
         optimizer=build_optimizer(method, cfg.optim, run.device),
         scaler=torch.amp.GradScaler("cuda") if run.use_scaler else None,
         clip_sets=[list(m.parameters()) for m in method.student.values()],
+        sharded=sharded,
     )
 
 
 def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> tuple[int, float]:
     """Load everything from ``path``; returns the step to continue from and the training minutes so far."""
-    state = load_checkpoint(path, run.device)
+    state = load_checkpoint(path, "cpu" if t.sharded else run.device)
     _check_resume_config(state["config"], cfg, path)
-    t.method.load_state_dict(state["method"])
-    t.optimizer.load_state_dict(state["optimizer"])
+    saved_sharded = state.get("optimizer_keys") == "names"
+    if saved_sharded != t.sharded:
+        was = "train.parallel=fsdp under torchrun" if saved_sharded else "no FSDP"
+        raise ConfigError(f"{path}: checkpoint was written with {was}; resume it the same way")
+    if t.sharded:
+        from ibot.train.sharding import load_full_state_dicts
+
+        load_full_state_dicts(t.method, t.optimizer, state["method"], state["optimizer"])
+    else:
+        t.method.load_state_dict(state["method"])
+        t.optimizer.load_state_dict(state["optimizer"])
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
@@ -150,10 +166,21 @@ def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> tuple[int, fl
     return int(state["step"]), float(state.get("train_minutes", 0.0))
 
 
-def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, plan: RunPlan) -> None:
+def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, plan: RunPlan, env: DistEnv) -> None:
+    """Rank 0 writes the checkpoint and the teacher; under FSDP every rank first helps to gather them."""
+    if t.sharded:
+        from ibot.train.sharding import full_state_dicts
+
+        method_state, optimizer_state = full_state_dicts(t.method, t.optimizer)
+    elif env.is_main:
+        method_state, optimizer_state = t.method.state_dict(), t.optimizer.state_dict()
+    if not env.is_main:
+        return
     state = {
-        "method": t.method.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
+        "method": method_state,
+        "optimizer": optimizer_state,
+        # FSDP's full optimizer state is keyed by parameter names, a plain one by indices.
+        "optimizer_keys": "names" if t.sharded else "indices",
         "scaler": t.scaler.state_dict() if t.scaler is not None else {},
         "step": step,
         "train_minutes": train_minutes,
@@ -162,7 +189,9 @@ def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, 
         "plan": asdict(plan),
     }
     save_checkpoint(out / CHECKPOINT_NAME, state)
-    save_backbone(out / TEACHER_NAME, t.method.teacher["backbone"].state_dict(), cfg.to_dict())
+    prefix = "teacher.backbone."
+    teacher = {k.removeprefix(prefix): v for k, v in method_state.items() if k.startswith(prefix)}
+    save_backbone(out / TEACHER_NAME, teacher, cfg.to_dict())
 
 
 def _train_step(
@@ -195,6 +224,9 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    if env.enabled and cfg.train.parallel == "fsdp" and cfg.eval.monitor_every_minutes > 0:
+        # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.
+        raise ConfigError("eval.monitor_every_minutes: the k-NN monitor needs train.parallel=ddp; set it to 0")
     trainee = _build(cfg, run, env)
     ckpt_path = out / CHECKPOINT_NAME
     step, minutes_before = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else (0, 0.0)
@@ -311,8 +343,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
                             logger.warning("step %d: the %s branch looks collapsed (%s): %s", step, *key, detail)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
             if save_now:
-                if env.is_main:
-                    _save(trainee, out, step, clock.minutes(), cfg, plan)
+                _save(trainee, out, step, clock.minutes(), cfg, plan, env)
                 barrier(env)
             if stop_early:
                 logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ibot.config import OptimConfig
 from ibot.method import IBOT
@@ -49,7 +50,9 @@ def clip_and_step(
         for params in param_sets:
             with_grad = [p for p in params if p.grad is not None]
             if with_grad:
-                norms.append(torch.nn.utils.clip_grad_norm_(with_grad, clip_grad, foreach=True))
+                set_norm = torch.nn.utils.clip_grad_norm_(with_grad, clip_grad, foreach=True)
+                # Under FSDP the norm is a replicated DTensor; the max below wants a plain tensor.
+                norms.append(set_norm.full_tensor() if isinstance(set_norm, DTensor) else set_norm)
         norm = torch.stack(norms).max() if norms else None
     if scaler is not None:
         scaler.step(optimizer)
