@@ -21,7 +21,11 @@ step() {  # name, time limit (s), command...
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step bench 240 python3 benchmarks/step.py --configs A B --impls ibot lightly --precisions fp32 bf16 \
     --steps 10 --warmup 3 --data-workers 0 4 8
-step bench_b64 100 python3 benchmarks/step.py --configs B --batch 64 --impls ibot lightly --precisions bf16 \
-    --steps 10 --warmup 3 --data-workers
-step bench_fp16_compile 180 python3 benchmarks/step.py --configs A B --impls ibot --precisions fp16 bf16 \
+for batch in 64 256; do
+    step "bench_b$batch" 100 python3 benchmarks/step.py --configs B --batch $batch --impls ibot lightly \
+        --precisions bf16 --steps 10 --warmup 3 --data-workers
+done
+step bench_b256_compile 120 python3 benchmarks/step.py --configs B --batch 256 --impls ibot --precisions bf16 \
+    --compile --steps 8 --warmup 4 --data-workers
+step bench_fp16_compile 240 python3 benchmarks/step.py --configs A B --impls ibot --precisions fp16 bf16 \
     --compile --steps 10 --warmup 5 --data-workers
