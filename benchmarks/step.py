@@ -357,8 +357,8 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for config in args.configs:
-        batch = _spec(config, args.batch).batch
-        flops = gflops_per_image(_spec(config, args.batch))
+        spec = _spec(config, args.batch)
+        batch, flops = spec.batch, gflops_per_image(spec)
         for precision in args.precisions:
             for impl in args.impls:
                 cmd = (

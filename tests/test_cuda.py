@@ -24,8 +24,8 @@ from conftest import tiny_overrides
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _cuda_overrides(images: Path, out: Path, precision: str) -> list[str]:
-    return tiny_overrides(images, out) + ["train.device=cuda", f"train.precision={precision}"]
+def _cuda_overrides(images: Path, out: Path, precision: str, device: str = "cuda") -> list[str]:
+    return tiny_overrides(images, out) + [f"train.device={device}", f"train.precision={precision}"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -77,8 +77,7 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(image_folder: Path, tmp_pat
 def test_torchrun_over_nccl_trains(image_folder: Path, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
-    overrides = _cuda_overrides(image_folder, tmp_path / "ddp", "bf16")
-    overrides = [o for o in overrides if o != "train.device=cuda"] + ["train.device=auto"]  # cuda:LOCAL_RANK
+    overrides = _cuda_overrides(image_folder, tmp_path / "ddp", "bf16", device="auto")  # cuda:LOCAL_RANK
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     cmd += ["-m", "ibot", "pretrain", "--config", str(config), "--no-progress", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -86,7 +86,7 @@ class FixedNetworkTargets(nn.Module):
 
 def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
     """``branch`` (same shape as the run's) with the teacher weights of an earlier run's checkpoint."""
-    from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, sub_state_dict
 
     if not path:
         raise DataError("mim.tokenizer_path: the 'frozen' target needs an earlier run's folder or checkpoint.pt")
@@ -96,8 +96,7 @@ def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
     state = load_checkpoint(file)
     if "method" not in state:
         raise DataError(f"{file}: not an ibot pre-training checkpoint (no 'method' entry)")
-    prefix = "teacher."
-    weights = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    weights = sub_state_dict(state["method"], "teacher.")
     own = branch.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

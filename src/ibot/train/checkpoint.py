@@ -53,6 +53,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a parent module's state dict under ``prefix``, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 

@@ -27,6 +27,7 @@ from ibot.train.checkpoint import (
     save_backbone,
     save_checkpoint,
     set_rng_state,
+    sub_state_dict,
 )
 from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_values, init_distributed, shutdown
 from ibot.train.metrics import MetricsLogger
@@ -189,9 +190,7 @@ def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, 
         "plan": asdict(plan),
     }
     save_checkpoint(out / CHECKPOINT_NAME, state)
-    prefix = "teacher.backbone."
-    teacher = {k.removeprefix(prefix): v for k, v in method_state.items() if k.startswith(prefix)}
-    save_backbone(out / TEACHER_NAME, teacher, cfg.to_dict())
+    save_backbone(out / TEACHER_NAME, sub_state_dict(method_state, "teacher.backbone."), cfg.to_dict())
 
 
 def _train_step(
@@ -224,10 +223,10 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    if env.enabled and cfg.train.parallel == "fsdp" and cfg.eval.monitor_every_minutes > 0:
+    trainee = _build(cfg, run, env)
+    if trainee.sharded and cfg.eval.monitor_every_minutes > 0:
         # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.
         raise ConfigError("eval.monitor_every_minutes: the k-NN monitor needs train.parallel=ddp; set it to 0")
-    trainee = _build(cfg, run, env)
     ckpt_path = out / CHECKPOINT_NAME
     step, minutes_before = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else (0, 0.0)
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
