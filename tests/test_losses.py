@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ibot.losses import Center, DINOClsLoss, IBOTPatchLoss, KoLeoLoss, NoCentering, SinkhornKnopp, build_centering
+from ibot.losses import (
+    Center,
+    DINOClsLoss,
+    IBOTPatchLoss,
+    KoLeoLoss,
+    NoCentering,
+    SinkhornKnopp,
+    build_centering,
+    soft_ce,
+)
 
 
 def _ce(p: list[float], logits: list[float], temp: float) -> float:
@@ -187,3 +196,53 @@ class TestKoLeoLoss:
     def test_rejects_a_single_row(self) -> None:
         with pytest.raises(ValueError, match="B >= 2"):
             KoLeoLoss()(torch.ones(1, 4))
+
+
+class TestSoftCrossEntropy:
+    """The chunked cross-entropy both iBOT losses use, against ``log_softmax`` written out."""
+
+    @staticmethod
+    def reference(logits: torch.Tensor, targets: torch.Tensor, temp: float) -> torch.Tensor:
+        return -(targets * F.log_softmax(logits.float() / temp, dim=-1)).sum(dim=-1)
+
+    @pytest.mark.parametrize("chunk_elements", [1 << 22, 40])  # one chunk; several, the last one short
+    def test_value_and_gradient_match_log_softmax(self, monkeypatch: pytest.MonkeyPatch, chunk_elements: int) -> None:
+        monkeypatch.setattr(soft_ce, "CHUNK_ELEMENTS", chunk_elements)
+        torch.manual_seed(0)
+        logits = torch.randn(7, 16, requires_grad=True)
+        targets = torch.softmax(torch.randn(7, 16), dim=-1) * torch.rand(7, 1) * 2
+        weights = torch.randn(7)  # a non-uniform upstream gradient
+        (soft_ce.soft_cross_entropy(logits, targets, 0.1) * weights).sum().backward()
+        grad = logits.grad.clone()
+        logits.grad = None
+        expected = self.reference(logits, targets, 0.1)
+        (expected * weights).sum().backward()
+        # targets that do not sum to 1 (the [cls] loss adds teacher views up) are handled exactly
+        torch.testing.assert_close(soft_ce.soft_cross_entropy(logits, targets, 0.1), expected)
+        torch.testing.assert_close(grad, logits.grad)
+
+    def test_logits_are_not_modified_and_bf16_logits_get_a_bf16_gradient(self) -> None:
+        torch.manual_seed(0)
+        logits = torch.randn(5, 32).bfloat16().requires_grad_()
+        before = logits.detach().clone()
+        targets = torch.softmax(torch.randn(5, 32), dim=-1)
+        loss = soft_ce.soft_cross_entropy(logits, targets, 0.1)
+        loss.sum().backward()
+        assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+        assert torch.equal(logits.detach(), before)
+        torch.testing.assert_close(loss, self.reference(logits.detach(), targets, 0.1))
+
+    def test_keeps_no_k_wide_fp32_tensor_for_the_backward(self) -> None:
+        """What it saves is the bf16 logits and the targets (both alive anyway) plus O(rows)."""
+        logits = torch.randn(64, 1024).bfloat16().requires_grad_()
+        targets = torch.softmax(torch.randn(64, 1024), dim=-1)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            soft_ce.soft_cross_entropy(logits, targets, 0.1).sum()
+        k_wide = [t for t in saved if t.dim() == 2]
+        assert {t.data_ptr() for t in k_wide} == {logits.data_ptr(), targets.data_ptr()}
+        assert sum(t.numel() for t in saved if t.dim() < 2) <= 2 * 64
+
+    def test_shape_mismatch_names_both_shapes(self) -> None:
+        with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
+            soft_ce.soft_cross_entropy(torch.zeros(3, 4), torch.zeros(3, 5), 0.1)

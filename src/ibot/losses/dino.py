@@ -8,8 +8,9 @@ iBOT's ``iBOTLoss`` [cls] term). Student crop s < G is the masked view of global
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ibot.losses.soft_ce import soft_cross_entropy
 
 
 class DINOClsLoss(nn.Module):
@@ -36,10 +37,11 @@ class DINOClsLoss(nn.Module):
         num_global = teacher_cls_probs.shape[0]
         if num_views < 2 or num_global > num_views:
             raise ValueError(f"need >= 2 student views and G <= V, got V={num_views}, G={num_global}")
-        student_log_probs = F.log_softmax(student_cls_logits.float() / self.student_temp, dim=-1)
-        # (G, V): mean over images of the cross-entropy between teacher view t and student view s.
-        # fp32 on purpose: autocast would run this einsum in bf16 and round the loss to 3 digits.
-        with torch.autocast(student_log_probs.device.type, enabled=False):
-            pair_ce = -torch.einsum("tbk,sbk->ts", teacher_cls_probs.float(), student_log_probs) / batch
-        same_view = torch.eye(num_global, num_views, dtype=torch.bool, device=pair_ce.device)
-        return pair_ce.masked_fill(same_view, 0.0).sum() / (num_global * num_views - num_global)
+        # Cross-entropy is linear in the target, so each student view is scored once against the
+        # sum of the teacher views it is paired with (all of them but its own): one K-wide pass.
+        all_teacher = teacher_cls_probs.sum(dim=0)  # (B, K)
+        targets = torch.cat(
+            [all_teacher - teacher_cls_probs, all_teacher.expand(num_views - num_global, batch, -1)]
+        )  # (V, B, K)
+        total = soft_cross_entropy(student_cls_logits.flatten(0, 1), targets.flatten(0, 1), self.student_temp).sum()
+        return total / (batch * (num_global * num_views - num_global))

@@ -13,8 +13,9 @@ then mean over crops" and DINOv2's ``masks_weight`` formulation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ibot.losses.soft_ce import soft_cross_entropy
 
 
 class IBOTPatchLoss(nn.Module):
@@ -45,8 +46,7 @@ class IBOTPatchLoss(nn.Module):
                 f"expected (M, K) logits and probs and a (C, N) mask, got {tuple(mask.shape)}, "
                 f"{tuple(student_patch_logits.shape)} and {tuple(teacher_patch_probs.shape)}"
             )
-        student_log_probs = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
-        token_ce = -(teacher_patch_probs * student_log_probs).sum(dim=-1)  # (M,)
+        token_ce = soft_cross_entropy(student_patch_logits, teacher_patch_probs, self.student_temp)  # (M,)
         if mask_indices is None:
             mask_indices = mask.flatten().nonzero().flatten()
         per_crop = mask.sum(dim=1).clamp(min=1).float()  # (C,)
