@@ -104,9 +104,12 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def make_batch(spec: Spec, device: str):  # type: ignore[no-untyped-def]
-    """Random crops with iBOT masks drawn by this package's generator (same work for every impl)."""
+def make_batches(spec: Spec, device: str, count: int):  # type: ignore[no-untyped-def]
+    """``count`` batches of the same random crops, each with its own iBOT masks from this package's
+    generator: the masked-token count changes from step to step, as in training (the work is the
+    same for every impl)."""
     import random
+    from dataclasses import replace as with_mask
 
     from ibot.config import MaskConfig
     from ibot.data.collate import Batch
@@ -116,16 +119,23 @@ def make_batch(spec: Spec, device: str):  # type: ignore[no-untyped-def]
     rng = random.Random(0)
     grid = spec.global_size // spec.patch
     gen = BlockMaskGenerator(grid, grid)
-    masks = [
-        gen(int(round(sample_mask_ratio(MaskConfig(), rng) * grid * grid)), rng).flatten()
-        for _ in range(2 * spec.batch)
-    ]
-    return Batch(
+
+    def masks() -> dict[str, torch.Tensor]:  # with their flat indices, made by the loader in training
+        mask = torch.stack(
+            [
+                gen(int(round(sample_mask_ratio(MaskConfig(), rng) * grid * grid)), rng).flatten()
+                for _ in range(2 * spec.batch)
+            ]
+        )
+        return {"mask": mask, "mask_indices": mask.flatten().nonzero().flatten()}
+
+    batch = Batch(
         global_crops=torch.randn(2 * spec.batch, 3, spec.global_size, spec.global_size, generator=g),
         local_crops=torch.randn(spec.num_local * spec.batch, 3, spec.local_size, spec.local_size, generator=g),
-        mask=torch.stack(masks),
         labels=torch.zeros(spec.batch, dtype=torch.long),
+        **masks(),
     ).to(device)
+    return [batch] + [with_mask(batch, **masks()).to(device) for _ in range(count - 1)]
 
 
 def build_ibot_step(  # type: ignore[no-untyped-def]
@@ -255,11 +265,11 @@ def worker(args: argparse.Namespace) -> None:
     rss_start = _rss_mb()
     build = build_ibot_step if args.impl == "ibot" else build_lightly_step
     step, attention = build(spec, args.precision, args.device, args.attention, args.compile, args.checkpointing)
-    batch = make_batch(spec, args.device)
+    batches = make_batches(spec, args.device, args.warmup + args.steps)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.warmup + args.steps):
+    for batch in batches:
         _sync(args.device)
         t = time.perf_counter()
         step(batch)

@@ -44,6 +44,7 @@ class TestLoadConfig:
             ("optim.lr=abc", "optim.lr"),
             ("data.batch_size=1.5", "data.batch_size"),
             ("model.arch=vit_huge9", "model.arch"),
+            ("model.depth=-1", "model.depth"),
             ("mask.ratio=0.9", "mask.ratio"),
             ("data.global_crop_scale=[0.5]", "data.global_crop_scale"),
             ("train.precision=fp8", "train.precision"),

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+import ibot.models.heads
 from ibot.config import Config
 from ibot.data.collate import Batch
 from ibot.method import IBOT
@@ -50,8 +53,34 @@ class TestMaskedViT:
         assert out.cls.shape == (2, 48) and out.patches.shape == (2, 16, 48)
         assert vit(torch.randn(5, 3, 8, 8)).patches.shape == (5, 4, 48)  # pos-embed resampled
 
+    def test_depth_replaces_the_arch_block_count(self, tiny_config: Config) -> None:
+        arch_depth = len(MaskedViT("vit_pico", 4, 16).vit.blocks)
+        shallow = MaskedViT.from_config(replace(tiny_config.model, arch="vit_pico", depth=1), 16)
+        assert arch_depth == 2 and len(shallow.vit.blocks) == 1
+        assert shallow(torch.randn(2, 3, 16, 16)).cls.shape == (2, 48)
+
 
 class TestProjectionHead:
+    def test_matmuls_see_padded_row_counts_and_padding_changes_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Masked-token counts vary per step; the head's matmuls must see few shapes (see ``forward``)."""
+        torch.manual_seed(0)
+        head = ProjectionHead(8, 10, hidden_dim=16, bottleneck_dim=4)
+        rows: list[int] = []
+        head.mlp[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+        tokens = torch.randn(130, 8, requires_grad=True)
+        padded = head(tokens)
+        padded.sum().backward()
+        grads = [tokens.grad] + [p.grad for p in head.parameters()]
+        monkeypatch.setattr(ibot.models.heads, "ROW_MULTIPLE", 1)
+        tokens.grad = None
+        head.zero_grad()
+        plain = head(tokens)
+        plain.sum().backward()
+        assert rows == [256, 130] and padded.shape == plain.shape == (130, 10)
+        torch.testing.assert_close(padded, plain)
+        for padded_grad, grad in zip(grads, [tokens.grad] + [p.grad for p in head.parameters()]):
+            torch.testing.assert_close(padded_grad, grad)  # None (frozen prototype norms) alike
+
     def test_shapes_and_fixed_prototype_norms(self) -> None:
         head = ProjectionHead(8, 10, hidden_dim=16, bottleneck_dim=4, num_layers=3, norm_last_layer=True)
         assert head(torch.randn(5, 8)).shape == (5, 10)

@@ -9,6 +9,9 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ibot.config import ModelConfig
 
+# Rows entering a head are zero-padded to a multiple of this (see ``ProjectionHead.forward``).
+ROW_MULTIPLE = 128
+
 
 class ProjectionHead(nn.Module):
     """tokens (M, D) -> prototype logits (M, K).
@@ -56,7 +59,15 @@ class ProjectionHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
+        """(M, D) -> (M, K), computed on M rounded up to a multiple of ``ROW_MULTIPLE`` rows.
+
+        M (the masked tokens of a batch) changes every step, and on CPUs oneDNN builds and
+        caches a matmul kernel for every new shape: in a CIFAR-10 run that cost ~13 % of the
+        speed and 2-6 GB of memory within minutes. Zero rows are appended and their logits
+        dropped, so the matmuls see a handful of shapes.
+        """
+        rows = x.shape[0]
+        x = self.mlp(F.pad(x, (0, 0, 0, -rows % ROW_MULTIPLE)))
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return self.last_layer(x)[:rows]

@@ -31,9 +31,17 @@ class MaskedViT(nn.Module):
     """A timm ViT whose forward takes an optional bool mask (B, N) and returns ``Tokens``."""
 
     def __init__(
-        self, arch: str, patch_size: int, img_size: int, drop_path_rate: float = 0.0, efficient_drop_path: bool = True
+        self,
+        arch: str,
+        patch_size: int,
+        img_size: int,
+        drop_path_rate: float = 0.0,
+        efficient_drop_path: bool = True,
+        depth: int = 0,
     ) -> None:
+        """``depth`` > 0 replaces the number of blocks of ``arch``."""
         super().__init__()
+        shape = ARCHS[arch] | ({"depth": depth} if depth else {})
         self.vit = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
@@ -41,7 +49,7 @@ class MaskedViT(nn.Module):
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
             block_fn=SubsetDropPathBlock if efficient_drop_path else Block,
-            **ARCHS[arch],
+            **shape,
         )
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size = patch_size
@@ -51,7 +59,7 @@ class MaskedViT(nn.Module):
 
     @staticmethod
     def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
-        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate, cfg.efficient_drop_path)
+        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate, cfg.efficient_drop_path, cfg.depth)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"vit.{n}" for n in self.vit.no_weight_decay()}
