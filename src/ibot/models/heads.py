@@ -62,9 +62,9 @@ class ProjectionHead(nn.Module):
         """(M, D) -> (M, K), computed on M rounded up to a multiple of ``ROW_MULTIPLE`` rows.
 
         M (the masked tokens of a batch) changes every step, and on CPUs oneDNN builds and
-        caches a matmul kernel for every new shape: in a CIFAR-10 run that cost ~13 % of the
-        speed and 2-6 GB of memory within minutes. Zero rows are appended and their logits
-        dropped, so the matmuls see a handful of shapes.
+        caches a matmul kernel for every new shape: that cost about a tenth of the step's time
+        and 2-6 GB of memory within minutes (README, "Speed"). Zero rows are appended and
+        their logits dropped, so the matmuls see a handful of shapes.
         """
         rows = x.shape[0]
         x = self.mlp(F.pad(x, (0, 0, 0, -rows % ROW_MULTIPLE)))
