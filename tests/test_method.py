@@ -8,6 +8,7 @@ import torch
 import ibot.models.heads
 from ibot.config import Config
 from ibot.data.collate import Batch
+from ibot.errors import ConfigError
 from ibot.method import IBOT
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
@@ -33,9 +34,10 @@ def method(tiny_config: Config) -> IBOT:
 
 
 class TestMaskedViT:
-    def test_mask_token_replaces_patches_before_position_embedding(self) -> None:
+    @pytest.mark.parametrize("stem", ["patch", "conv"])
+    def test_mask_token_replaces_patches_before_position_embedding(self, stem: str) -> None:
         torch.manual_seed(0)
-        vit = MaskedViT("vit_pico", patch_size=4, img_size=16).eval()
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=16, stem=stem).eval()
         images = torch.randn(2, 3, 16, 16)
         mask = torch.zeros(2, 16, dtype=torch.bool)
         mask[0, 3] = True
@@ -47,11 +49,32 @@ class TestMaskedViT:
         expected = vit.mask_token.flatten() + vit.vit.pos_embed[0, 1 + 3]
         assert torch.allclose(embedded[0, 1 + 3], expected)
 
-    def test_tokens_and_local_crop_sizes(self) -> None:
-        vit = MaskedViT("vit_pico", patch_size=4, img_size=16)
+    @pytest.mark.parametrize("stem", ["patch", "conv"])
+    def test_tokens_and_local_crop_sizes(self, stem: str) -> None:
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=16, stem=stem)
         out = vit(torch.randn(2, 3, 16, 16))
         assert out.cls.shape == (2, 48) and out.patches.shape == (2, 16, 48)
         assert vit(torch.randn(5, 3, 8, 8)).patches.shape == (5, 4, 48)  # pos-embed resampled
+
+    def test_conv_stem_tokens_see_their_patch_and_its_border_only(self) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=16, stem="conv")
+        assert [type(m) for m in vit.vit.patch_embed.backbone] == [torch.nn.Conv2d, torch.nn.GELU] * 2
+        images = torch.randn(1, 3, 16, 16)
+        changed = images.clone()
+        changed[..., 4:8, 4:8] += 1.0  # the patch at row 1, column 1 of the 4 x 4 grid
+        moved = (vit.vit.patch_embed(images) != vit.vit.patch_embed(changed)).any(dim=-1)[0]
+        # Two 3x3 stride-2 convolutions: a token's receptive field is its 4 x 4 patch plus a
+        # border of 3 pixels on its top and left and 2 on its bottom and right (7 x 7 + 2), so the
+        # change reaches the patch's own token and its neighbours, never a token two patches away.
+        assert moved[1, 1]
+        assert not moved[3].any() and not moved[:, 3].any()
+
+    def test_conv_stem_needs_a_power_of_two_patch(self, tiny_config: Config) -> None:
+        with pytest.raises(ValueError, match="model.stem=conv"):
+            MaskedViT("vit_pico", patch_size=6, img_size=18, stem="conv")
+        with pytest.raises(ConfigError, match="model.stem"):
+            replace(tiny_config.model, stem="resnet")
 
     def test_depth_replaces_the_arch_block_count(self, tiny_config: Config) -> None:
         arch_depth = len(MaskedViT("vit_pico", 4, 16).vit.blocks)

@@ -124,6 +124,7 @@ class ModelConfig:
     arch: str = "vit_small"
     depth: int = 0  # blocks; 0 = the arch's (a shallower ViT makes more steps in a short budget)
     patch_size: int = 16
+    stem: str = "patch"  # "patch" (linear patchify) or "conv" (3x3 stride-2 convolutions)
     drop_path_rate: float = 0.1  # stochastic depth, linear ramp over the blocks (iBOT)
     efficient_drop_path: bool = True  # run dropped residual branches on kept samples only
     out_dim: int = 8192  # K prototypes
@@ -137,6 +138,7 @@ class ModelConfig:
         _check(self.arch in ARCHS, "model.arch", f"must be one of {sorted(ARCHS)}")
         _check(self.depth >= 0, "model.depth", "must be >= 0 (0 = the arch's depth)")
         _check(self.patch_size >= 1, "model.patch_size", "must be >= 1")
+        _check(self.stem in ("patch", "conv"), "model.stem", "must be 'patch' or 'conv'")
         _check(self.out_dim >= 2, "model.out_dim", "must be >= 2")
         _check(self.head_layers >= 1, "model.head_layers", "must be >= 1")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")

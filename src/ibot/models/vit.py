@@ -9,14 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from timm.layers import HybridEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ibot.config import ARCHS, ModelConfig
 from ibot.models.drop_path import SubsetDropPathBlock
+
+
+def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
+    """3x3 stride-2 convolutions down to the patch grid (Xiao et al. 2021, "Early convolutions
+    help transformers see better"): a ViT with it trains faster and more stably than one with a
+    linear patchify, which matters most when the budget is short. Channels double per stage and
+    reach ``embed_dim / 2``; a 1x1 projection to ``embed_dim`` follows (timm's ``HybridEmbed``).
+    No BatchNorm: the EMA teacher runs in eval mode and would never see its running statistics
+    follow the student's.
+    """
+    stages = patch_size.bit_length() - 1
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for i in range(stages):
+        out_channels = embed_dim // 2 ** (stages - i)
+        layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), nn.GELU()]
+        in_channels = out_channels
+    return nn.Sequential(*layers)
 
 
 @dataclass(frozen=True)
@@ -38,13 +58,22 @@ class MaskedViT(nn.Module):
         drop_path_rate: float = 0.0,
         efficient_drop_path: bool = True,
         depth: int = 0,
+        stem: str = "patch",
     ) -> None:
-        """``depth`` > 0 replaces the number of blocks of ``arch``."""
+        """``depth`` > 0 replaces the number of blocks of ``arch``; ``stem`` is "patch" (a linear
+        patchify, the ViT's) or "conv" (``conv_stem``, for power-of-two patch sizes >= 2)."""
         super().__init__()
         shape = ARCHS[arch] | ({"depth": depth} if depth else {})
+        if stem == "conv":
+            if patch_size < 2 or patch_size & (patch_size - 1):
+                raise ValueError(f"model.stem=conv needs a power-of-two patch size >= 2, got {patch_size}")
+            backbone = conv_stem(patch_size, shape["embed_dim"])
+            embed: dict = {"embed_layer": partial(HybridEmbed, backbone), "patch_size": 1}
+        else:
+            embed = {"patch_size": patch_size}
         self.vit = VisionTransformer(
             img_size=img_size,
-            patch_size=patch_size,
+            **embed,
             num_classes=0,
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
@@ -59,7 +88,9 @@ class MaskedViT(nn.Module):
 
     @staticmethod
     def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
-        return MaskedViT(cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate, cfg.efficient_drop_path, cfg.depth)
+        return MaskedViT(
+            cfg.arch, cfg.patch_size, img_size, cfg.drop_path_rate, cfg.efficient_drop_path, cfg.depth, cfg.stem
+        )
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"vit.{n}" for n in self.vit.no_weight_decay()}
