@@ -34,8 +34,10 @@ def method(tiny_config: Config) -> IBOT:
 
 
 class TestMaskedViT:
-    @pytest.mark.parametrize("stem", ["patch", "conv"])
-    def test_mask_token_replaces_patches_before_position_embedding(self, stem: str) -> None:
+    # With the conv stem, the token below the masked patch (3 -> 7 on the 4 x 4 grid) loses its
+    # view of the masked pixels, so it changes too.
+    @pytest.mark.parametrize(("stem", "changed"), [("patch", [3]), ("conv", [3, 7])])
+    def test_mask_token_replaces_patches_before_position_embedding(self, stem: str, changed: list[int]) -> None:
         torch.manual_seed(0)
         vit = MaskedViT("vit_pico", patch_size=4, img_size=16, stem=stem).eval()
         images = torch.randn(2, 3, 16, 16)
@@ -43,9 +45,9 @@ class TestMaskedViT:
         mask[0, 3] = True
         embedded = vit.embed(images, mask)
         plain = vit.embed(images)
-        # Only the masked patch of image 0 differs, and it equals mask token + its position embedding.
+        # Only tokens of image 0 differ, and the masked one equals mask token + its position embedding.
         diff = (embedded != plain).any(dim=-1)
-        assert diff.nonzero().tolist() == [[0, 1 + 3]]
+        assert diff.nonzero().tolist() == [[0, 1 + i] for i in changed]
         expected = vit.mask_token.flatten() + vit.vit.pos_embed[0, 1 + 3]
         assert torch.allclose(embedded[0, 1 + 3], expected)
 
@@ -56,7 +58,7 @@ class TestMaskedViT:
         assert out.cls.shape == (2, 48) and out.patches.shape == (2, 16, 48)
         assert vit(torch.randn(5, 3, 8, 8)).patches.shape == (5, 4, 48)  # pos-embed resampled
 
-    def test_conv_stem_tokens_see_their_patch_and_its_border_only(self) -> None:
+    def test_conv_stem_receptive_field_and_masked_pixels_hidden(self) -> None:
         torch.manual_seed(0)
         vit = MaskedViT("vit_pico", patch_size=4, img_size=16, stem="conv")
         assert [type(m) for m in vit.vit.patch_embed.backbone] == [torch.nn.Conv2d, torch.nn.GELU] * 2
@@ -64,11 +66,14 @@ class TestMaskedViT:
         changed = images.clone()
         changed[..., 4:8, 4:8] += 1.0  # the patch at row 1, column 1 of the 4 x 4 grid
         moved = (vit.vit.patch_embed(images) != vit.vit.patch_embed(changed)).any(dim=-1)[0]
-        # Two 3x3 stride-2 convolutions: a token's receptive field is its 4 x 4 patch plus a
-        # border of 3 pixels on its top and left and 2 on its bottom and right (7 x 7 + 2), so the
-        # change reaches the patch's own token and its neighbours, never a token two patches away.
-        assert moved[1, 1]
-        assert not moved[3].any() and not moved[:, 3].any()
+        # Two 3x3 stride-2 convolutions: a token sees its patch and the 3 pixels above and left
+        # of it, so the patch reaches its own token and those below and right of it...
+        assert moved.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+        # ... unless it is masked: then no token sees its pixels.
+        mask = torch.zeros(1, 16, dtype=torch.bool)
+        mask[0, 1 * 4 + 1] = True
+        assert torch.equal(vit.embed(images, mask), vit.embed(changed, mask))
+        assert not torch.equal(vit.embed(images), vit.embed(changed))
 
     def test_conv_stem_needs_a_power_of_two_patch(self, tiny_config: Config) -> None:
         with pytest.raises(ValueError, match="model.stem=conv"):

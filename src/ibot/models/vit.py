@@ -27,7 +27,9 @@ def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
     linear patchify, which matters most when the budget is short. Channels double per stage and
     reach ``embed_dim / 2``; a 1x1 projection to ``embed_dim`` follows (timm's ``HybridEmbed``).
     No BatchNorm: the EMA teacher runs in eval mode and would never see its running statistics
-    follow the student's.
+    follow the student's. The convolutions overlap patch borders (a token sees its own patch and
+    the 3 pixel rows and columns above and left of it), so ``MaskedViT`` blanks masked patches'
+    pixels before the stem.
     """
     stages = patch_size.bit_length() - 1
     layers: list[nn.Module] = []
@@ -37,6 +39,10 @@ def conv_stem(patch_size: int, embed_dim: int) -> nn.Sequential:
         layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1), nn.GELU()]
         in_channels = out_channels
     return nn.Sequential(*layers)
+
+
+def _keep_pixels(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return images
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ class MaskedViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._run_blocks: Callable[[torch.Tensor], torch.Tensor] = self._plain_blocks
+        # A linear patchify keeps patches apart; the conv stem's receptive fields would let the
+        # tokens beside a masked patch see most of its pixels, and the student copy them.
+        self._hide_masked_pixels = self._zero_masked_pixels if stem == "conv" else _keep_pixels
 
     @staticmethod
     def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
@@ -113,10 +122,19 @@ class MaskedViT(nn.Module):
             if hasattr(module, "fused_attn"):
                 module.fused_attn = kind == "sdpa"
 
+    def _zero_masked_pixels(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked patches' pixels set to 0 (the mean colour: images are normalised)."""
+        b, _, h, w = images.shape
+        p = self.patch_size
+        pixels = mask.view(b, 1, h // p, 1, w // p, 1).expand(b, 1, h // p, p, w // p, p)
+        return images.masked_fill(pixels.reshape(b, 1, h, w), 0.0)
+
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """images (B, 3, H, W) -> tokens (B, 1 + N, D) with [mask] tokens and position embeddings."""
-        x = self.vit.patch_embed(images)  # (B, h, w, D)
-        if mask is not None:
+        if mask is None:
+            x = self.vit.patch_embed(images)  # (B, h, w, D)
+        else:
+            x = self.vit.patch_embed(self._hide_masked_pixels(images, mask))
             b, h, w, d = x.shape
             x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype), x)
         x = self.vit._pos_embed(x)  # (B, 1 + N, D): [cls] prepended, position embeddings resampled
