@@ -2,7 +2,8 @@
 
 The [mask] token replaces masked patch embeddings *before* position embeddings are added
 (iBOT, BEiT), so the student still knows where a masked patch sits. Position embeddings are
-resampled for any input size (local crops), by timm's ``dynamic_img_size``.
+resampled for any input size (local crops), by timm's ``dynamic_img_size``. The patch embedding
+is the ViT's linear patchify or, for short budgets and small images, a convolutional stem.
 """
 
 from __future__ import annotations
