@@ -80,6 +80,9 @@ class TestMaskedViT:
             MaskedViT("vit_pico", patch_size=6, img_size=18, stem="conv")
         with pytest.raises(ConfigError, match="model.stem"):
             replace(tiny_config.model, stem="resnet")
+        with pytest.raises(ConfigError, match="model.stem: conv needs a power-of-two"):
+            replace(tiny_config.model, stem="conv", patch_size=6)
+        assert replace(tiny_config.model, stem="conv", patch_size=8).stem == "conv"
 
     def test_depth_replaces_the_arch_block_count(self, tiny_config: Config) -> None:
         arch_depth = len(MaskedViT("vit_pico", 4, 16).vit.blocks)

@@ -139,6 +139,8 @@ class ModelConfig:
         _check(self.depth >= 0, "model.depth", "must be >= 0 (0 = the arch's depth)")
         _check(self.patch_size >= 1, "model.patch_size", "must be >= 1")
         _check(self.stem in ("patch", "conv"), "model.stem", "must be 'patch' or 'conv'")
+        power_of_two = self.patch_size >= 2 and not self.patch_size & (self.patch_size - 1)
+        _check(self.stem != "conv" or power_of_two, "model.stem", "conv needs a power-of-two model.patch_size >= 2")
         _check(self.out_dim >= 2, "model.out_dim", "must be >= 2")
         _check(self.head_layers >= 1, "model.head_layers", "must be >= 1")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
