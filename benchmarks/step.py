@@ -139,7 +139,13 @@ def make_batches(spec: Spec, device: str, count: int):  # type: ignore[no-untype
 
 
 def build_ibot_step(  # type: ignore[no-untyped-def]
-    spec: Spec, precision: str, device: str, attention: str, compile: bool = False, checkpointing: bool = False
+    spec: Spec,
+    precision: str,
+    device: str,
+    attention: str,
+    compile: bool = False,
+    checkpointing: bool = False,
+    residual: str = "auto",
 ):
     from ibot.config import load_config
     from ibot.method import IBOT
@@ -161,11 +167,13 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
             f"train.attention={attention}",
             "model.drop_path_rate=0.0",
             f"train.compile={compile}",
+            f"train.residual_precision={residual}",
         ],
     )
     run = Runtime.resolve(cfg.train)
     method = IBOT(cfg.model, cfg.loss, spec.global_size).to(run.device)
     method.set_attention(run.attention)
+    method.set_residual_dtype(run.residual_dtype)
     method.set_activation_checkpointing(checkpointing)
     if cfg.train.compile:
         method.compile_backbones()
@@ -182,11 +190,18 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
         clip_and_step(optimizer, scaler, clip_sets, 3.0, False)
         method.update_teacher(0.996)
 
-    return step, run.attention + (" +compile" if compile else "") + (" +ckpt" if checkpointing else "")
+    options = [run.attention] + (["bf16 residual"] if run.residual_dtype is torch.bfloat16 else [])
+    return step, " +".join(options + (["compile"] if compile else []) + (["ckpt"] if checkpointing else []))
 
 
 def build_lightly_step(  # type: ignore[no-untyped-def]
-    spec: Spec, precision: str, device: str, attention: str, compile: bool = False, checkpointing: bool = False
+    spec: Spec,
+    precision: str,
+    device: str,
+    attention: str,
+    compile: bool = False,
+    checkpointing: bool = False,
+    residual: str = "auto",
 ):
     """The iBOT step as lightly's example composes it from its modules (shared head, K prototypes)."""
     import copy
@@ -264,7 +279,9 @@ def worker(args: argparse.Namespace) -> None:
     spec = _spec(args.config, args.batch)
     rss_start = _rss_mb()
     build = build_ibot_step if args.impl == "ibot" else build_lightly_step
-    step, attention = build(spec, args.precision, args.device, args.attention, args.compile, args.checkpointing)
+    step, attention = build(
+        spec, args.precision, args.device, args.attention, args.compile, args.checkpointing, args.residual
+    )
     batches = make_batches(spec, args.device, args.warmup + args.steps)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -339,6 +356,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "explicit"], help="ibot only")
     parser.add_argument("--compile", action="store_true", help="ibot only: torch.compile the backbones")
     parser.add_argument("--checkpointing", action="store_true", help="ibot only: activation checkpointing")
+    parser.add_argument(
+        "--residual", default="auto", choices=["auto", "fp32", "amp"], help="ibot only: train.residual_precision"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=0, help="images per step for every config (default: its own)")
     parser.add_argument("--steps", type=int, default=5)
@@ -394,6 +414,8 @@ def main() -> None:
                         str(args.threads),
                         "--attention",
                         args.attention,
+                        "--residual",
+                        args.residual,
                     ]
                     + (["--compile"] if args.compile and impl == "ibot" else [])
                     + (["--checkpointing"] if args.checkpointing and impl == "ibot" else [])

@@ -48,6 +48,7 @@ class TestLoadConfig:
             ("mask.ratio=0.9", "mask.ratio"),
             ("data.global_crop_scale=[0.5]", "data.global_crop_scale"),
             ("train.precision=fp8", "train.precision"),
+            ("train.residual_precision=bf16", "train.residual_precision"),
             ("loss.patch_centering=softmax", "loss.patch_centering"),
         ],
     )

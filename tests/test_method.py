@@ -90,6 +90,39 @@ class TestMaskedViT:
         assert arch_depth == 2 and len(shallow.vit.blocks) == 1
         assert shallow(torch.randn(2, 3, 16, 16)).cls.shape == (2, 48)
 
+    def test_bf16_residual_stream_under_autocast_only(self) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT("vit_tiny", 4, 16, depth=2).eval()
+        images = torch.randn(2, 3, 16, 16)
+        seen: list[torch.dtype] = []
+        vit.vit.blocks[1].register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32_stream = vit(images).patches.float()
+            vit.set_residual_dtype(torch.bfloat16)
+            bf16_stream = vit(images).patches.float()
+        outside = vit(images).patches  # fp32 weights, no autocast: the stream must stay fp32
+        assert seen == [torch.float32, torch.bfloat16, torch.float32]
+        assert outside.dtype == torch.float32
+        assert not torch.equal(bf16_stream, fp32_stream)
+        torch.testing.assert_close(bf16_stream, fp32_stream, atol=0.1, rtol=0.05)
+
+    @pytest.mark.parametrize(
+        ("precision", "residual", "expected"),
+        [
+            ("bf16", "auto", torch.bfloat16),
+            ("fp32", "auto", None),
+            ("bf16", "fp32", None),
+            ("bf16", "amp", torch.bfloat16),
+        ],
+    )
+    def test_runtime_resolves_the_residual_dtype_on_cpu(
+        self, tiny_config: Config, precision: str, residual: str, expected: torch.dtype | None
+    ) -> None:
+        from ibot.train.runtime import Runtime
+
+        train = replace(tiny_config.train, device="cpu", precision=precision, residual_precision=residual)
+        assert Runtime.resolve(train).residual_dtype is expected
+
 
 class TestProjectionHead:
     def test_matmuls_see_padded_row_counts_and_padding_changes_nothing(self, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ ARCHS: dict[str, dict[str, int]] = {
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
+RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # bf16 where the hardware has it, else fp16+scaler (CUDA) or fp32
     attention: str = "auto"  # "sdpa", "explicit" or "auto" (per device and dtype)
+    # The blocks' residual stream in fp32 or in the autocast dtype ("amp"); "auto" = amp under
+    # CPU bf16, where it saves the casts around every matmul and half the stored activations.
+    residual_precision: str = "auto"
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     compile: bool = False  # torch.compile the backbones (one graph per crop resolution)
     activation_checkpointing: bool = False  # recompute student blocks in backward: less memory, ~1/3 more compute
@@ -227,6 +231,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(self.attention in ATTENTIONS, "train.attention", f"must be one of {ATTENTIONS}")
+        _check(
+            self.residual_precision in RESIDUAL_PRECISIONS,
+            "train.residual_precision",
+            f"must be one of {RESIDUAL_PRECISIONS}",
+        )
         _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

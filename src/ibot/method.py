@@ -148,6 +148,10 @@ class IBOT(nn.Module):
         for branch in (self.student, self.teacher):
             branch["backbone"].set_attention(kind)
 
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        for branch in (self.student, self.teacher):
+            branch["backbone"].set_residual_dtype(dtype)
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.student["backbone"].set_activation_checkpointing(enabled)
 

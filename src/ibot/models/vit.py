@@ -95,6 +95,7 @@ class MaskedViT(nn.Module):
         # A linear patchify keeps patches apart; the conv stem's receptive fields would let the
         # tokens beside a masked patch see most of its pixels, and the student copy them.
         self._hide_masked_pixels = self._zero_masked_pixels if stem == "conv" else _keep_pixels
+        self.residual_dtype: torch.dtype | None = None
 
     @staticmethod
     def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
@@ -116,6 +117,12 @@ class MaskedViT(nn.Module):
         for block in self.vit.blocks:
             x = checkpoint(block, x, use_reentrant=False) if torch.is_grad_enabled() else block(x)
         return x
+
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """Carry the tokens between blocks in ``dtype`` (e.g. bf16) while autocast is on; None =
+        as the embedding makes them (fp32). Under CPU autocast, LayerNorm keeps a bf16 input in
+        bf16 and every add stays bf16, so the blocks then run without fp32 <-> bf16 copies."""
+        self.residual_dtype = dtype
 
     def set_attention(self, kind: str) -> None:
         """ "sdpa": fused ``scaled_dot_product_attention``; "explicit": softmax(q k^T) v."""
@@ -139,7 +146,11 @@ class MaskedViT(nn.Module):
             b, h, w, d = x.shape
             x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype), x)
         x = self.vit._pos_embed(x)  # (B, 1 + N, D): [cls] prepended, position embeddings resampled
-        return self.vit.norm_pre(x)
+        x = self.vit.norm_pre(x)
+        # Only under autocast: outside it the fp32 weights would meet bf16 tokens.
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.residual_dtype)
+        return x
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
         x = self._run_blocks(self.embed(images, mask))

@@ -121,6 +121,7 @@ class _Trainee:
 def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
     method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim).to(run.device)
     method.set_attention(run.attention)
+    method.set_residual_dtype(run.residual_dtype)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         method.compile_backbones()
@@ -234,13 +235,14 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
     schedules = Schedules(cfg, plan)
     if env.is_main:
         logger.info(
-            "%d images, %s, %d process(es), device %s, precision %s, attention %s",
+            "%d images, %s, %d process(es), device %s, precision %s, attention %s, residual stream %s",
             len(dataset),
             plan,
             env.world_size,
             run.device,
             run.precision,
             run.attention,
+            str(run.residual_dtype or torch.float32).removeprefix("torch."),
         )
     metrics = MetricsLogger(out) if env.is_main else None
     monitor_every = cfg.eval.monitor_every_minutes
