@@ -60,8 +60,8 @@ class Runtime:
             attention = "explicit" if device.type == "cpu" and amp_dtype is torch.bfloat16 else "sdpa"
         residual = cfg.residual_precision
         if residual == "auto":
-            # Measured on the same CPU: a bf16 residual stream makes the bf16 step 4-14 % faster
-            # and its peak memory 7-12 % lower (benchmarks/step.py); not measured on GPUs yet.
+            # Measured on a 2-core AVX512-BF16 CPU (benchmarks/step.py): the bf16 step up to
+            # 14 % faster and its peak memory 6-12 % lower; not measured on GPUs yet.
             residual = "amp" if device.type == "cpu" and amp_dtype is torch.bfloat16 else "fp32"
         residual_dtype = amp_dtype if residual == "amp" else None
         if device.type == "cuda" and device.index is not None:
