@@ -45,6 +45,18 @@ CONFIGS = {
     "A": Spec("vit_tiny", 4, 32, 16, 6, 64, 8192),
     "B": Spec("vit_small", 16, 224, 96, 10, 8, 8192),
 }
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """This package's step options (the lightly-built step takes them and ignores them)."""
+
+    attention: str = "auto"
+    compile: bool = False
+    checkpointing: bool = False
+    residual: str = "auto"  # train.residual_precision
+
+
 DIMS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
 
@@ -139,13 +151,7 @@ def make_batches(spec: Spec, device: str, count: int):  # type: ignore[no-untype
 
 
 def build_ibot_step(  # type: ignore[no-untyped-def]
-    spec: Spec,
-    precision: str,
-    device: str,
-    attention: str,
-    compile: bool = False,
-    checkpointing: bool = False,
-    residual: str = "auto",
+    spec: Spec, precision: str, device: str, options: StepOptions
 ):
     from ibot.config import load_config
     from ibot.method import IBOT
@@ -164,17 +170,17 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
             f"data.batch_size={spec.batch}",
             f"train.precision={precision}",
             f"train.device={device}",
-            f"train.attention={attention}",
+            f"train.attention={options.attention}",
             "model.drop_path_rate=0.0",
-            f"train.compile={compile}",
-            f"train.residual_precision={residual}",
+            f"train.compile={options.compile}",
+            f"train.residual_precision={options.residual}",
         ],
     )
     run = Runtime.resolve(cfg.train)
     method = IBOT(cfg.model, cfg.loss, spec.global_size).to(run.device)
     method.set_attention(run.attention)
     method.set_residual_dtype(run.residual_dtype)
-    method.set_activation_checkpointing(checkpointing)
+    method.set_activation_checkpointing(options.checkpointing)
     if cfg.train.compile:
         method.compile_backbones()
     method.train()
@@ -190,18 +196,13 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
         clip_and_step(optimizer, scaler, clip_sets, 3.0, False)
         method.update_teacher(0.996)
 
-    options = [run.attention] + (["bf16 residual"] if run.residual_dtype is torch.bfloat16 else [])
-    return step, " +".join(options + (["compile"] if compile else []) + (["ckpt"] if checkpointing else []))
+    labels = [run.attention] + (["bf16 residual"] if run.residual_dtype is torch.bfloat16 else [])
+    labels += (["compile"] if options.compile else []) + (["ckpt"] if options.checkpointing else [])
+    return step, " +".join(labels)
 
 
 def build_lightly_step(  # type: ignore[no-untyped-def]
-    spec: Spec,
-    precision: str,
-    device: str,
-    attention: str,
-    compile: bool = False,
-    checkpointing: bool = False,
-    residual: str = "auto",
+    spec: Spec, precision: str, device: str, options: StepOptions
 ):
     """The iBOT step as lightly's example composes it from its modules (shared head, K prototypes)."""
     import copy
@@ -279,9 +280,8 @@ def worker(args: argparse.Namespace) -> None:
     spec = _spec(args.config, args.batch)
     rss_start = _rss_mb()
     build = build_ibot_step if args.impl == "ibot" else build_lightly_step
-    step, attention = build(
-        spec, args.precision, args.device, args.attention, args.compile, args.checkpointing, args.residual
-    )
+    options = StepOptions(args.attention, args.compile, args.checkpointing, args.residual)
+    step, attention = build(spec, args.precision, args.device, options)
     batches = make_batches(spec, args.device, args.warmup + args.steps)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
