@@ -178,8 +178,7 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
     )
     run = Runtime.resolve(cfg.train)
     method = IBOT(cfg.model, cfg.loss, spec.global_size).to(run.device)
-    method.set_attention(run.attention)
-    method.set_residual_dtype(run.residual_dtype)
+    method.use_runtime(run)
     method.set_activation_checkpointing(options.checkpointing)
     if cfg.train.compile:
         method.compile_backbones()

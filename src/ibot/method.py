@@ -24,6 +24,7 @@ from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, 
 from ibot.losses.patch_targets import gather_patches
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
+from ibot.train.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,12 @@ class IBOT(nn.Module):
         self.teacher.train(False)
         return self
 
-    def set_attention(self, kind: str) -> None:
+    def use_runtime(self, run: Runtime) -> None:
+        """Both backbones take the run's attention path and residual-stream dtype (one place, so
+        the training loop and the step benchmark cannot set the model up differently)."""
         for branch in (self.student, self.teacher):
-            branch["backbone"].set_attention(kind)
-
-    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
-        for branch in (self.student, self.teacher):
-            branch["backbone"].set_residual_dtype(dtype)
+            branch["backbone"].set_attention(run.attention)
+            branch["backbone"].set_residual_dtype(run.residual_dtype)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.student["backbone"].set_activation_checkpointing(enabled)

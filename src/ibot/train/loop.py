@@ -120,8 +120,7 @@ class _Trainee:
 
 def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
     method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim).to(run.device)
-    method.set_attention(run.attention)
-    method.set_residual_dtype(run.residual_dtype)
+    method.use_runtime(run)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         method.compile_backbones()
