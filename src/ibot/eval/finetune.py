@@ -121,7 +121,9 @@ def finetune(
     num_classes = max(labels) + 1
     model = Classifier(backbone.requires_grad_(True), num_classes).to(runtime.device)
     lr = settings.lr * settings.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, lr, settings.weight_decay, settings.layer_decay))
+    # fused: one pass per tensor on CPU and CUDA (see ibot.train.optim.build_optimizer)
+    fused = runtime.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, lr, settings.weight_decay, settings.layer_decay), fused=fused)
     loader = DataLoader(
         train_set,
         batch_size=settings.batch_size,
