@@ -23,6 +23,7 @@ from ibot.data.loaders import build_dataset
 from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, collate_eval
 from ibot.models.vit import MaskedViT
+from ibot.train.optim import adamw
 from ibot.train.runtime import Runtime
 
 
@@ -121,9 +122,7 @@ def finetune(
     num_classes = max(labels) + 1
     model = Classifier(backbone.requires_grad_(True), num_classes).to(runtime.device)
     lr = settings.lr * settings.batch_size / 256
-    # fused: one pass per tensor on CPU and CUDA (see ibot.train.optim.build_optimizer)
-    fused = runtime.device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(param_groups(model, lr, settings.weight_decay, settings.layer_decay), fused=fused)
+    optimizer = adamw(param_groups(model, lr, settings.weight_decay, settings.layer_decay), runtime.device)
     loader = DataLoader(
         train_set,
         batch_size=settings.batch_size,

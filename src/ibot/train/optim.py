@@ -1,6 +1,8 @@
-"""AdamW over the student's parameter groups, and the per-step optimiser update."""
+"""AdamW (fused where PyTorch has the kernel) for pre-training and fine-tuning, and the per-step optimiser update."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,17 +12,20 @@ from ibot.config import OptimConfig
 from ibot.method import IBOT
 
 
-def build_optimizer(method: IBOT, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused where PyTorch has the kernel (CPU, CUDA), else multi-tensor; lr and wd are set every step.
+def adamw(param_groups: list[dict[str, Any]], device: torch.device, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW, fused where PyTorch has the kernel (CPU, CUDA), else multi-tensor.
 
     The fused kernel updates each tensor in one pass: on the CPU it is several times faster than
     the multi-tensor path and does not allocate a parameter-sized temporary (the foreach path's
     ``sqrt(exp_avg_sq)``), which is part of the step's peak memory.
     """
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(
-        method.param_groups(), lr=0.0, betas=cfg.betas, weight_decay=0.0, foreach=not fused, fused=fused
-    )
+    return torch.optim.AdamW(param_groups, foreach=not fused, fused=fused, **kwargs)
+
+
+def build_optimizer(method: IBOT, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """Pre-training's AdamW over the student's groups; lr and wd are set every step."""
+    return adamw(method.param_groups(), device, lr=0.0, betas=cfg.betas, weight_decay=0.0)
 
 
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
