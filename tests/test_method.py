@@ -75,6 +75,24 @@ class TestMaskedViT:
         assert torch.equal(vit.embed(images, mask), vit.embed(changed, mask))
         assert not torch.equal(vit.embed(images), vit.embed(changed))
 
+    def test_deeper_conv_stem_sees_further_and_still_hides_masked_pixels(self) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT("vit_pico", patch_size=4, img_size=32, stem="conv", stem_convs_per_stage=2)
+        convs = [m for m in vit.vit.patch_embed.backbone if isinstance(m, torch.nn.Conv2d)]
+        assert [c.stride for c in convs] == [(2, 2), (1, 1), (2, 2), (1, 1)]
+        assert convs[-1].out_channels == 24  # half the width; the 1x1 projection makes it 48
+        images = torch.randn(1, 3, 32, 32)
+        changed = images.clone()
+        changed[..., 4:8, 4:8] += 1.0  # the patch at row 1, column 1 of the 8 x 8 grid
+        moved = (vit.vit.patch_embed(images) != vit.vit.patch_embed(changed)).any(dim=-1)[0]
+        # With a stride-1 convolution after each strided one a token sees 9 pixels beyond its
+        # patch on every side (3 above and left with one per stage): the patch reaches tokens
+        # 0-4 in both directions.
+        assert moved.nonzero().tolist() == [[r, c] for r in range(5) for c in range(5)]
+        mask = torch.zeros(1, 64, dtype=torch.bool)
+        mask[0, 1 * 8 + 1] = True
+        assert torch.equal(vit.embed(images, mask), vit.embed(changed, mask))
+
     def test_conv_stem_needs_a_power_of_two_patch(self, tiny_config: Config) -> None:
         with pytest.raises(ValueError, match="model.stem=conv"):
             MaskedViT("vit_pico", patch_size=6, img_size=18, stem="conv")
@@ -83,6 +101,8 @@ class TestMaskedViT:
         with pytest.raises(ConfigError, match="model.stem: conv needs a power-of-two"):
             replace(tiny_config.model, stem="conv", patch_size=6)
         assert replace(tiny_config.model, stem="conv", patch_size=8).stem == "conv"
+        with pytest.raises(ConfigError, match="model.stem_convs_per_stage"):
+            replace(tiny_config.model, stem_convs_per_stage=0)
 
     def test_depth_replaces_the_arch_block_count(self, tiny_config: Config) -> None:
         arch_depth = len(MaskedViT("vit_pico", 4, 16).vit.blocks)

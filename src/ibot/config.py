@@ -126,6 +126,7 @@ class ModelConfig:
     depth: int = 0  # blocks; 0 = the arch's (a shallower ViT makes more steps in a short budget)
     patch_size: int = 16
     stem: str = "patch"  # "patch" (linear patchify) or "conv" (3x3 stride-2 convolutions)
+    stem_convs_per_stage: int = 1  # conv stem: 3x3 convolutions per stride-2 stage (extra ones stride 1)
     drop_path_rate: float = 0.1  # stochastic depth, linear ramp over the blocks (iBOT)
     efficient_drop_path: bool = True  # run dropped residual branches on kept samples only
     out_dim: int = 8192  # K prototypes
@@ -142,6 +143,7 @@ class ModelConfig:
         _check(self.stem in ("patch", "conv"), "model.stem", "must be 'patch' or 'conv'")
         power_of_two = self.patch_size >= 2 and not self.patch_size & (self.patch_size - 1)
         _check(self.stem != "conv" or power_of_two, "model.stem", "conv needs a power-of-two model.patch_size >= 2")
+        _check(self.stem_convs_per_stage >= 1, "model.stem_convs_per_stage", "must be >= 1")
         _check(self.out_dim >= 2, "model.out_dim", "must be >= 2")
         _check(self.head_layers >= 1, "model.head_layers", "must be >= 1")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
