@@ -29,7 +29,8 @@ def conv_stem(patch_size: int, embed_dim: int, convs_per_stage: int = 1) -> nn.S
     reach ``embed_dim / 2``; a 1x1 projection to ``embed_dim`` follows (timm's ``HybridEmbed``).
     No BatchNorm: the EMA teacher runs in eval mode and would never see its running statistics
     follow the student's. ``convs_per_stage`` > 1 adds 3x3 stride-1 convolutions after each
-    strided one (a deeper stem, more of a CNN's locality prior, at a few % of the ViT's FLOPs).
+    strided one (a deeper stem, more of a CNN's locality prior, at a few % of the ViT's FLOPs;
+    it lost 4-7 k-NN points in CIFAR-10's 20-minute pilots, docs/cifar10.md, session 11).
     The convolutions overlap patch borders (with one per stage a token sees its own patch and
     the 3 pixel rows and columns above and left of it), so ``MaskedViT`` blanks masked patches'
     pixels before the stem.
