@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from timm.layers import Mlp
 
 import ibot.models.heads
 from ibot.config import Config
@@ -11,6 +12,7 @@ from ibot.data.collate import Batch
 from ibot.errors import ConfigError
 from ibot.method import IBOT
 from ibot.models.heads import ProjectionHead
+from ibot.models.local_mlp import DepthwiseConvMlp
 from ibot.models.vit import MaskedViT
 
 
@@ -92,6 +94,30 @@ class TestMaskedViT:
         mask = torch.zeros(1, 64, dtype=torch.bool)
         mask[0, 1 * 8 + 1] = True
         assert torch.equal(vit.embed(images, mask), vit.embed(changed, mask))
+
+    def test_mlp_dwconv_mixes_grid_neighbours_and_leaves_cls_alone(self, tiny_config: Config) -> None:
+        torch.manual_seed(0)
+        vit = MaskedViT.from_config(replace(tiny_config.model, arch="vit_pico", mlp_dwconv=True), 16)
+        mlp = vit.vit.blocks[0].mlp
+        assert isinstance(mlp, DepthwiseConvMlp)
+        tokens = torch.randn(1, 1 + 16, vit.embed_dim)
+        changed = tokens.clone()
+        changed[0, 1 + 1 * 4 + 1] += 1.0  # the patch at row 1, column 1 of the 4 x 4 grid
+        moved = (mlp(tokens) != mlp(changed)).any(dim=-1)[0]
+        # The [cls] token skips the convolution; a patch reaches its 3 x 3 neighbourhood.
+        assert not moved[0]
+        assert [divmod(i, 4) for i in moved[1:].nonzero().flatten().tolist()] == [
+            (r, c) for r in range(3) for c in range(3)
+        ]
+        # With the convolution zeroed the block's MLP is timm's: the branch is residual.
+        plain = Mlp(vit.embed_dim, mlp.fc1.out_features)
+        plain.load_state_dict({k: v for k, v in mlp.state_dict().items() if not k.startswith("dwconv")})
+        torch.nn.init.zeros_(mlp.dwconv.weight)
+        torch.nn.init.zeros_(mlp.dwconv.bias)
+        assert torch.allclose(mlp(tokens), plain(tokens))
+        assert vit(torch.randn(2, 3, 8, 8)).patches.shape == (2, 4, vit.embed_dim)  # a 2 x 2 local crop
+        with pytest.raises(ValueError, match="model.mlp_dwconv needs a square patch grid"):
+            vit(torch.randn(1, 3, 16, 8))
 
     def test_conv_stem_needs_a_power_of_two_patch(self, tiny_config: Config) -> None:
         with pytest.raises(ValueError, match="model.stem=conv"):

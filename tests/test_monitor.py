@@ -49,6 +49,23 @@ def test_monitor_scores_a_separable_folder_perfectly(tmp_path: Path) -> None:
     assert backbone.training  # the monitor restores the mode it found
 
 
+def test_monitor_evaluates_at_eval_image_size(tmp_path: Path) -> None:
+    # Pre-trained on 16 px global crops, evaluated on 32 px images: the position embeddings are
+    # resampled to the larger grid, and the separable folder is still scored perfectly.
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=12, size=32)
+    cfg = _monitored(
+        folder, tmp_path, "eval.monitor_train_images=16", "eval.monitor_test_images=8", "eval.image_size=32"
+    )
+    assert cfg.data.global_crop_size == 16 and cfg.eval_image_size == 32
+    monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
+    assert monitor.train_images.shape == (16, 3, 32, 32)
+    torch.manual_seed(0)
+    assert monitor(MaskedViT("vit_pico", 4, 16))["knn_top1"] == pytest.approx(100.0)
+    assert replace(cfg, eval=replace(cfg.eval, image_size=0)).eval_image_size == 16  # 0: the crop's
+    with pytest.raises(ConfigError, match="eval.image_size"):
+        replace(cfg.eval, image_size=-1)
+
+
 def test_monitor_subset_is_fixed(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "imgs", classes=3, per_class=10)
     cfg = _monitored(folder, tmp_path, "eval.monitor_train_images=7", "eval.monitor_test_images=5")

@@ -127,6 +127,7 @@ class ModelConfig:
     patch_size: int = 16
     stem: str = "patch"  # "patch" (linear patchify) or "conv" (3x3 stride-2 convolutions)
     stem_convs_per_stage: int = 1  # conv stem: 3x3 convolutions per stride-2 stage (extra ones stride 1)
+    mlp_dwconv: bool = False  # a 3x3 depthwise convolution over the patch grid in each block's MLP (LocalViT)
     drop_path_rate: float = 0.1  # stochastic depth, linear ramp over the blocks (iBOT)
     efficient_drop_path: bool = True  # run dropped residual branches on kept samples only
     out_dim: int = 8192  # K prototypes
@@ -251,6 +252,9 @@ class EvalConfig:
     train_path: str = ""  # labelled image folders for ``ibot eval`` (command-line paths win)
     test_path: str = ""
     crop_ratio: float = 0.875  # resize to size / crop_ratio, centre-crop size (1.0: plain resize)
+    # Side of the evaluation images; 0 = data.global_crop_size. A model pre-trained on smaller
+    # global crops than the images it will see (more steps per hour) is evaluated at full size.
+    image_size: int = 0
     knn_k: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
     batch_size: int = 256
@@ -282,6 +286,7 @@ class EvalConfig:
         for key in ("monitor_train_images", "monitor_test_images", "monitor_k"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
+        _check(self.image_size >= 0, "eval.image_size", "must be >= 0 (0 = data.global_crop_size)")
         _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
         _check(len(self.probes) > 0 and len(self.probe_lrs) > 0, "eval.probes", "needs probes and probe_lrs")
         _check(all(lr > 0 for lr in self.probe_lrs), "eval.probe_lrs", "every lr must be > 0")
@@ -330,6 +335,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+    @property
+    def eval_image_size(self) -> int:
+        """Side of the images every evaluation (k-NN monitor included) feeds the backbone."""
+        return self.eval.image_size or self.data.global_crop_size
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def collate_eval(items: list[Sample | str]) -> tuple[torch.Tensor, torch.Tensor,
 
 def build_eval_dataset(folder: str, cfg: Config) -> Dataset:
     """``folder`` (or shards) under the DINO evaluation transform of ``cfg``."""
-    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     return build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
 
 
@@ -182,7 +182,7 @@ def _cache_key(
         "folder": str(path),
         "size": size,
         "mtime": path.stat().st_mtime_ns,
-        "image_size": cfg.data.global_crop_size,
+        "image_size": cfg.eval_image_size,
         "crop_ratio": cfg.eval.crop_ratio,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),

@@ -77,7 +77,7 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
 
 
 def _train_transform(cfg: Config) -> T.Compose:
-    size = cfg.data.global_crop_size
+    size = cfg.eval_image_size
     return T.Compose(
         [
             T.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=T.InterpolationMode.BICUBIC),

@@ -86,7 +86,7 @@ def corruption_benchmark(
 ) -> RobustnessResult:
     """``probe`` (trained on clean features of ``n_last`` blocks) on ``count`` corrupted test images."""
     arrays, labels = _load_subset(test_folder, count, cfg, seed)
-    transform = build_eval_transform(cfg.data.global_crop_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     backbone = backbone.to(runtime.device).eval()
 
     def prepared(images: list[np.ndarray]) -> torch.Tensor:

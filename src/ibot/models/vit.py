@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from timm.layers import HybridEmbed
+from timm.layers import HybridEmbed, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ibot.config import ARCHS, ModelConfig
 from ibot.models.drop_path import SubsetDropPathBlock
+from ibot.models.local_mlp import DepthwiseConvMlp
 
 
 def conv_stem(patch_size: int, embed_dim: int, convs_per_stage: int = 1) -> nn.Sequential:
@@ -71,9 +72,11 @@ class MaskedViT(nn.Module):
         depth: int = 0,
         stem: str = "patch",
         stem_convs_per_stage: int = 1,
+        mlp_dwconv: bool = False,
     ) -> None:
         """``depth`` > 0 replaces the number of blocks of ``arch``; ``stem`` is "patch" (a linear
-        patchify, the ViT's) or "conv" (``conv_stem``, for power-of-two patch sizes >= 2)."""
+        patchify, the ViT's) or "conv" (``conv_stem``, for power-of-two patch sizes >= 2);
+        ``mlp_dwconv`` gives each block's MLP a depthwise convolution (``DepthwiseConvMlp``)."""
         super().__init__()
         shape = ARCHS[arch] | ({"depth": depth} if depth else {})
         if stem == "conv":
@@ -90,6 +93,7 @@ class MaskedViT(nn.Module):
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
             block_fn=SubsetDropPathBlock if efficient_drop_path else Block,
+            mlp_layer=DepthwiseConvMlp if mlp_dwconv else Mlp,
             **shape,
         )
         self.embed_dim: int = self.vit.embed_dim
@@ -113,6 +117,7 @@ class MaskedViT(nn.Module):
             cfg.depth,
             cfg.stem,
             cfg.stem_convs_per_stage,
+            cfg.mlp_dwconv,
         )
 
     def no_weight_decay(self) -> set[str]:
