@@ -112,12 +112,12 @@ class MaskedViT(nn.Module):
             cfg.arch,
             cfg.patch_size,
             img_size,
-            cfg.drop_path_rate,
-            cfg.efficient_drop_path,
-            cfg.depth,
-            cfg.stem,
-            cfg.stem_convs_per_stage,
-            cfg.mlp_dwconv,
+            drop_path_rate=cfg.drop_path_rate,
+            efficient_drop_path=cfg.efficient_drop_path,
+            depth=cfg.depth,
+            stem=cfg.stem,
+            stem_convs_per_stage=cfg.stem_convs_per_stage,
+            mlp_dwconv=cfg.mlp_dwconv,
         )
 
     def no_weight_decay(self) -> set[str]:
