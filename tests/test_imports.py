@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
 import ibot
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(ibot.__path__, prefix="ibot."))
+# ``ibot.__main__`` runs the command line when imported: it is checked through ``python -m ibot``.
+MODULES = sorted(m.name for m in pkgutil.walk_packages(ibot.__path__, prefix="ibot.") if m.name != "ibot.__main__")
 
 
 def test_the_package_has_its_modules() -> None:
@@ -20,3 +23,8 @@ def test_the_package_has_its_modules() -> None:
 @pytest.mark.parametrize("name", MODULES)
 def test_module_imports(name: str) -> None:
     importlib.import_module(name)
+
+
+def test_python_m_ibot_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "ibot", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "pretrain" in done.stdout

@@ -21,7 +21,7 @@ import yaml
 
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
-from ibot.train.checkpoint import CHECKPOINT_NAME, atomic_write
+from ibot.train.checkpoint import CheckpointStore, atomic_write
 
 RESULT_NAME = "ablation_result.json"
 MONITOR_KEYS = ("cls_teacher_entropy", "patch_teacher_entropy", "patch_prototypes_used", "patch_perplexity")
@@ -116,7 +116,7 @@ def run_ablation(
         if result_path.is_file():
             rows.append(json.loads(result_path.read_text()))
             continue
-        result = train(cfg, resume=(run_dir / CHECKPOINT_NAME).is_file(), progress=progress)
+        result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress)
         if monitor is None:  # decoded once, shared by every run (same eval.* for all)
             monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
         row = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _pretrain_config(args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.stopped_by:
+        logger.info(
+            "stopped by %s at step %d/%d; checkpoint in %s. Resume with: %s",
+            result.stopped_by,
+            result.step,
+            result.total_steps,
+            result.output_dir,
+            _resume_command(args),
+        )
+        return 0
     logger.info(
         "done: step %d/%d, loss %.4f, %.1f images/s, weights in %s",
         result.step,
@@ -65,6 +76,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if result.skipped_images:
         logger.info("skipped %d unreadable images", result.skipped_images)
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The ``ibot pretrain`` command line that continues this run."""
+    words = ["ibot", "pretrain", "--config", args.config]
+    if args.output_dir:
+        words += ["--output-dir", args.output_dir]
+    if args.budget:
+        words += ["--budget", f"{args.budget:g}m"]
+    return shlex.join([*words, *args.overrides, "--resume"])
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

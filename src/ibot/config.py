@@ -230,6 +230,10 @@ class TrainConfig:
     # optim.epochs, and the run ends when it is spent (``--budget 60m``); 0 = use optim.epochs.
     budget_minutes: float = 0
     max_steps: int = 0  # stop (with a checkpoint) at this step, schedules unchanged; 0 = no limit
+    keep_checkpoints: int = 2  # step checkpoints kept in output_dir (checkpoint.pt links the newest)
+    # Non-finite losses whose update is skipped (each logged) before the run stops; > 0 checks the
+    # loss at every step (a host sync), 0 only at log and checkpoint steps.
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
@@ -243,6 +247,8 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.budget_minutes >= 0, "train.budget_minutes", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -17,3 +17,7 @@ class DataError(IBOTError):
 
 class NonFiniteLossError(IBOTError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+class CheckpointWriteError(IBOTError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""

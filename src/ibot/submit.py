@@ -1,6 +1,6 @@
 """SLURM submission through submitit: one task per GPU, the process group from the job's environment.
 
-The job trains with ``resume=True``: when SLURM preempts it or its time runs out, submitit
+The job trains with ``resume="auto"``: when SLURM preempts it or its time runs out, submitit
 requeues it and it continues from the last checkpoint of ``train.output_dir``. ``local=True``
 runs the same job script as processes of this machine (submitit's local executor), to try a
 submission without a cluster.
@@ -58,7 +58,7 @@ class PretrainJob:
             MASTER_ADDR="127.0.0.1" if job.num_nodes == 1 else job.hostnames[0],
             MASTER_PORT=str(20000 + int(str(job.job_id).split("_")[0]) % 20000),
         )
-        return train(config_from_dict(self.config), resume=True, progress=False)
+        return train(config_from_dict(self.config), resume="auto", progress=False)
 
     def checkpoint(self) -> Any:
         """Called by submitit before a requeue: the same job, which resumes from its checkpoint."""

@@ -58,6 +58,15 @@ def broadcast_values(values: list[float], env: DistEnv) -> list[float]:
     return tensor.tolist()
 
 
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when ``flag`` is True on any (a stop request that some ranks received)."""
+    if not env.enabled:
+        return flag
+    tensor = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

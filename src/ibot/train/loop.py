@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -16,24 +19,33 @@ from tqdm import tqdm
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
-from ibot.errors import ConfigError, NonFiniteLossError
+from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
 from ibot.eval.monitor import KNNMonitor
 from ibot.method import IBOT, LossOutput
+from ibot.train.cadence import END, SIGNAL, Actions, Cadence
 from ibot.train.checkpoint import (
-    CHECKPOINT_NAME,
     TEACHER_NAME,
-    load_checkpoint,
+    CheckpointStore,
+    remove_debris,
     rng_state,
     save_backbone,
-    save_checkpoint,
     set_rng_state,
     sub_state_dict,
 )
-from ibot.train.distributed import DistEnv, all_reduce_mean, barrier, broadcast_values, init_distributed, shutdown
+from ibot.train.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    broadcast_values,
+    init_distributed,
+    shutdown,
+)
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
 from ibot.train.runtime import Runtime
 from ibot.train.schedules import Schedules, budget_total_steps
+from ibot.train.signals import StopRequests
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +60,8 @@ class RunResult:
     skipped_images: int
     train_minutes: float  # wall time of the training steps, k-NN monitor excluded
     knn_top1: float | None  # last k-NN monitor value (None without the monitor)
+    stopped_by: str = ""  # the signal that stopped the run early ("SIGTERM"), "" otherwise
+    skipped_steps: int = 0  # steps whose loss was not finite and whose update was skipped
 
 
 class TrainClock:
@@ -92,12 +106,20 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path}: checkpoint was trained with a different model config; start a new output_dir")
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult:
+Resume = bool | Literal["auto"]
+
+
+def train(cfg: Config, resume: Resume = False, progress: bool = True) -> RunResult:
     """Pre-train with iBOT for ``optim.epochs`` or ``train.budget_minutes`` (or until ``train.max_minutes``).
 
-    Under torchrun every process runs this; gradients are averaged by DDP, the centers are
-    all-reduced, and rank 0 alone writes metrics and checkpoints.
+    ``resume``: True continues from the newest checkpoint in ``train.output_dir`` (an error if
+    there is none); "auto" continues when there is one (submitit's requeues); False starts a new
+    run (an error if the folder holds checkpoints of another). A worker that torchrun restarts
+    (``--max-restarts``) resumes "auto". Under torchrun every process runs this; gradients are
+    averaged by DDP, the centers are all-reduced, and rank 0 alone writes metrics and checkpoints.
     """
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"
     run = Runtime.resolve(cfg.train)
     env = init_distributed(run.device.type)
     try:
@@ -145,9 +167,21 @@ def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
     )
 
 
-def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> tuple[int, float]:
-    """Load everything from ``path``; returns the step to continue from and the training minutes so far."""
-    state = load_checkpoint(path, "cpu" if t.sharded else run.device)
+def _start(
+    t: _Trainee, store: CheckpointStore, cfg: Config, run: Runtime, env: DistEnv, resume: Resume
+) -> tuple[int, float]:
+    """Load the newest checkpoint when resuming; returns the step to continue from and the training minutes so far."""
+    found = store.load_newest("cpu" if t.sharded else run.device, set_aside=env.is_main) if resume else None
+    if found is None:
+        if resume is True:
+            raise DataError(f"{store.folder}: no checkpoint to resume from; start without --resume")
+        if not resume and store.paths():
+            raise ConfigError(
+                f"train.output_dir: {store.folder} holds checkpoints of an earlier run; "
+                "continue it with --resume or choose another folder"
+            )
+        return 0, 0.0
+    state, path = found
     _check_resume_config(state["config"], cfg, path)
     saved_sharded = state.get("optimizer_keys") == "names"
     if saved_sharded != t.sharded:
@@ -163,40 +197,55 @@ def _resume(t: _Trainee, path: Path, cfg: Config, run: Runtime) -> tuple[int, fl
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    logger.info("resumed from %s at step %d", path, state["step"])
+    if env.is_main:
+        logger.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"]), float(state.get("train_minutes", 0.0))
 
 
-def _save(t: _Trainee, out: Path, step: int, train_minutes: float, cfg: Config, plan: RunPlan, env: DistEnv) -> None:
-    """Rank 0 writes the checkpoint and the teacher; under FSDP every rank first helps to gather them."""
+def _save(
+    t: _Trainee, store: CheckpointStore, step: int, minutes: float, cfg: Config, plan: RunPlan, env: DistEnv
+) -> None:
+    """Rank 0 writes the checkpoint and the teacher (under FSDP every rank first helps to gather them);
+    every rank raises ``CheckpointWriteError`` if that failed."""
     if t.sharded:
         from ibot.train.sharding import full_state_dicts
 
         method_state, optimizer_state = full_state_dicts(t.method, t.optimizer)
     elif env.is_main:
         method_state, optimizer_state = t.method.state_dict(), t.optimizer.state_dict()
-    if not env.is_main:
-        return
-    state = {
-        "method": method_state,
-        "optimizer": optimizer_state,
-        # FSDP's full optimizer state is keyed by parameter names, a plain one by indices.
-        "optimizer_keys": "names" if t.sharded else "indices",
-        "scaler": t.scaler.state_dict() if t.scaler is not None else {},
-        "step": step,
-        "train_minutes": train_minutes,
-        "rng": rng_state(),
-        "config": cfg.to_dict(),
-        "plan": asdict(plan),
-    }
-    save_checkpoint(out / CHECKPOINT_NAME, state)
-    save_backbone(out / TEACHER_NAME, sub_state_dict(method_state, "teacher.backbone."), cfg.to_dict())
+    error = ""
+    if env.is_main:
+        state = {
+            "method": method_state,
+            "optimizer": optimizer_state,
+            # FSDP's full optimizer state is keyed by parameter names, a plain one by indices.
+            "optimizer_keys": "names" if t.sharded else "indices",
+            "scaler": t.scaler.state_dict() if t.scaler is not None else {},
+            "step": step,
+            "train_minutes": minutes,
+            "rng": rng_state(),
+            "config": cfg.to_dict(),
+            "plan": asdict(plan),
+        }
+        try:
+            store.save(state, step)
+            teacher = sub_state_dict(method_state, "teacher.backbone.")
+            save_backbone(store.folder / TEACHER_NAME, teacher, cfg.to_dict(), step)
+        except CheckpointWriteError as exc:
+            error = str(exc)
+    (failed,) = broadcast_values([float(bool(error))], env)  # also the barrier after the write
+    if failed:
+        raise CheckpointWriteError(error or f"step {step}: rank 0 could not write the checkpoint (see its log)")
 
 
 def _train_step(
-    t: _Trainee, batch: Batch, step: int, schedules: Schedules, run: Runtime, clip_grad: float, monitors: bool
-) -> tuple[LossOutput, dict[str, float], torch.Tensor | None]:
-    """One optimisation step at ``step``: loss, backward, clip, AdamW, teacher EMA (+ collapse monitors)."""
+    t: _Trainee, batch: Batch, step: int, schedules: Schedules, run: Runtime, cfg: Config, env: DistEnv, monitors: bool
+) -> tuple[LossOutput, dict[str, float], torch.Tensor | None, bool]:
+    """One optimisation step at ``step``: loss, backward, clip, AdamW, teacher EMA (+ collapse monitors).
+
+    With ``train.skip_nonfinite_steps`` the loss is checked at every step (a host sync) and a
+    non-finite one skips the update; returns (loss, schedule values, grad norm, whether skipped).
+    """
     values = {
         "lr": schedules.lr(step),
         "weight_decay": schedules.weight_decay(step),
@@ -208,30 +257,170 @@ def _train_step(
     with run.autocast():
         out = t.model(batch, values["teacher_temp"], monitors, values["koleo_weight"])
     (t.scaler.scale(out.total) if t.scaler is not None else out.total).backward()
-    grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, clip_grad, schedules.last_layer_frozen(step))
+    if cfg.train.skip_nonfinite_steps > 0 and not math.isfinite(float(all_reduce_mean(out.total.detach(), env))):
+        t.optimizer.zero_grad(set_to_none=True)  # every rank saw the same mean: all skip together
+        return out, values, None, True
+    last_layer_frozen = schedules.last_layer_frozen(step)
+    grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, cfg.optim.clip_grad, last_layer_frozen)
     t.method.update_teacher(values["teacher_momentum"])
-    return out, values, grad_norm
+    return out, values, grad_norm, False
 
 
-def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool) -> RunResult:
+class _Window:
+    """Images/s over the steps since the last log line (monitor time left out)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.images = time.monotonic(), 0
+
+    def rate(self) -> float:
+        rate = self.images / max(time.monotonic() - self.start, 1e-9)
+        self.restart()
+        return rate
+
+
+@dataclass
+class _Session:
+    """One process's run: what the loop steps, where it writes, and where it is (``step``, ``plan``)."""
+
+    cfg: Config
+    run: Runtime
+    env: DistEnv
+    trainee: _Trainee
+    store: CheckpointStore
+    loader: Iterable[Batch | None]
+    plan: RunPlan
+    schedules: Schedules
+    cadence: Cadence
+    step: int
+    clock: TrainClock
+    metrics: MetricsLogger | None  # rank 0 only
+    monitor: KNNMonitor | None  # rank 0 only, with eval.monitor_every_minutes
+    bar: tqdm
+    window: _Window = field(default_factory=_Window)
+    warned: set[tuple[str, str]] = field(default_factory=set)
+    # What the run result reports.
+    skipped_images: list[str] = field(default_factory=list)
+    skipped_steps: int = 0
+    monitors_done: int = 0
+    last_loss: float = math.nan
+    images_per_second: float = 0.0
+    knn_top1: float | None = None
+
+    def read_clock(self) -> float | None:
+        """Rank 0's training minutes, broadcast, at the steps the cadence needs them (a budget is re-planned then)."""
+        budget = self.cfg.train.budget_minutes
+        if not self.cadence.reads_clock(self.step, self.plan.total_steps):
+            return None
+        (minutes,) = broadcast_values([self.clock.minutes()], self.env)
+        if budget > 0:
+            self.plan = replace(self.plan, total_steps=budget_total_steps(self.step, minutes, budget))
+            self.schedules = Schedules(self.cfg, self.plan)
+            self.bar.total = self.plan.total_steps
+        return minutes
+
+    def count_skipped_step(self) -> None:
+        limit = self.cfg.train.skip_nonfinite_steps
+        self.skipped_steps += 1
+        logger.warning(
+            "step %d: non-finite loss, update skipped (%d of train.skip_nonfinite_steps=%d)",
+            self.step,
+            self.skipped_steps,
+            limit,
+        )
+        if self.skipped_steps > limit:
+            raise NonFiniteLossError(
+                f"step {self.step}: more than train.skip_nonfinite_steps={limit} non-finite losses; "
+                f"last good checkpoint kept in {self.store.folder}"
+            )
+
+    def check_loss(self, out_loss: LossOutput, skipped: bool) -> None:
+        """The only host sync of a step (at log and save steps); it also keeps a non-finite state from being saved."""
+        self.last_loss = float(all_reduce_mean(out_loss.total.detach(), self.env))
+        if not math.isfinite(self.last_loss) and not skipped:
+            raise NonFiniteLossError(
+                f"step {self.step}: loss is {self.last_loss}; last good checkpoint kept in {self.store.folder}"
+            )
+
+    def log(self, out_loss: LossOutput, values: dict[str, float], grad_norm: torch.Tensor | None) -> None:
+        """Loss parts, collapse monitors (one all-reduce for all), schedules and pace to the metrics and the bar."""
+        logged = {f"loss_{k}": v for k, v in out_loss.parts.items()} | out_loss.monitors
+        reduced = all_reduce_mean(torch.stack([v.float() for v in logged.values()]), self.env).tolist()
+        self.images_per_second = self.window.rate()
+        row = {**values, **dict(zip(logged, reduced))}
+        row.update(
+            loss=self.last_loss,
+            epoch=self.step / self.plan.steps_per_epoch,
+            images_per_second=self.images_per_second,
+            train_minutes=self.clock.minutes(),
+            skipped_steps=self.skipped_steps,
+        )
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if self.metrics is not None:
+            self.metrics.log(self.step, row)
+            for key, detail in collapse_warnings(row, self.cfg.model.out_dim).items():
+                if key not in self.warned:  # once per branch and kind
+                    self.warned.add(key)
+                    logger.warning("step %d: the %s branch looks collapsed (%s): %s", self.step, *key, detail)
+        self.bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{row['lr']:.2e}", img_s=f"{self.images_per_second:.1f}")
+
+    def save(self) -> None:
+        _save(self.trainee, self.store, self.step, self.clock.minutes(), self.cfg, self.plan, self.env)
+
+    def run_monitor(self) -> None:
+        """k-NN of the teacher on the monitor subset, logged at this step (rank 0; the others wait)."""
+        if self.monitor is not None and self.metrics is not None:
+            values = self.clock.pause_during(self.monitor, self.trainee.method.teacher["backbone"])
+            self.knn_top1 = values["knn_top1"]
+            self.metrics.log(self.step, {**values, "train_minutes": self.clock.minutes()})
+            logger.info("step %d, %.1f min: k-NN top-1 %.2f %%", self.step, self.clock.minutes(), self.knn_top1)
+        self.clock.pause_during(barrier, self.env)
+        self.window.restart()  # images/s counts training time only
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def result(self, stopped_by: str) -> RunResult:
+        if self.skipped_images:
+            logger.warning("skipped %d unreadable images, e.g. %s", len(self.skipped_images), self.skipped_images[0])
+        return RunResult(
+            self.store.folder,
+            self.step,
+            self.plan.total_steps,
+            self.images_per_second,
+            self.last_loss,
+            len(self.skipped_images),
+            self.clock.minutes(),
+            self.knn_top1,
+            stopped_by,
+            self.skipped_steps,
+        )
+
+
+def _open_session(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool) -> _Session:
+    """Seeds, the run folder (cleaned of a killed run's temporary files), model, resumed state, data, plan."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
+    store = CheckpointStore(cfg.train.output_dir, cfg.train.keep_checkpoints)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
+        store.folder.mkdir(parents=True, exist_ok=True)
+        remove_debris(store.folder)
+        (store.folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainee = _build(cfg, run, env)
-    if trainee.sharded and cfg.eval.monitor_every_minutes > 0:
+    use_monitor = cfg.eval.monitor_every_minutes > 0
+    if trainee.sharded and use_monitor:
         # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.
         raise ConfigError("eval.monitor_every_minutes: the k-NN monitor needs train.parallel=ddp; set it to 0")
-    ckpt_path = out / CHECKPOINT_NAME
-    step, minutes_before = _resume(trainee, ckpt_path, cfg, run) if resume and ckpt_path.exists() else (0, 0.0)
+    step, minutes_before = _start(trainee, store, cfg, run, env, resume)
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
-    schedules = Schedules(cfg, plan)
     if env.is_main:
         logger.info(
             "%d images, %s, %d process(es), device %s, precision %s, attention %s, residual stream %s",
@@ -243,121 +432,68 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
             run.attention,
             str(run.residual_dtype or torch.float32).removeprefix("torch."),
         )
-    metrics = MetricsLogger(out) if env.is_main else None
-    monitor_every = cfg.eval.monitor_every_minutes
-    monitor = KNNMonitor(cfg, run) if monitor_every > 0 and env.is_main else None
-    knn_top1: float | None = None
-
-    def run_monitor(at_step: int) -> None:
-        """k-NN of the teacher on the monitor subset, logged at ``at_step`` (rank 0; others wait)."""
-        nonlocal knn_top1
-        if monitor is not None and metrics is not None:
-            values = clock.pause_during(monitor, trainee.method.teacher["backbone"])
-            knn_top1 = values["knn_top1"]
-            metrics.log(at_step, {**values, "train_minutes": clock.minutes()})
-            logger.info("step %d, %.1f min: k-NN top-1 %.2f %%", at_step, clock.minutes(), knn_top1)
-        if monitor_every > 0:
-            clock.pause_during(barrier, env)
-
-    skipped: list[str] = []
-    warned: set[tuple[str, str]] = set()
-    clock = TrainClock(minutes_before)
-    budget = cfg.train.budget_minutes
-    next_monitor = monitor_every
-    if step == 0:
-        run_monitor(0)  # the untrained starting point of the curve
-    window_start = time.monotonic()
-    window_images, images_per_second, last_loss = 0, 0.0, math.nan
-    bar = tqdm(
-        total=plan.total_steps,
-        initial=step,
-        disable=not (progress and env.is_main),
-        dynamic_ncols=True,
-        desc="pretrain",
+    shown = progress and env.is_main
+    return _Session(
+        cfg,
+        run,
+        env,
+        trainee,
+        store,
+        loader,
+        plan,
+        Schedules(cfg, plan),
+        Cadence.from_config(cfg),
+        step,
+        TrainClock(minutes_before),
+        # A resumed run drops the metric lines a killed run wrote after its last checkpoint.
+        metrics=MetricsLogger(store.folder, after_step=step) if env.is_main else None,
+        monitor=KNNMonitor(cfg, run) if use_monitor and env.is_main else None,
+        bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
     )
-    trainee.method.train()
-    try:
-        for batch in loader:
-            if step >= plan.total_steps:
-                break
-            skipped.extend(batch.skipped if batch is not None else ())
-            if batch is None or batch.batch_size == 0:
-                continue
-            out_loss, values, grad_norm = _train_step(
-                trainee,
-                batch.to(run.device),
-                step,
-                schedules,
-                run,
-                cfg.optim.clip_grad,
-                monitors=(step + 1) % cfg.train.log_every == 0,  # the steps whose metrics are logged
-            )
-            step += 1
-            window_images += batch.batch_size * env.world_size
-            bar.update(1)
-            stop_early = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
-            monitor_due = False
-            timed = cfg.train.max_minutes > 0 or monitor_every > 0 or budget > 0
-            if (timed and step % cfg.train.log_every == 0) or (budget > 0 and step >= plan.total_steps):
-                # Rank 0's clock, read at log steps (and at the estimated end of a budget, which
-                # moves on if the pace picked up) and sent in one broadcast: every rank stops,
-                # waits for the monitor and re-plans the budget at the same step.
-                (minutes,) = broadcast_values([clock.minutes()], env)
-                stop_early = stop_early or 0 < cfg.train.max_minutes < minutes
-                monitor_due = 0 < monitor_every and next_monitor <= minutes
-                if budget > 0:
-                    plan = replace(plan, total_steps=budget_total_steps(step, minutes, budget))
-                    schedules = Schedules(cfg, plan)
-                    bar.total = plan.total_steps
-            at_end = step >= plan.total_steps
-            log_now = step % cfg.train.log_every == 0 or at_end or stop_early
-            save_now = step % cfg.train.checkpoint_every == 0 or at_end or stop_early
-            if log_now or save_now:
-                # The only host sync of the step; it also keeps a non-finite state from being saved.
-                last_loss = float(all_reduce_mean(out_loss.total.detach(), env))
-                if not math.isfinite(last_loss):
-                    raise NonFiniteLossError(
-                        f"step {step}: loss is {last_loss}; last good checkpoint kept at {ckpt_path}"
-                    )
-            if log_now:
-                now = time.monotonic()
-                images_per_second = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
-                logged = {f"loss_{k}": v for k, v in out_loss.parts.items()} | out_loss.monitors
-                # One all-reduce for every loss part and collapse monitor.
-                reduced = all_reduce_mean(torch.stack([v.float() for v in logged.values()]), env).tolist()
-                values.update(
-                    loss=last_loss,
-                    **dict(zip(logged, reduced)),
-                    epoch=step / plan.steps_per_epoch,
-                    images_per_second=images_per_second,
-                    train_minutes=clock.minutes(),
+
+
+def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool) -> RunResult:
+    s = _open_session(cfg, run, env, resume, progress)
+    if s.step == 0 and cfg.eval.monitor_every_minutes > 0:
+        s.run_monitor()  # the untrained starting point of the curve
+    act = Actions()
+    s.trainee.method.train()
+    with StopRequests() as requests:
+        try:
+            for batch in s.loader:
+                if s.step >= s.plan.total_steps:
+                    break
+                s.skipped_images.extend(batch.skipped if batch is not None else ())
+                if batch is None or batch.batch_size == 0:
+                    continue
+                log_monitors = (s.step + 1) % cfg.train.log_every == 0  # the steps whose metrics are logged
+                out_loss, values, grad_norm, skipped = _train_step(
+                    s.trainee, batch.to(run.device), s.step, s.schedules, run, cfg, env, log_monitors
                 )
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                if metrics is not None:
-                    metrics.log(step, values)
-                    for key, detail in collapse_warnings(values, cfg.model.out_dim).items():
-                        if key not in warned:  # once per branch and kind
-                            warned.add(key)
-                            logger.warning("step %d: the %s branch looks collapsed (%s): %s", step, *key, detail)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-            if save_now:
-                _save(trainee, out, step, clock.minutes(), cfg, plan, env)
-                barrier(env)
-            if stop_early:
-                logger.info("stopped at step %d by train.max_minutes / train.max_steps", step)
-            if at_end or stop_early:
-                run_monitor(step)
-                break
-            if monitor_due:
-                run_monitor(step)
-                next_monitor += monitor_every
-                window_start = time.monotonic()  # images/s counts training time only
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    if skipped:
-        logger.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
-    return RunResult(out, step, plan.total_steps, images_per_second, last_loss, len(skipped), clock.minutes(), knn_top1)
+                s.step += 1
+                s.window.images += batch.batch_size * env.world_size
+                s.bar.update(1)
+                if skipped:
+                    s.count_skipped_step()
+                minutes = s.read_clock()
+                signalled = any_rank(bool(requests.signum), env)  # every rank stops at the same step
+                act = s.cadence.after_step(s.step, s.plan.total_steps, minutes, s.monitors_done, signalled)
+                if act.log or act.save:
+                    s.check_loss(out_loss, skipped)
+                if act.log:
+                    s.log(out_loss, values, grad_norm)
+                if act.save:
+                    s.save()
+                if act.monitor:
+                    s.run_monitor()
+                    s.monitors_done += 1
+                if act.stop:
+                    break
+        finally:
+            s.close()
+    stopped_by = requests.name if act.stop == SIGNAL else ""
+    if act.stop not in ("", END) and env.is_main:
+        logger.info("stopped at step %d by %s", s.step, stopped_by or f"train.{act.stop}")
+    if stopped_by:
+        requests.hand_on()  # submitit requeues the job from here; it resumes from this checkpoint
+    return s.result(stopped_by)

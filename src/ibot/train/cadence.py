@@ -1,0 +1,87 @@
+"""When the pre-training loop logs, saves, runs the k-NN monitor and stops: a pure function of step and time.
+
+The loop asks ``Cadence.reads_clock`` whether this step needs rank 0's clock (it is read and
+broadcast only then, so every rank takes the same decision without a sync at other steps), then
+``Cadence.after_step`` for what to do now. Nothing here reads a clock, a file or a signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ibot.config import Config
+
+# Why a run stops, in the order they win when several hold at the same step.
+END, SIGNAL, MAX_STEPS, MAX_MINUTES = "end", "signal", "max_steps", "max_minutes"
+
+
+@dataclass(frozen=True)
+class Actions:
+    """What the loop does after a step. ``stop`` is "" (go on) or why it stops (``END``, ``SIGNAL``, ...)."""
+
+    log: bool = False
+    save: bool = False
+    monitor: bool = False
+    stop: str = ""
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """``train.log_every`` / ``checkpoint_every`` / ``max_steps`` / ``max_minutes`` / ``budget_minutes`` and
+    ``eval.monitor_every_minutes`` turned into decisions."""
+
+    log_every: int
+    checkpoint_every: int
+    max_steps: int = 0
+    max_minutes: float = 0.0
+    budget_minutes: float = 0.0
+    monitor_every_minutes: float = 0.0
+
+    @staticmethod
+    def from_config(cfg: Config) -> Cadence:
+        t = cfg.train
+        return Cadence(
+            t.log_every,
+            t.checkpoint_every,
+            t.max_steps,
+            t.max_minutes,
+            t.budget_minutes,
+            cfg.eval.monitor_every_minutes,
+        )
+
+    def reads_clock(self, step: int, total_steps: int) -> bool:
+        """Whether ``after_step`` needs the training minutes at ``step``: log steps of a timed run, and the
+        estimated end of a budget (which moves on if the pace picked up)."""
+        timed = self.max_minutes > 0 or self.monitor_every_minutes > 0 or self.budget_minutes > 0
+        return (timed and step % self.log_every == 0) or (self.budget_minutes > 0 and step >= total_steps)
+
+    def after_step(
+        self, step: int, total_steps: int, minutes: float | None, monitors_done: int, signalled: bool
+    ) -> Actions:
+        """What to do once ``step`` steps are done.
+
+        ``minutes``: training minutes when ``reads_clock`` said so, else None. ``monitors_done``: k-NN
+        monitor calls since the start (the one at step 0 not counted). ``signalled``: every rank agreed
+        a stop was asked for (SIGTERM, SIGINT, SLURM's warning).
+        """
+        stop = self._stop_reason(step, total_steps, minutes, signalled)
+        every = self.monitor_every_minutes
+        monitor_due = every > 0 and minutes is not None and minutes >= (monitors_done + 1) * every
+        return Actions(
+            log=bool(stop) or step % self.log_every == 0,
+            save=bool(stop) or step % self.checkpoint_every == 0,
+            # A stop for a signal saves at once: the grace time before a kill is short.
+            monitor=(monitor_due or bool(stop)) and every > 0 and stop != SIGNAL,
+            stop=stop,
+        )
+
+    def _stop_reason(self, step: int, total_steps: int, minutes: float | None, signalled: bool) -> str:
+        if step >= total_steps:
+            return END
+        if signalled:
+            return SIGNAL
+        if 0 < self.max_steps <= step:
+            return MAX_STEPS
+        if minutes is not None and 0 < self.max_minutes < minutes:
+            return MAX_MINUTES
+        return ""

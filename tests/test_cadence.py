@@ -1,0 +1,69 @@
+"""The loop's cadence: when it logs, saves, monitors and stops, from step and minutes alone."""
+
+from __future__ import annotations
+
+from ibot.train.cadence import END, MAX_MINUTES, MAX_STEPS, SIGNAL, Cadence
+
+
+def _run(cadence: Cadence, total: int, minutes_per_step: float = 0.0, signal_at: int = 0) -> list[tuple]:
+    """Step a cadence like the loop does; (step, log, save, monitor, stop) of every step that did something."""
+    done, monitors = [], 0
+    for step in range(1, total + 1):
+        minutes = step * minutes_per_step if cadence.reads_clock(step, total) else None
+        act = cadence.after_step(step, total, minutes, monitors, signalled=0 < signal_at <= step)
+        monitors += act.monitor and not act.stop
+        if act.log or act.save or act.monitor or act.stop:
+            done.append((step, act.log, act.save, act.monitor, act.stop))
+        if act.stop:
+            break
+    return done
+
+
+def test_logs_and_saves_on_their_own_steps_and_at_the_end() -> None:
+    done = _run(Cadence(log_every=3, checkpoint_every=4), total=10)
+    assert done == [
+        (3, True, False, False, ""),
+        (4, False, True, False, ""),
+        (6, True, False, False, ""),
+        (8, False, True, False, ""),
+        (9, True, False, False, ""),
+        (10, True, True, False, END),
+    ]
+
+
+def test_max_steps_stops_with_a_checkpoint() -> None:
+    assert _run(Cadence(log_every=5, checkpoint_every=100, max_steps=7), total=20)[-1] == (
+        7,
+        True,
+        True,
+        False,
+        MAX_STEPS,
+    )
+
+
+def test_the_clock_is_read_only_at_log_steps_of_timed_runs() -> None:
+    untimed = Cadence(log_every=5, checkpoint_every=100)
+    timed = Cadence(log_every=5, checkpoint_every=100, max_minutes=1.0)
+    assert not any(untimed.reads_clock(s, 100) for s in range(1, 100))
+    assert [s for s in range(1, 100) if timed.reads_clock(s, 100)] == list(range(5, 100, 5))
+    budget = Cadence(log_every=5, checkpoint_every=100, budget_minutes=1.0)
+    assert budget.reads_clock(7, total_steps=7)  # the estimated end of a budget, between log steps
+
+
+def test_max_minutes_stops_at_the_first_log_step_past_it() -> None:
+    done = _run(Cadence(log_every=4, checkpoint_every=100, max_minutes=1.0), total=100, minutes_per_step=0.1)
+    assert done[-1] == (12, True, True, False, MAX_MINUTES)  # 10 steps = 1.0 min, read at 12
+
+
+def test_monitor_every_period_and_at_the_end_not_on_a_signal() -> None:
+    cadence = Cadence(log_every=1, checkpoint_every=100, monitor_every_minutes=1.0)
+    done = _run(cadence, total=25, minutes_per_step=0.1)
+    assert [d[0] for d in done if d[3]] == [10, 20, 25]
+    signalled = _run(cadence, total=25, minutes_per_step=0.1, signal_at=15)
+    assert signalled[-1] == (15, True, True, False, SIGNAL)
+
+
+def test_a_signal_saves_at_once_and_the_end_wins_over_it() -> None:
+    cadence = Cadence(log_every=10, checkpoint_every=100)
+    assert _run(cadence, total=50, signal_at=13)[-1] == (13, True, True, False, SIGNAL)
+    assert _run(cadence, total=13, signal_at=13)[-1][-1] == END
