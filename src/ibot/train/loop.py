@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
+from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import ConfigError, NonFiniteLossError
 from ibot.eval.monitor import KNNMonitor
 from ibot.method import IBOT, LossOutput
@@ -259,7 +260,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
         if monitor_every > 0:
             clock.pause_during(barrier, env)
 
-    skipped: list[str] = []
+    skipped = SkipLog(dataset.skips)  # the scan's skips, then decoding's: once per path, not per epoch
     warned: set[tuple[str, str]] = set()
     clock = TrainClock(minutes_before)
     budget = cfg.train.budget_minutes
@@ -358,6 +359,8 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: bool, progress: bool
         bar.close()
         if metrics is not None:
             metrics.close()
-    if skipped:
-        logger.warning("skipped %d unreadable images, e.g. %s", len(skipped), skipped[0])
+    if monitor is not None:
+        skipped.extend(monitor.skips)
+    if env.is_main:
+        report_skips(skipped, "pretrain", out / "skipped.tsv", merge=resume)
     return RunResult(out, step, plan.total_steps, images_per_second, last_loss, len(skipped), clock.minutes(), knn_top1)
