@@ -258,6 +258,9 @@ def main() -> None:
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ibot-faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if any(work.iterdir()):
+        sys.exit(f"--work {work}: not empty; the matrix needs fresh run folders")
     config = work / "empty.yaml"
     config.write_text("{}\n")
     ref, rows = work / "reference", []

@@ -68,4 +68,4 @@ def test_collate_builds_crop_major_batch_with_masks() -> None:
     assert batch.mask.shape == (2 * b, grid * grid) and batch.mask.dtype == torch.bool
     assert (batch.mask.sum(dim=1) == 4).all()  # 25 % of 16 patches in every crop
     assert batch.labels.tolist() == [0, 1, 0, 1, 0, 1]
-    assert batch.skipped == ("bad.jpg",)
+    assert [s.path for s in batch.skipped] == ["bad.jpg"]

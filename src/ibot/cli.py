@@ -73,9 +73,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             result.knn_top1,
             result.train_minutes,
         )
-    if result.skipped_images:
-        logger.info("skipped %d unreadable images", result.skipped_images)
-    return 0
+    return 0  # the trainer has reported the skipped files (one line, RUN/skipped.tsv)
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -171,6 +169,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ibot import visualize
+    from ibot.data.skips import SkipLog, report_skips
     from ibot.eval.commands import run_dir
     from ibot.eval.features import load_frozen_backbone
 
@@ -178,8 +177,12 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     folder = args.images or cfg.eval.test_path
     if not folder:
         raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
-    images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count)
     path = args.output or str(run_dir(args.weights) / "pictures" / f"{args.kind}.png")
+    skips = SkipLog()
+    try:
+        images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
+    finally:  # also when no image was readable: the list says why
+        report_skips(skips, f"visualize {args.kind}", Path(path).parent / f"skipped-{args.kind}.tsv")
     if args.kind == "attention":
         written = visualize.draw_attention(backbone, images, cfg, path)
     elif args.kind == "clusters":

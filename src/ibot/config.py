@@ -41,6 +41,9 @@ class DataConfig:
     path: str = ""
     format: str = "auto"  # "folder" (image folders), "shards" (WebDataset-style .tar files) or "auto"
     index_cache: str = "~/.cache/ibot"  # where file lists of large folders are cached; "" disables
+    # Images of more pixels are skipped unread (PIL's decompression-bomb limit, the
+    # default of ibot.data.decode.DEFAULT_MAX_PIXELS); 0 = no limit.
+    max_image_pixels: int = 89_478_485
     batch_size: int = 64  # per process
     num_workers: int = 4
     global_crop_size: int = 224
@@ -66,6 +69,7 @@ class DataConfig:
         _check(self.format in ("auto", "folder", "shards"), "data.format", "must be auto, folder or shards")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0: no limit)")
         _check(self.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
         for key in ("global_crop_scale", "local_crop_scale"):
             lo, hi = getattr(self, key)

@@ -15,16 +15,22 @@ import torch.nn.functional as F
 
 from ibot.config import Config
 from ibot.data.datasets import Sample
+from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset
+from ibot.eval.features import build_eval_dataset, dataset_skips
 from ibot.models.vit import MaskedViT
 
 
-def spread_images(folder: str, cfg: Config, count: int) -> torch.Tensor:
-    """``count`` readable images spread evenly over ``folder``'s sorted list (so over its classes)."""
+def spread_images(folder: str, cfg: Config, count: int, skips: SkipLog | None = None) -> torch.Tensor:
+    """``count`` readable images spread evenly over ``folder``'s sorted list (so over its classes).
+
+    What the scan and the picked images' decoding left out goes into ``skips``.
+    """
     dataset = build_eval_dataset(folder, cfg)
     picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
     samples = [s for s in (dataset[i] for i in picks) if isinstance(s, Sample)]
+    if skips is not None:
+        skips.extend(dataset_skips(dataset))
     if not samples:
         raise IBOTError(f"{folder}: no readable images to draw")
     return torch.stack([s.view for s in samples])

@@ -10,6 +10,7 @@ import torch
 from ibot.config import MaskConfig
 from ibot.data.datasets import Sample
 from ibot.data.masking import build_mask_generator, sample_mask_ratio
+from ibot.data.skips import UNREADABLE, Skip
 from ibot.data.transforms import Crops
 
 
@@ -22,7 +23,7 @@ class Batch:
         local_crops: (L*B, 3, s, s) float (L may be 0).
         mask: (G*B, N) bool, True where the student sees the [mask] token.
         labels: (B,) int64, -1 when the folder has no classes.
-        skipped: paths of unreadable images dropped from this batch.
+        skipped: the images dropped from this batch, each with its reason.
         mask_indices: (M,) int64 flat indices of ``mask`` (``mask.flatten().nonzero()``), made by
             the collate in the loader workers so the step needs no host sync to gather tokens.
     """
@@ -31,7 +32,7 @@ class Batch:
     local_crops: torch.Tensor
     mask: torch.Tensor
     labels: torch.Tensor
-    skipped: tuple[str, ...] = field(default_factory=tuple)
+    skipped: tuple[Skip, ...] = field(default_factory=tuple)
     mask_indices: torch.Tensor | None = None
 
     def masked_indices(self) -> torch.Tensor:
@@ -66,16 +67,16 @@ class Batch:
 
 
 class MultiCropCollate:
-    """list[Sample | skipped path] -> ``Batch`` with one mask per global crop."""
+    """list[Sample | Skip] -> ``Batch`` with one mask per global crop."""
 
     def __init__(self, mask_cfg: MaskConfig, grid: int) -> None:
         self.mask_cfg = mask_cfg
         self.grid = grid
         self.generator = build_mask_generator(mask_cfg, grid)
 
-    def __call__(self, items: list[Sample | str]) -> Batch | None:
+    def __call__(self, items: list[Sample | Skip | str]) -> Batch | None:
         samples = [s for s in items if isinstance(s, Sample)]
-        skipped = tuple(s for s in items if isinstance(s, str))
+        skipped = skips_of(items)
         if not samples:
             return None if not skipped else Batch(*_empty(), skipped=skipped)
         crops: list[Crops] = [s.view for s in samples]
@@ -97,6 +98,11 @@ class MultiCropCollate:
                 for _ in range(num_global)
             ]
         )
+
+
+def skips_of(items: list) -> tuple[Skip, ...]:
+    """The skips among a batch's items; a bare path (a dataset of another kind) counts as unreadable."""
+    return tuple(s if isinstance(s, Skip) else Skip(s, UNREADABLE) for s in items if isinstance(s, (Skip, str)))
 
 
 def _empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Image folders: recursive file index, class sub-folders as labels, robust decoding.
 
-An unreadable image never crashes a run: ``__getitem__`` returns ``None`` for it and the
-collate function counts it, so the trainer can report every skipped file once at the end.
+An unusable image never crashes a run: ``__getitem__`` returns a ``Skip`` (path and reason)
+for it and the collate function passes it on, so each command can report every skipped
+file once. The dataset's ``skips`` holds what the scan left out and what this process
+failed to decode.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_rgb, load_rgb
 from ibot.data.index_cache import cache_path, read_cache, write_cache
+from ibot.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_folder
+from ibot.data.skips import Skip, SkipLog
 from ibot.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFolderIndex", "Sample", "load_rgb", "transform_seeded"]
 
 
 def transform_seeded(transform: Callable[[Image.Image], Any], image: Image.Image, seed: int | None) -> Any:
@@ -36,55 +40,47 @@ def transform_seeded(transform: Callable[[Image.Image], Any], image: Image.Image
         return transform(image)
 
 
-def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
-    """Open any PIL-readable image as 8-bit RGB (grayscale, RGBA, CMYK, palette, 16-bit)."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            # PIL's own convert() clips 16-bit and float data to 0..255; rescale by the range instead.
-            arr = np.asarray(img, dtype=np.float32)
-            top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-            arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-            return Image.fromarray(arr, mode="L").convert("RGB")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            # Composite on black: the same as what an RGB decoder shows for transparent pixels.
-            background = Image.new("RGB", img.size, (0, 0, 0))
-            background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-            return background
-        return img.convert("RGB")
-
-
 def _fingerprint(root: Path) -> list[list]:
     """Modification times of ``root`` and its direct sub-folders: what adding a class or file changes."""
     entries = [["", root.stat().st_mtime_ns]]
     with os.scandir(root) as it:
         for entry in it:
-            if entry.is_dir():
-                entries.append([entry.name, entry.stat().st_mtime_ns])
+            try:
+                if entry.is_dir():
+                    entries.append([entry.name, entry.stat().st_mtime_ns])
+            except OSError:  # a link to itself: the scan reports it
+                entries.append([entry.name, -1])
     return sorted(entries)
 
 
-def _walk_images(root: Path) -> list[str]:
-    """Image paths relative to ``root``, sorted; os.walk is several times faster than Path.rglob."""
-    found = []
-    for folder, _, files in os.walk(root, followlinks=True):
-        rel = os.path.relpath(folder, root)
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(name if rel == "." else os.path.join(rel, name))
-    return sorted(found)
+def _cached_scan(root: Path, cache_dir: str | Path | None) -> FolderScan:
+    """``scan_folder(root)``, read from / written to the index cache when there is one."""
+    if not cache_dir:
+        return scan_folder(root)
+    # v2: the payload holds the scan's skips too (v1 held the paths alone).
+    cache_file = cache_path(cache_dir, "index-v2", str(root.resolve()))
+    fingerprint = _fingerprint(root)
+    cached = read_cache(cache_file, fingerprint)
+    if isinstance(cached, dict) and {"paths", "skipped"} <= cached.keys():
+        return FolderScan(tuple(cached["paths"]), tuple(Skip(*s) for s in cached["skipped"]))
+    scan = scan_folder(root)
+    if scan.paths:
+        write_cache(cache_file, fingerprint, {"paths": list(scan.paths), "skipped": [list(s) for s in scan.skipped]})
+    return scan
 
 
 @dataclass(frozen=True)
 class ImageFolderIndex:
-    """Sorted image paths under a root with a label per path (-1 when there are no class folders)."""
+    """Sorted image paths under a root with a label per path (-1 when there are no class folders).
+
+    ``skipped``: what the scan left out (links, loops, folders named like images), full paths.
+    """
 
     root: Path
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]
+    skipped: tuple[Skip, ...] = ()
 
     @staticmethod
     def scan(root: str | Path, cache_dir: str | Path | None = None) -> ImageFolderIndex:
@@ -99,22 +95,16 @@ class ImageFolderIndex:
             raise DataError(f"{root}: path does not exist")
         if not root.is_dir():
             raise DataError(f"{root}: not a directory")
-        relative = None
-        if cache_dir:
-            cache_file = cache_path(cache_dir, "index", str(root.resolve()))
-            fingerprint = _fingerprint(root)
-            relative = read_cache(cache_file, fingerprint)
-        if relative is None:
-            relative = _walk_images(root)
-            if cache_dir and relative:
-                write_cache(cache_file, fingerprint, relative)
+        scan = _cached_scan(root, cache_dir)
+        relative = scan.paths
         if not relative:
             raise DataError(f"{root}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         parts = [r.split(os.sep) for r in relative]
         top = sorted({p[0] for p in parts if len(p) > 1})
         class_to_idx = {name: i for i, name in enumerate(top)}
         labels = tuple(class_to_idx[p[0]] if len(p) > 1 else -1 for p in parts)
-        return ImageFolderIndex(root, tuple(str(root / r) for r in relative), labels, tuple(top))
+        skipped = tuple(Skip(str(root / s.path), s.reason) for s in scan.skipped)
+        return ImageFolderIndex(root, tuple(str(root / r) for r in relative), labels, tuple(top), skipped)
 
 
 @dataclass(frozen=True)
@@ -132,13 +122,19 @@ class Sample:
 
 
 class ImageFolder(Dataset):
-    """Images under ``root`` (recursive); unreadable files yield ``None`` instead of raising."""
+    """Images under ``root`` (recursive); unusable files yield a ``Skip`` instead of raising."""
 
     def __init__(
-        self, root: str | Path, transform: Callable[[Image.Image], Any], index_cache: str | Path | None = None
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any],
+        index_cache: str | Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.index = ImageFolderIndex.scan(root, index_cache)
         self.transform = transform
+        self.max_pixels = max_pixels
+        self.skips = SkipLog(self.index.skipped)
 
     def __len__(self) -> int:
         return len(self.index.paths)
@@ -151,14 +147,14 @@ class ImageFolder(Dataset):
     def classes(self) -> tuple[str, ...]:
         return self.index.classes
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample | str:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skip:
         """``key`` is an index, or (index, seed) from ``InfiniteSampler`` for seeded augmentation."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         path = self.index.paths[i]
-        try:
-            image = load_rgb(path)
-        except Exception:  # noqa: BLE001 - any decoder failure means "unreadable", never a crash
-            return path  # the collate function counts it as skipped
+        image = decode_rgb(path, path, self.max_pixels)
+        if isinstance(image, Skip):
+            self.skips.add(image)  # in a loader worker this copy is lost: the collate passes it on
+            return image
         return Sample(
             index=i, view=transform_seeded(self.transform, image, seed), label=self.index.labels[i], seed=seed
         )

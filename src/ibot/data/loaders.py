@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ibot.config import Config, MaskConfig
+from ibot.config import Config, DataConfig, MaskConfig
 from ibot.data.collate import MultiCropCollate
 from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
+from ibot.data.decode import DEFAULT_MAX_PIXELS
 from ibot.data.shards import TarShards
 from ibot.data.transforms import MultiCropTransform
 
@@ -51,8 +52,13 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
             epoch, offset = epoch + 1, 0
 
 
-def build_dataset(path: str, transform: Any, data_format: str = "auto", index_cache: str = "") -> Dataset:
-    """An image folder, or tar shards when ``data_format`` says so (auto: a .tar file or a folder of them)."""
+def build_dataset(
+    path: str, transform: Any, data_format: str = "auto", index_cache: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Dataset:
+    """An image folder, or tar shards when ``data_format`` says so (auto: a .tar file or a folder of them).
+
+    Either has ``skips`` (a ``SkipLog``) and yields a ``Skip`` for an image it cannot use.
+    """
     if data_format == "auto":
         p = Path(path)
         is_shards = p.suffix == ".tar" or (
@@ -62,8 +68,13 @@ def build_dataset(path: str, transform: Any, data_format: str = "auto", index_ca
         )
         data_format = "shards" if is_shards else "folder"
     if data_format == "shards":
-        return TarShards(path, transform, index_cache)
-    return ImageFolder(path, transform, index_cache)
+        return TarShards(path, transform, index_cache, max_pixels)
+    return ImageFolder(path, transform, index_cache, max_pixels)
+
+
+def dataset_from_config(path: str, transform: Any, data: DataConfig) -> Dataset:
+    """``build_dataset`` with the format, index cache and pixel limit of ``data``."""
+    return build_dataset(path, transform, data.format, data.index_cache, data.max_image_pixels)
 
 
 def training_mask_config(cfg: Config) -> MaskConfig:
@@ -75,7 +86,7 @@ def build_train_loader(
     cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
 ) -> tuple[DataLoader, Dataset]:
     """Multi-crop, masked pre-training batches over ``cfg.data.path``."""
-    dataset = build_dataset(cfg.data.path, MultiCropTransform(cfg.data), cfg.data.format, cfg.data.index_cache)
+    dataset = dataset_from_config(cfg.data.path, MultiCropTransform(cfg.data), cfg.data)
     grid = cfg.data.global_crop_size // cfg.model.patch_size
     sampler = InfiniteSampler(len(dataset), cfg.train.seed, rank, world_size, start_sample)
     loader = DataLoader(

@@ -4,11 +4,12 @@ The shards are indexed once (member offsets from the tar headers, cached like fo
 indexes), then images are read with a seek, so the same sampler, resume and DDP logic as
 for image folders applies. A sample is every member sharing a key; its image is the first
 member with an image extension and its label the integer in ``key.cls`` (-1 if absent).
+Members that do not decode are skipped with the same reasons as files in a folder, named
+``SHARD.tar:MEMBER``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, load_rgb, transform_seeded
+from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, transform_seeded
+from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
 from ibot.data.index_cache import cache_path, read_cache, write_cache
+from ibot.data.skips import UNREADABLE, Skip, SkipLog
 from ibot.errors import DataError
 
 
@@ -30,10 +33,11 @@ class ShardEntry:
     offset: int
     size: int
     label: int
+    name: str = ""  # the member's name, for skip reports
 
 
 def _index_shard(path: Path, shard_id: int) -> list[ShardEntry]:
-    images: dict[str, tuple[int, int]] = {}
+    images: dict[str, tuple[int, int, str]] = {}
     labels: dict[str, int] = {}
     with tarfile.open(path, "r:") as tar:
         for member in tar:
@@ -42,11 +46,11 @@ def _index_shard(path: Path, shard_id: int) -> list[ShardEntry]:
             key, _, ext = member.name.rpartition(".")
             ext = "." + ext.lower()
             if ext in IMAGE_EXTENSIONS and key not in images:
-                images[key] = (member.offset_data, member.size)
+                images[key] = (member.offset_data, member.size, member.name)
             elif ext == ".cls":
                 text = tar.extractfile(member).read().decode().strip()  # type: ignore[union-attr]
                 labels[key] = int(text) if text.lstrip("-").isdigit() else -1
-    return [ShardEntry(shard_id, off, size, labels.get(key, -1)) for key, (off, size) in images.items()]
+    return [ShardEntry(shard_id, off, size, labels.get(key, -1), name) for key, (off, size, name) in images.items()]
 
 
 def find_shards(path: str | Path) -> list[Path]:
@@ -60,26 +64,32 @@ def find_shards(path: str | Path) -> list[Path]:
 
 
 class TarShards(Dataset):
-    """Random-access dataset over tar shards; unreadable images yield their key for skipping."""
+    """Random-access dataset over tar shards; unusable images yield a ``Skip`` (``SHARD:MEMBER``, reason)."""
 
     def __init__(
-        self, path: str | Path, transform: Callable[[Image.Image], Any], index_cache: str | Path | None = None
+        self,
+        path: str | Path,
+        transform: Callable[[Image.Image], Any],
+        index_cache: str | Path | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.shards = find_shards(path)
         self.transform = transform
+        self.max_pixels = max_pixels
+        self.skips = SkipLog()  # what this process failed to decode (a shard index has no scan skips)
         self.entries = self._load_index(index_cache)
         if not self.entries:
             raise DataError(f"{path}: shards contain no images")
 
     def _load_index(self, index_cache: str | Path | None) -> list[ShardEntry]:
         fingerprint = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.shards]
-        cache_file = cache_path(index_cache, "shards", json.dumps(fingerprint)) if index_cache else None
+        cache_file = cache_path(index_cache, "shards-v2", json.dumps(fingerprint)) if index_cache else None
         cached = read_cache(cache_file, fingerprint) if cache_file is not None else None
         if cached is not None:
             return [ShardEntry(*e) for e in cached]
         entries = [e for i, p in enumerate(self.shards) for e in _index_shard(p, i)]
         if cache_file is not None:
-            write_cache(cache_file, fingerprint, [[e.shard, e.offset, e.size, e.label] for e in entries])
+            write_cache(cache_file, fingerprint, [[e.shard, e.offset, e.size, e.label, e.name] for e in entries])
         return entries
 
     def __len__(self) -> int:
@@ -89,14 +99,19 @@ class TarShards(Dataset):
     def labels(self) -> tuple[int, ...]:
         return tuple(e.label for e in self.entries)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample | str:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skip:
         i, seed = key if isinstance(key, tuple) else (key, None)
         entry = self.entries[i]
-        where = f"{self.shards[entry.shard]}@{entry.offset}"
+        where = f"{self.shards[entry.shard]}:{entry.name or entry.offset}"
         try:
             with open(self.shards[entry.shard], "rb") as f:
                 f.seek(entry.offset)
-                image = load_rgb(io.BytesIO(f.read(entry.size)))
-        except Exception:  # noqa: BLE001 - unreadable member: skipped and counted by the collate
-            return where
+                data = f.read(entry.size)
+        except OSError:
+            image: Image.Image | Skip = Skip(where, UNREADABLE)
+        else:
+            image = decode_rgb(data, where, self.max_pixels)
+        if isinstance(image, Skip):
+            self.skips.add(image)  # in a loader worker this copy is lost: the collate passes it on
+            return image
         return Sample(index=i, view=transform_seeded(self.transform, image, seed), label=entry.label, seed=seed)

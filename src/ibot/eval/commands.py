@@ -1,13 +1,17 @@
 """What each ``ibot eval`` command computes: weights + folders -> a JSON-able result, and its table.
 
 The command line (``ibot.cli``) parses arguments, calls one ``run_*`` here, prints its
-``format_*`` table and keeps the result in the run folder for ``ibot report``.
+``format_*`` table and keeps the result in the run folder for ``ibot report``. Each ``run_*``
+reports the files it skipped itself (one line, ``RUN/eval/skipped-<command>.tsv``), so every
+caller of it (``ibot eval``, ``ibot demo``) does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
+from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
 
 
@@ -37,6 +41,21 @@ def run_dir(weights: str) -> Path:
     """The folder evaluation results go to: the run folder, or the folder of a weights file."""
     path = Path(weights)
     return path if path.is_dir() else path.parent
+
+
+def skipped_list_path(weights: str, command: str, random_init: bool) -> Path:
+    """``RUN/eval/skipped-<command>[-random-init].tsv``: next to the command's result JSON."""
+    from ibot.report import eval_result_path
+
+    result = eval_result_path(run_dir(weights), command, random_init)
+    return result.with_name(f"skipped-{result.stem}.tsv")
+
+
+def report_eval_skips(weights: str, command: str, random_init: bool, *sources: Iterable[Skip]) -> dict:
+    """One summary line and the full list of what ``sources`` left out; the counts for the result JSON."""
+    log = SkipLog(s for source in sources for s in source)
+    report_skips(log, f"eval {command}", skipped_list_path(weights, command, random_init))
+    return log.as_counts()
 
 
 def require_labels(folder: str, labels, command: str) -> None:  # type: ignore[no-untyped-def]
@@ -71,7 +90,7 @@ def run_knn(
         "weights": weights_label(weights, random_init),
         "train_images": int(train_f.labels.numel()),
         "test_images": int(test_f.labels.numel()),
-        "skipped_images": train_f.skipped + test_f.skipped,
+        **report_eval_skips(weights, "knn", random_init, train_f.skips, test_f.skips),
         "knn": {k: {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
     }
 
@@ -154,6 +173,8 @@ def run_robustness(
         "lr": probe.lr,
         "test_top1_all_clean": probe.test_top1,
         **result.as_dict(),
+        # The corrupted subset is drawn from the test folder, whose every file the features covered.
+        **report_eval_skips(weights, "robustness", random_init, feats[0].skips, feats[1].skips),
     }
 
 
@@ -172,8 +193,14 @@ def run_finetune(
     backbone, cfg, runtime, train_dir, test_dir = eval_setup(
         weights, train_dir, test_dir, random_init, overrides, "finetune"
     )
-    result = finetune(backbone, cfg, train_dir, test_dir, runtime, progress)
-    return {"weights": weights_label(weights, random_init), "settings": cfg.to_dict()["finetune"], **result}
+    skips = SkipLog()
+    result = finetune(backbone, cfg, train_dir, test_dir, runtime, progress, skips)
+    return {
+        "weights": weights_label(weights, random_init),
+        "settings": cfg.to_dict()["finetune"],
+        **result,
+        **report_eval_skips(weights, "finetune", random_init, skips),
+    }
 
 
 def format_finetune(result: dict) -> str:
@@ -232,7 +259,7 @@ def run_probe(
         "weights": weights_label(weights, random_init),
         "train_images": int(feats[0].labels.numel()),
         "test_images": int(feats[1].labels.numel()),
-        "skipped_images": feats[0].skipped + feats[1].skipped,
+        **report_eval_skips(weights, "probe", random_init, feats[0].skips, feats[1].skips),
         "probes": [r.as_dict() for r in results],
     }
 
@@ -253,18 +280,21 @@ def run_dense(
     backbone, cfg, runtime, train_dir, test_dir = eval_setup(
         weights, train_dir, test_dir, random_init, overrides, "dense"
     )
+    from ibot.eval.features import dataset_skips
+
     e = cfg.eval
+    datasets = [build_eval_dataset(folder, cfg) for folder in (train_dir, test_dir)]
     tokens = [
-        mosaic_tokens(
-            backbone, build_eval_dataset(folder, cfg), count, e.dense_grid, runtime, seed, e.batch_size, progress
-        )
-        for folder, count, seed in ((train_dir, e.dense_train_mosaics, 0), (test_dir, e.dense_test_mosaics, 1))
+        mosaic_tokens(backbone, dataset, count, e.dense_grid, runtime, seed, e.batch_size, progress)
+        for dataset, count, seed in ((datasets[0], e.dense_train_mosaics, 0), (datasets[1], e.dense_test_mosaics, 1))
     ]
     results = train_dense_probes(tokens[0], tokens[1], **probe_sweep(cfg, progress))
     return {
         "weights": weights_label(weights, random_init),
         "mosaics": f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",
         "dense": [r.as_dict() for r in results],
+        # Mosaics decode the images they draw: the scan's skips and those drawn ones.
+        **report_eval_skips(weights, "dense", random_init, *(dataset_skips(d) for d in datasets)),
     }
 
 

@@ -13,8 +13,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ibot.config import Config, config_from_dict
+from ibot.data.collate import skips_of
 from ibot.data.datasets import Sample
-from ibot.data.loaders import build_dataset
+from ibot.data.loaders import dataset_from_config
+from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
 from ibot.models.vit import MaskedViT
@@ -27,14 +29,15 @@ class Features:
     """Frozen tokens of a labelled folder, after the final norm.
 
     ``cls`` (X, L, D) fp32: [cls] of the last L blocks, the last block last; ``patches``
-    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skipped``:
-    images that could not be read.
+    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skipped``: how
+    many files were left out; ``skips``: which, and why (scan and decoding).
     """
 
     cls: torch.Tensor
     labels: torch.Tensor
     skipped: int
     patches: torch.Tensor | None = None
+    skips: tuple[Skip, ...] = ()
 
     @property
     def last_cls(self) -> torch.Tensor:
@@ -82,19 +85,26 @@ def _check_fits(path: str, expected: dict[str, torch.Tensor], tensors: dict[str,
         raise DataError(f"{path}: weights do not fit the architecture in their config; " + "; ".join(problems))
 
 
-def collate_eval(items: list[Sample | str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def collate_eval(items: list[Sample | Skip]) -> tuple[torch.Tensor, torch.Tensor, tuple[Skip, ...]]:
+    """(images, labels, the skipped files with their reasons) of one batch."""
     samples = [s for s in items if isinstance(s, Sample)]
     if not samples:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), len(items)
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skips_of(items)
     images = torch.stack([s.view for s in samples])
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-    return images, labels, len(items) - len(samples)
+    return images, labels, skips_of(items)
 
 
 def build_eval_dataset(folder: str, cfg: Config) -> Dataset:
     """``folder`` (or shards) under the DINO evaluation transform of ``cfg``."""
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
-    return build_dataset(folder, transform, cfg.data.format, cfg.data.index_cache)
+    return dataset_from_config(folder, transform, cfg.data)
+
+
+def dataset_skips(dataset: Dataset) -> SkipLog:
+    """The dataset's skip log (scan and in-process decoding); empty for a dataset without one."""
+    log = getattr(dataset, "skips", None)
+    return log if log is not None else SkipLog()
 
 
 def labelled_subset(dataset: Dataset, folder: str, size: int, seed: int, purpose: str) -> list[Sample]:
@@ -111,7 +121,7 @@ def labelled_subset(dataset: Dataset, folder: str, size: int, seed: int, purpose
         if isinstance(sample, Sample):
             samples.append(sample)
     if not samples:
-        raise IBOTError(f"{folder}: no readable images for {purpose}")
+        raise IBOTError(f"{folder}: no readable images for {purpose}; {dataset_skips(dataset).summary('scan')}")
     if any(s.label < 0 for s in samples):
         raise IBOTError(f"{folder}: {purpose} needs labelled images, one sub-folder per class")
     return samples
@@ -150,9 +160,10 @@ def extract_features(
             return _read_cache(cache)
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=collate_eval)
     backbone = backbone.to(runtime.device)
-    cls_parts, patch_parts, labels, skipped = [], [], [], 0
-    for images, batch_labels, batch_skipped in tqdm(loader, desc=f"features {folder}", disable=not progress):
-        skipped += batch_skipped
+    cls_parts, patch_parts, labels = [], [], []
+    skips = dataset_skips(dataset)
+    for images, batch_labels, batch_skips in tqdm(loader, desc=f"features {folder}", disable=not progress):
+        skips.extend(batch_skips)  # decoded in the loader workers: their copies of the log are lost
         if images.numel() == 0:
             continue
         with runtime.autocast():
@@ -162,8 +173,14 @@ def extract_features(
             patch_parts.append(tokens[-1].patches.half().cpu())
         labels.append(batch_labels)
     if not labels:
-        raise IBOTError(f"{folder}: no readable images to extract features from")
-    features = Features(torch.cat(cls_parts), torch.cat(labels), skipped, torch.cat(patch_parts) if patches else None)
+        raise IBOTError(f"{folder}: no readable images to extract features from; {skips.summary('features')}")
+    features = Features(
+        torch.cat(cls_parts),
+        torch.cat(labels),
+        len(skips),
+        torch.cat(patch_parts) if patches else None,
+        tuple(skips.sorted()),
+    )
     if cache is not None:
         _write_cache(cache, features)
     return features
@@ -184,6 +201,7 @@ def _cache_key(
         "mtime": path.stat().st_mtime_ns,
         "image_size": cfg.eval_image_size,
         "crop_ratio": cfg.eval.crop_ratio,
+        "max_image_pixels": cfg.data.max_image_pixels,  # changes which images are skipped
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "precision": runtime.precision,
@@ -198,13 +216,16 @@ def _write_cache(path: Path, features: Features) -> None:
     tensors = {"cls": features.cls, "labels": features.labels}
     if features.patches is not None:
         tensors["patches"] = features.patches
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"skipped": str(features.skipped)}))
+    metadata = {"skipped": str(features.skipped), "skips": json.dumps([list(s) for s in features.skips])}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _read_cache(path: Path) -> Features:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        skipped = int((f.metadata() or {}).get("skipped", 0))
+        metadata = f.metadata() or {}
+    skips = tuple(Skip(*s) for s in json.loads(metadata.get("skips", "[]")))
     tensors = load_file(str(path))
-    return Features(tensors["cls"], tensors["labels"], skipped, tensors.get("patches"))
+    skipped = int(metadata.get("skipped", len(skips)))
+    return Features(tensors["cls"], tensors["labels"], skipped, tensors.get("patches"), skips)

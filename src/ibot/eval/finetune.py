@@ -19,9 +19,10 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from ibot.config import Config, FinetuneConfig
-from ibot.data.loaders import build_dataset
+from ibot.data.loaders import dataset_from_config
+from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, collate_eval
+from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips
 from ibot.models.vit import MaskedViT
 from ibot.train.optim import adamw
 from ibot.train.runtime import Runtime
@@ -90,10 +91,13 @@ def _train_transform(cfg: Config) -> T.Compose:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, runtime: Runtime, skips: SkipLog | None = None) -> float:
+    """Top-1 % of ``model`` on ``loader``; the skipped files go into ``skips``."""
     model.eval()
     correct = total = 0
-    for images, labels, _ in loader:
+    for images, labels, batch_skips in loader:
+        if skips is not None:
+            skips.extend(batch_skips)
         if images.numel() == 0:
             continue
         with runtime.autocast():
@@ -110,12 +114,18 @@ def finetune(
     test_dir: str,
     runtime: Runtime,
     progress: bool = True,
+    skips: SkipLog | None = None,
 ) -> dict[str, float]:
-    """Fine-tune ``backbone`` (built with ``cfg.finetune.drop_path``) on ``train_dir``; test top-1 and more."""
+    """Fine-tune ``backbone`` (built with ``cfg.finetune.drop_path``) on ``train_dir``; test top-1 and more.
+
+    The files of either folder that were left out (scan and decoding) go into ``skips``.
+    """
+    skips = SkipLog() if skips is None else skips
     settings: FinetuneConfig = cfg.finetune
     seed = cfg.train.seed
     torch.manual_seed(seed)
-    train_set = build_dataset(train_dir, _train_transform(cfg), cfg.data.format, cfg.data.index_cache)
+    train_set = dataset_from_config(train_dir, _train_transform(cfg), cfg.data)
+    skips.extend(dataset_skips(train_set))
     labels = train_set.labels  # type: ignore[attr-defined]  # ImageFolder and TarShards both have them
     if not labels or min(labels) < 0:
         raise IBOTError(f"{train_dir}: fine-tuning needs labelled images, one sub-folder per class")
@@ -133,8 +143,10 @@ def finetune(
         persistent_workers=settings.num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+    test_set = build_eval_dataset(test_dir, cfg)
+    skips.extend(dataset_skips(test_set))
     test_loader = DataLoader(
-        build_eval_dataset(test_dir, cfg),
+        test_set,
         batch_size=cfg.eval.batch_size,
         num_workers=settings.num_workers,
         collate_fn=collate_eval,
@@ -156,7 +168,8 @@ def finetune(
     bar = tqdm(total=total, desc="fine-tune", disable=not progress)
     model.train()
     while step < total:
-        for images, targets, _ in loader:
+        for images, targets, batch_skips in loader:
+            skips.extend(batch_skips)
             if step >= total:
                 break
             if images.shape[0] % 2:  # timm's Mixup mixes pairs: it needs an even batch
@@ -183,7 +196,7 @@ def finetune(
             bar.update(1)
     bar.close()
     return {
-        "test_top1": evaluate(model, test_loader, runtime),
+        "test_top1": evaluate(model, test_loader, runtime, skips),
         "train_loss": last_loss,
         "epochs": settings.epochs,
         "steps": step,

@@ -10,28 +10,38 @@ from __future__ import annotations
 import torch
 
 from ibot.config import Config
+from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, cls_features, labelled_subset
+from ibot.eval.features import build_eval_dataset, cls_features, dataset_skips, labelled_subset
 from ibot.eval.knn import knn_classify
 from ibot.models.vit import MaskedViT
 from ibot.train.runtime import Runtime
 
 
-def _load_subset(folder: str, size: int, cfg: Config, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,)."""
-    samples = labelled_subset(build_eval_dataset(folder, cfg), folder, size, seed, "the k-NN monitor")
+def _load_subset(folder: str, size: int, cfg: Config, seed: int, skips: SkipLog) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,).
+
+    What the folder's scan and the drawn images' decoding left out goes into ``skips``.
+    """
+    dataset = build_eval_dataset(folder, cfg)
+    samples = labelled_subset(dataset, folder, size, seed, "the k-NN monitor")
+    skips.extend(dataset_skips(dataset))
     return torch.stack([s.view for s in samples]), torch.tensor([s.label for s in samples])
 
 
 class KNNMonitor:
-    """``monitor(backbone)`` -> {"knn_top1": %, "knn_top5": %} at k = ``eval.monitor_k``."""
+    """``monitor(backbone)`` -> {"knn_top1": %, "knn_top5": %} at k = ``eval.monitor_k``.
+
+    ``skips``: the files of the two folders that were left out (the trainer reports them).
+    """
 
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
         e = cfg.eval
         if not e.train_path or not e.test_path:
             raise IBOTError("eval.monitor_every_minutes needs eval.train_path and eval.test_path")
-        self.train_images, self.train_labels = _load_subset(e.train_path, e.monitor_train_images, cfg, seed=0)
-        self.test_images, self.test_labels = _load_subset(e.test_path, e.monitor_test_images, cfg, seed=1)
+        self.skips = SkipLog()
+        self.train_images, self.train_labels = _load_subset(e.train_path, e.monitor_train_images, cfg, 0, self.skips)
+        self.test_images, self.test_labels = _load_subset(e.test_path, e.monitor_test_images, cfg, 1, self.skips)
         self.k = e.monitor_k
         self.temperature = e.knn_temperature
         self.batch_size = e.batch_size

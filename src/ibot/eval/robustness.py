@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ibot.config import Config
-from ibot.data.loaders import build_dataset
+from ibot.data.loaders import dataset_from_config
 from ibot.data.transforms import build_eval_transform
 from ibot.eval.corruptions import CORRUPTIONS, corrupt
 from ibot.eval.features import labelled_subset
@@ -48,7 +48,7 @@ class RobustnessResult:
 
 def _load_subset(folder: str, count: int, cfg: Config, seed: int) -> tuple[list[np.ndarray], torch.Tensor]:
     """``count`` raw RGB uint8 images of ``folder`` (seeded) and their labels."""
-    dataset = build_dataset(folder, np.asarray, cfg.data.format, cfg.data.index_cache)
+    dataset = dataset_from_config(folder, np.asarray, cfg.data)
     samples = labelled_subset(dataset, folder, count, seed, "the robustness benchmark")
     return [s.view for s in samples], torch.tensor([s.label for s in samples])
 

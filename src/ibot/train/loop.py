@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
+from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
 from ibot.eval.monitor import KNNMonitor
 from ibot.method import IBOT, LossOutput
@@ -299,10 +300,10 @@ class _Session:
     metrics: MetricsLogger | None  # rank 0 only
     monitor: KNNMonitor | None  # rank 0 only, with eval.monitor_every_minutes
     bar: tqdm
+    skipped_images: SkipLog  # the scan's skips, then decoding's: once per path, not per epoch
     window: _Window = field(default_factory=_Window)
     warned: set[tuple[str, str]] = field(default_factory=set)
     # What the run result reports.
-    skipped_images: list[str] = field(default_factory=list)
     skipped_steps: int = 0
     monitors_done: int = 0
     last_loss: float = math.nan
@@ -385,9 +386,11 @@ class _Session:
         if self.metrics is not None:
             self.metrics.close()
 
-    def result(self, stopped_by: str) -> RunResult:
-        if self.skipped_images:
-            logger.warning("skipped %d unreadable images, e.g. %s", len(self.skipped_images), self.skipped_images[0])
+    def result(self, stopped_by: str, resumed: bool) -> RunResult:
+        if self.monitor is not None:
+            self.skipped_images.extend(self.monitor.skips)
+        if self.env.is_main:
+            report_skips(self.skipped_images, "pretrain", self.store.folder / "skipped.tsv", merge=resumed)
         return RunResult(
             self.store.folder,
             self.step,
@@ -449,6 +452,7 @@ def _open_session(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progr
         metrics=MetricsLogger(store.folder, after_step=step) if env.is_main else None,
         monitor=KNNMonitor(cfg, run) if use_monitor and env.is_main else None,
         bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
+        skipped_images=SkipLog(dataset.skips),
     )
 
 
@@ -496,4 +500,4 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bo
         logger.info("stopped at step %d by %s", s.step, stopped_by or f"train.{act.stop}")
     if stopped_by:
         requests.hand_on()  # submitit requeues the job from here; it resumes from this checkpoint
-    return s.result(stopped_by)
+    return s.result(stopped_by, resumed=bool(resume))

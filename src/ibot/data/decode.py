@@ -1,0 +1,83 @@
+"""Bytes -> 8-bit RGB ``PIL.Image``, or the named reason why a file cannot be used.
+
+Choices, the same as the official iBOT/DINO loaders (``Image.open(...).convert("RGB")``):
+- EXIF orientation is not applied: pixels are used as stored.
+- Animated GIF/WebP/APNG give their first frame.
+- Truncated files are refused (PIL's ``LOAD_TRUNCATED_IMAGES`` stays False): skipped, not
+  half-grey.
+- Images of more than ``max_pixels`` pixels are skipped before their pixels are decoded
+  (PIL's decompression-bomb limit, ``data.max_image_pixels``; 0 = no limit).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ibot.data.skips import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE, Skip
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS: about a 9,459 x 9,459 image
+
+
+def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
+    """Open any PIL-readable image as 8-bit RGB (grayscale, RGBA, CMYK, palette, 16-bit); raises if unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        return _to_rgb(img)
+
+
+def decode_rgb(source: str | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | Skip:
+    """The RGB image in ``source`` (a file path or the file's bytes), or ``Skip(name, reason)``."""
+    try:
+        if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
+            return Skip(name, EMPTY)
+        _allow_pixels(max_pixels)
+        with warnings.catch_warnings():
+            # Between PIL's limit and twice it PIL only warns; the file is skipped either way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                if max_pixels and img.width * img.height > max_pixels:
+                    return Skip(name, TOO_MANY_PIXELS)  # known from the header: nothing decoded yet
+                img.load()
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return Skip(name, TOO_MANY_PIXELS)
+    except UnidentifiedImageError:
+        return Skip(name, NOT_AN_IMAGE)
+    except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
+        return Skip(name, UNREADABLE)
+
+
+def _allow_pixels(max_pixels: int) -> None:
+    """Raise PIL's process-wide limit to ``max_pixels`` (0: none) so our own check decides.
+
+    Only ever raised, never lowered back: PIL's check runs inside ``Image.open``, which has no
+    per-call limit, and restoring it would race with another thread decoding.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and (max_pixels == 0 or max_pixels > limit):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels == 0 else max_pixels
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """The loaded frame (an animation's first) as 8-bit RGB; transparency composited on black."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's own convert() clips 16-bit and float data to 0..255; rescale by the range instead.
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Composite on black: the same as what an RGB decoder shows for transparent pixels.
+        background = Image.new("RGB", img.size, (0, 0, 0))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB")
