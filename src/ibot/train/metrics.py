@@ -1,10 +1,22 @@
-"""Metric sinks: one JSON object per line in ``metrics.jsonl`` plus TensorBoard scalars."""
+"""Metric sinks: one JSON object per line in ``metrics.jsonl`` plus TensorBoard scalars.
+
+A run killed mid-write leaves a partial last line. The reader skips it with a warning (the
+rows before it are whole), and the logger drops it before it appends, so a resumed run does
+not glue its first row onto the fragment. Any other line that is no JSON object is damage,
+not a kill: the reader refuses it with a one-line ``DataError`` naming the file and line,
+rather than silently plot a run with rows missing.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+from ibot.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -13,6 +25,7 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool = True) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
         self._file = self.path.open("a")
         self._writer: Any = None
         if tensorboard:
@@ -36,5 +49,45 @@ class MetricsLogger:
             self._writer.close()
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """End the file on a whole line, so appends start on a new one: a last line without its
+    newline is completed when it is a whole row, else cut (a write cut short by a kill)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1  # 0 when the fragment is the whole file
+    if _parse_row(data[keep:].decode(errors="replace")) is not None:
+        with path.open("ab") as f:
+            f.write(b"\n")
+        return
+    logger.warning("%s: dropped a partial last line (a killed run?): %r", path, data[keep:][:80])
+    with path.open("r+b") as f:
+        f.truncate(keep)
+
+
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """One line as a JSON object, or None when it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Rows of ``metrics.jsonl``; an unparseable last line is skipped with a warning (see above)."""
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (number, line) in enumerate(lines):
+        row = _parse_row(line)
+        if row is not None:
+            rows.append(row)
+        elif i == len(lines) - 1:
+            logger.warning("%s line %d: skipped a partial last line (a killed run?)", path, number)
+        else:
+            raise DataError(f"{path} line {number}: not a JSON object; the file is damaged, not just cut short")
+    return rows
