@@ -42,7 +42,10 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def tiny_overrides(data_path: Path, output_dir: Path) -> list[str]:
+    """A pico run in seconds, on the CPU even where CUDA is visible (tests/test_cuda.py alone
+    overrides train.device): the suite's results must not depend on the machine's GPUs."""
     return [
+        "train.device=cpu",
         f"data.path={data_path}",
         "data.index_cache=",
         "data.batch_size=4",

@@ -4,6 +4,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from ibot.config import Config, RunPlan, config_from_dict, load_config
 from ibot.errors import ConfigError
@@ -151,3 +152,13 @@ def test_run_plan_linear_scaling_rule() -> None:
     assert plan.steps_per_epoch == 1000 // 128 and plan.total_steps == 3 * (1000 // 128)
     wide = RunPlan.derive(cfg, dataset_size=1000, world_size=8)
     assert wide.global_batch_size == 512 and wide.lr == pytest.approx(5e-4 * 512 / 256)
+
+
+def test_test_helpers_are_valid_and_stay_on_the_cpu(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a CUDA machine: tiny_overrides (every CPU test's config, the 2-process ones too)
+    # must not follow train.device=auto onto a GPU; only tests/test_cuda.py asks for one.
+    from ibot.train.runtime import Runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tiny_config.train.device == "cpu"
+    assert Runtime.resolve(tiny_config.train).device == torch.device("cpu")
