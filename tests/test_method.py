@@ -333,7 +333,8 @@ class TestIBOT:
         last_layer = {names[id(p)] for g in groups if g["is_last_layer"] for p in g["params"]}
         # Every trainable parameter in exactly one group; the frozen prototype norms in none.
         trainable = [n for n, p in method.student.named_parameters() if p.requires_grad]
-        assert sorted(grouped) == sorted(trainable) and "head.last_layer.parametrizations.weight.original0" not in grouped
+        assert sorted(grouped) == sorted(trainable)
+        assert "head.last_layer.parametrizations.weight.original0" not in grouped
 
         def exempt(name: str) -> bool:
             return name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name
