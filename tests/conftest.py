@@ -14,15 +14,23 @@ from ibot.config import Config, load_config
 torch.set_num_threads(1)
 
 
-def make_image_folder(root: Path, classes: int = 2, per_class: int = 8, size: int = 16, seed: int = 0) -> Path:
-    """Class sub-folders of small PNGs; class c is a noisy image around a class-specific colour."""
+def make_image_folder(
+    root: Path, classes: int = 2, per_class: int = 8, size: int = 16, seed: int = 0, noise_seed: int | None = None
+) -> Path:
+    """Class sub-folders of small PNGs; class c is a noisy image around a class-specific colour.
+
+    ``noise_seed``: other noise around the same class colours as ``seed`` (a held-out split).
+    """
     rng = np.random.default_rng(seed)
+    other_noise = None if noise_seed is None else np.random.default_rng(noise_seed)
     for c in range(classes):
         folder = root / f"class_{c}"
         folder.mkdir(parents=True, exist_ok=True)
         base = rng.integers(0, 256, size=3)
         for i in range(per_class):
-            noise = rng.integers(-30, 30, size=(size, size, 3))
+            noise = rng.integers(-30, 30, size=(size, size, 3))  # drawn either way: same colours
+            if other_noise is not None:
+                noise = other_noise.integers(-30, 30, size=(size, size, 3))
             arr = np.clip(base + noise, 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(folder / f"{i:03d}.png")
     return root
@@ -34,7 +42,10 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def tiny_overrides(data_path: Path, output_dir: Path) -> list[str]:
+    """A pico run in seconds, on the CPU even where CUDA is visible (tests/test_cuda.py alone
+    overrides train.device): the suite's results must not depend on the machine's GPUs."""
     return [
+        "train.device=cpu",
         f"data.path={data_path}",
         "data.index_cache=",
         "data.batch_size=4",

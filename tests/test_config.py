@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from ibot.config import Config, RunPlan, config_from_dict, load_config
 from ibot.errors import ConfigError
@@ -56,6 +58,73 @@ class TestLoadConfig:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [override])
 
+    # Values that used to pass and fail later (or never) with a traceback; each must stop at
+    # load time with one line naming its key. Extra overrides keep the other keys valid, so
+    # the named key is the only one at fault.
+    @pytest.mark.parametrize(
+        "overrides, key",
+        [
+            (["eval.knn_k=[]"], "eval.knn_k"),
+            (["data.batch_size=0"], "data.batch_size"),
+            (["eval.batch_size=0"], "eval.batch_size"),
+            (["eval.probe_batch_size=-1"], "eval.probe_batch_size"),
+            (["finetune.batch_size=0"], "finetune.batch_size"),
+            (["data.global_crop_size=20"], "data.global_crop_size"),  # patch 16
+            (["data.local_crop_size=40"], "data.local_crop_size"),
+            (["model.patch_size=8", "data.global_crop_size=36", "data.local_crop_size=32"], "data.global_crop_size"),
+            (["eval.image_size=33", "model.patch_size=4", "data.local_crop_size=16"], "eval.image_size"),
+            (["optim.min_lr=1e-2", "optim.lr=1e-3"], "optim.min_lr"),
+            (["optim.momentum_teacher=1.5"], "optim.momentum_teacher"),
+            (["optim.momentum_teacher_end=1.01"], "optim.momentum_teacher_end"),
+            (["optim.momentum_teacher_end=-0.1"], "optim.momentum_teacher_end"),
+            (["loss.center_momentum=1.5"], "loss.center_momentum"),
+            (["loss.center_momentum=-0.5"], "loss.center_momentum"),
+            (["train.max_steps=-1"], "train.max_steps"),
+            (["train.max_minutes=-5"], "train.max_minutes"),
+            (["loss.koleo_weight=0.1", "data.batch_size=1"], "loss.koleo_weight"),
+            (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
+            (["optim.weight_decay_end=-0.1"], "optim.weight_decay_end"),
+            (["optim.betas=[0.9, 1.0]"], "optim.betas"),
+            (["data.std=[0.2, 0.0, 0.2]"], "data.std"),
+            (["data.local_crop_size=0"], "data.local_crop_size"),
+            (["eval.knn_temperature=0"], "eval.knn_temperature"),
+            (["eval.probe_lrs=[]"], "eval.probe_lrs"),
+            (["finetune.lr=0"], "finetune.lr"),
+            (["finetune.label_smoothing=1.0"], "finetune.label_smoothing"),
+            (["train.threads=-1"], "train.threads"),
+            (["loss.warmup_teacher_temp_epochs=-1"], "loss.warmup_teacher_temp_epochs"),
+            (["mask.min_block_patches=0"], "mask.min_block_patches"),
+            (["model.head_bottleneck_dim=0"], "model.head_bottleneck_dim"),
+        ],
+    )
+    def test_impossible_values_are_one_line_naming_the_key(self, overrides: list[str], key: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        message = str(info.value)
+        assert message.startswith(f"{key}:") and "\n" not in message
+
+    @pytest.mark.parametrize(
+        "overrides",
+        [
+            ["eval.knn_k=[1]", "data.batch_size=1", "eval.batch_size=1", "eval.probe_batch_size=1"],
+            ["optim.min_lr=5e-4", "optim.lr=5e-4", "optim.momentum_teacher=0", "optim.momentum_teacher_end=1"],
+            ["loss.center_momentum=0", "train.max_steps=0", "train.max_minutes=0", "finetune.batch_size=2"],
+            ["loss.koleo_weight=0.1", "data.batch_size=2"],
+            # no local crops: their size is unused, so it need not fit the patch grid
+            ["data.num_local_crops=0", "data.local_crop_size=40"],
+            ["model.patch_size=8", "data.global_crop_size=32", "data.local_crop_size=8", "eval.image_size=64"],
+        ],
+    )
+    def test_edge_values_still_pass(self, overrides: list[str]) -> None:
+        assert isinstance(load_config(None, overrides), Config)
+
+    def test_cross_section_checks_also_guard_replace(self) -> None:
+        cfg = load_config(None, ["model.patch_size=8", "data.global_crop_size=32", "data.local_crop_size=16"])
+        with pytest.raises(ConfigError, match=r"^data\.global_crop_size: 36 is no multiple of model\.patch_size"):
+            replace(cfg, data=replace(cfg.data, global_crop_size=36))
+        with pytest.raises(ConfigError, match=r"^data\.local_crop_size"):
+            replace(cfg, model=replace(cfg.model, patch_size=32))
+
     def test_bad_file_is_named(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text("optim: [unclosed\n")
@@ -74,8 +143,22 @@ class TestLoadConfig:
 
 
 def test_run_plan_linear_scaling_rule() -> None:
+    # optim.lr is per 256 images; a global batch of 256 would hide a missing scaling, so the
+    # global batch here is 64 x 2 = 128 (half the rate) and, below, 64 x 8 = 512 (twice it).
     cfg = load_config(None, ["data.batch_size=64", "optim.lr=5e-4", "optim.epochs=3"])
-    plan = RunPlan.derive(cfg, dataset_size=1000, world_size=4)
-    assert plan.global_batch_size == 256
-    assert plan.lr == pytest.approx(5e-4)
-    assert plan.steps_per_epoch == 3 and plan.total_steps == 9
+    plan = RunPlan.derive(cfg, dataset_size=1000, world_size=2)
+    assert plan.global_batch_size == 128
+    assert plan.lr == pytest.approx(5e-4 * 128 / 256)
+    assert plan.steps_per_epoch == 1000 // 128 and plan.total_steps == 3 * (1000 // 128)
+    wide = RunPlan.derive(cfg, dataset_size=1000, world_size=8)
+    assert wide.global_batch_size == 512 and wide.lr == pytest.approx(5e-4 * 512 / 256)
+
+
+def test_test_helpers_are_valid_and_stay_on_the_cpu(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a CUDA machine: tiny_overrides (every CPU test's config, the 2-process ones too)
+    # must not follow train.device=auto onto a GPU; only tests/test_cuda.py asks for one.
+    from ibot.train.runtime import Runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tiny_config.train.device == "cpu"
+    assert Runtime.resolve(tiny_config.train).device == torch.device("cpu")

@@ -93,6 +93,26 @@ def test_multicrop_shapes_and_normalisation(image_folder: Path) -> None:
     assert crops.global_crops.shape == (2, 3, 16, 16)
     assert crops.local_crops.shape == (3, 3, 8, 8)
     assert crops.global_crops.dtype == torch.float32 and crops.global_crops.abs().max() < 10
+    # A flat colour with every colour augmentation off: each crop is that colour, so every
+    # pixel must be exactly (colour / 255 - mean) / std with data.mean and data.std per channel
+    # (a missing or mis-ordered normalisation leaves colour / 255 or something else).
+    colour, mean, std = (200, 30, 90), (0.5, 0.25, 0.125), (0.25, 0.5, 2.0)
+    plain = DataConfig(
+        global_crop_size=16,
+        local_crop_size=8,
+        num_local_crops=3,
+        mean=mean,
+        std=std,
+        color_jitter_prob=0.0,
+        grayscale_prob=0.0,
+        global_blur_prob=(0.0, 0.0),
+        local_blur_prob=0.0,
+        solarize_prob=0.0,
+    )
+    flat = MultiCropTransform(plain)(Image.new("RGB", (32, 32), colour))
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, mean, std)]).view(3, 1, 1)
+    for view in (*flat.global_crops, *flat.local_crops):
+        torch.testing.assert_close(view, expected.expand_as(view), atol=1e-5, rtol=0)
 
 
 def _sharpness(crops: torch.Tensor) -> float:

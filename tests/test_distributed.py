@@ -25,7 +25,11 @@ def _free_port() -> int:
 
 
 def _torchrun_pretrain(tmp_path: Path, overrides: list[str]) -> None:
-    """``torchrun --nproc_per_node 2 -m ibot pretrain`` on the CPU (gloo), one thread per process."""
+    """``torchrun --nproc_per_node 2 -m ibot pretrain`` on the CPU (gloo), one thread per process.
+
+    Pinned to the CPU (after the caller's overrides, so it wins): with train.device=auto
+    rank 1 would take cuda:1, which a one-GPU machine does not have.
+    """
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     cmd = [
@@ -46,6 +50,7 @@ def _torchrun_pretrain(tmp_path: Path, overrides: list[str]) -> None:
         "--no-progress",
         *overrides,
         "train.threads=1",
+        "train.device=cpu",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -102,6 +107,7 @@ def test_submit_through_submitit_trains_like_one_process(image_folder: Path, tmp
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
     args = ["submit", "--config", str(config), "--local", "--tasks-per-node", "2", "--wait"]
-    assert main(args + common + ["data.batch_size=4", f"train.output_dir={tmp_path / 'job'}", "train.threads=1"]) == 0
+    job = ["data.batch_size=4", f"train.output_dir={tmp_path / 'job'}", "train.threads=1", "train.device=cpu"]
+    assert main(args + common + job) == 0
     assert any("2 process(es)" in log.read_text() for log in (tmp_path / "job" / "slurm").glob("*_0_log.err"))
     _assert_same_training(tmp_path, "single", "job")

@@ -11,8 +11,7 @@ import pytest
 
 import ibot
 
-# ``ibot.__main__`` runs the command line when imported: it is checked through ``python -m ibot``.
-MODULES = sorted(m.name for m in pkgutil.walk_packages(ibot.__path__, prefix="ibot.") if m.name != "ibot.__main__")
+MODULES = sorted(m.name for m in pkgutil.walk_packages(ibot.__path__, prefix="ibot."))
 
 
 def test_the_package_has_its_modules() -> None:

@@ -210,6 +210,38 @@ class TestIBOT:
         assert torch.isfinite(out.total) and set(out.parts) == {"cls", "patch"}
         assert out.parts["patch"] > 0 and out.parts["cls"] > 0
 
+    def test_loss_matches_a_hand_assembly_of_the_view_pairs(self, method: IBOT, tiny_config: Config) -> None:
+        """[cls]: teacher global i against every student view j != i; patches: masked positions only.
+
+        Built here from the backbones and heads alone, so a wrong pairing (a view against
+        itself, globals and locals swapped), a wrong mean or a center used after its update
+        shows up as a different number.
+        """
+        batch, temp, student_temp = make_batch(), 0.04, tiny_config.loss.student_temp
+        _random_centers(method)
+        cls_center, patch_center = method.cls_center.center.clone(), method.patch_targets.center.center.clone()
+        out = method(batch, teacher_temp=temp)
+        with torch.no_grad():
+            teacher, teacher_head = method.teacher["backbone"](batch.global_crops), method.teacher["head"]
+            backbone, head = method.student["backbone"], method.student["head"]
+            student = backbone(batch.global_crops, batch.mask)  # masked globals
+            student_cls = torch.cat([student.cls, backbone(batch.local_crops).cls])  # globals, then locals
+            b = batch.batch_size
+            teacher_probs = torch.softmax((teacher_head(teacher.cls) - cls_center) / temp, -1).view(2, b, -1)
+            student_log = torch.log_softmax(head(student_cls) / student_temp, -1).view(-1, b, teacher_probs.shape[-1])
+            pairs = [(i, j) for i in range(2) for j in range(len(student_log)) if j != i]
+            cls_loss = sum(-(teacher_probs[i] * student_log[j]).sum(-1).mean() for i, j in pairs) / len(pairs)
+            per_crop = []  # mean over each crop's masked patches; unmasked crops count as 0
+            for c, where in enumerate(batch.mask):
+                t = torch.softmax((teacher_head(teacher.patches[c, where]) - patch_center) / temp, -1)
+                s = torch.log_softmax(head(student.patches[c, where]) / student_temp, -1)
+                per_crop.append(-(t * s).sum(-1).mean() if where.any() else torch.tensor(0.0))
+            patch_loss = torch.stack(per_crop).mean()
+        assert len(pairs) == 6  # 2 teacher globals x (2 + 2 student views - the same crop)
+        torch.testing.assert_close(out.parts["cls"], cls_loss)
+        torch.testing.assert_close(out.parts["patch"], patch_loss)
+        torch.testing.assert_close(out.total.detach(), cls_loss + patch_loss)
+
     def test_no_gradient_reaches_the_teacher(self, method: IBOT) -> None:
         method.train()
         method(make_batch(), teacher_temp=0.04).total.backward()
@@ -234,11 +266,19 @@ class TestIBOT:
         method.update_teacher(0.0)  # momentum 0 copies the student
         assert all(torch.equal(t, s) for t, s in zip(method.teacher.parameters(), method.student.parameters()))
 
-    def test_centers_step_once_per_forward(self, method: IBOT) -> None:
+    def test_centers_step_once_per_forward(self, method: IBOT, tiny_config: Config) -> None:
+        # One EMA step each: c <- m c + (1 - m) mean(teacher logits), over all global [cls]
+        # tokens and over the masked patches only. Two steps (or none) give another center.
+        batch, m = make_batch(), tiny_config.loss.center_momentum
+        _random_centers(method)
         before = method.cls_center.center.clone(), method.patch_targets.center.center.clone()
-        method(make_batch(), teacher_temp=0.04)
-        assert not torch.equal(method.cls_center.center, before[0])
-        assert not torch.equal(method.patch_targets.center.center, before[1])
+        with torch.no_grad():
+            tokens, head = method.teacher["backbone"](batch.global_crops), method.teacher["head"]
+            cls_mean = head(tokens.cls).mean(dim=0, keepdim=True)
+            patch_mean = head(tokens.patches[batch.mask]).mean(dim=0, keepdim=True)
+        method(batch, teacher_temp=0.04)
+        torch.testing.assert_close(method.cls_center.center, m * before[0] + (1 - m) * cls_mean)
+        torch.testing.assert_close(method.patch_targets.center.center, m * before[1] + (1 - m) * patch_mean)
 
     def test_patch_loss_only_sees_masked_tokens(self, method: IBOT) -> None:
         batch = make_batch()
@@ -287,14 +327,33 @@ class TestIBOT:
 
     def test_param_groups_exclude_norms_biases_and_tokens_from_decay(self, method: IBOT) -> None:
         groups = method.param_groups()
-        no_decay = {id(p) for g in groups if not g["apply_wd"] for p in g["params"]}
         names = {id(p): n for n, p in method.student.named_parameters()}
-        for pid in no_decay:
-            name = names[pid]
-            assert (
-                name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name or "original0" in name
-            )
-        assert any(g["is_last_layer"] for g in groups)
+        grouped = [names[id(p)] for g in groups for p in g["params"]]
+        no_decay = {names[id(p)] for g in groups if not g["apply_wd"] for p in g["params"]}
+        last_layer = {names[id(p)] for g in groups if g["is_last_layer"] for p in g["params"]}
+        # Every trainable parameter in exactly one group; the frozen prototype norms in none.
+        trainable = [n for n, p in method.student.named_parameters() if p.requires_grad]
+        assert sorted(grouped) == sorted(trainable)
+        assert "head.last_layer.parametrizations.weight.original0" not in grouped
+
+        def exempt(name: str) -> bool:
+            return name.endswith("bias") or "norm" in name or "token" in name or "pos_embed" in name
+
+        # Exactly the exempt ones: both an empty and an everything no-decay set fail here.
+        assert no_decay == {n for n in trainable if exempt(n)}
+        for name in ("backbone.vit.cls_token", "backbone.vit.pos_embed", "backbone.mask_token"):
+            assert name in no_decay  # 2-d or more: exempt by name, not by shape
+        assert "backbone.vit.blocks.0.norm1.weight" in no_decay and "head.mlp.0.bias" in no_decay
+        assert "backbone.vit.blocks.0.attn.qkv.weight" not in no_decay and "head.mlp.0.weight" not in no_decay
+        assert last_layer == {"head.last_layer.parametrizations.weight.original1"}
+
+
+def _random_centers(method: IBOT) -> None:
+    """Non-zero EMA centers, so a test also sees which center a forward used and how it moved."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for center in (method.cls_center.center, method.patch_targets.center.center):
+            center.copy_(torch.randn(center.shape, generator=g))
 
 
 class TestEfficientDropPath:

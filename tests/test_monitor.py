@@ -32,6 +32,39 @@ def test_clock_leaves_out_paused_time() -> None:
     clock = TrainClock()
     assert clock.pause_during(lambda s: time.sleep(s) or "done", 0.3) == "done"
     assert clock.minutes() * 60 < 0.1  # 0.3 s slept, none of it counted
+    time.sleep(0.2)
+    assert clock.minutes() * 60 >= 0.2  # unpaused time is counted (a clock stuck at 0 is not a clock)
+
+
+def test_clock_counts_exactly_the_unpaused_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake monotonic clock (in whichever module TrainClock lives), so the arithmetic is
+    # checked exactly and no speed matters.
+    import sys
+    import types
+
+    now = [100.0]
+    monkeypatch.setattr(sys.modules[TrainClock.__module__], "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    def advance(seconds: float, fail: bool = False) -> str:
+        now[0] += seconds
+        if fail:
+            raise RuntimeError("monitor failed")
+        return "done"
+
+    clock = TrainClock()
+    advance(30)
+    assert clock.minutes() == pytest.approx(0.5)
+    assert clock.pause_during(advance, 45) == "done"
+    assert clock.minutes() == pytest.approx(0.5)
+    advance(15)
+    assert clock.minutes() == pytest.approx(0.75)
+    with pytest.raises(RuntimeError):
+        clock.pause_during(advance, 600, True)  # a failed pause is still left out
+    assert clock.minutes() == pytest.approx(0.75)
+    resumed = TrainClock(already=2.0)  # a resumed run continues from its earlier training time
+    assert resumed.minutes() == pytest.approx(2.0)
+    advance(60)
+    assert resumed.minutes() == pytest.approx(3.0)
 
 
 def test_monitor_scores_a_separable_folder_perfectly(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from ibot.errors import DataError
 from ibot.report import eval_result_path, write_report
+from ibot.train.metrics import MetricsLogger, read_metrics
 
 
 def _fake_run(run: Path) -> None:
@@ -62,3 +64,42 @@ def test_report_has_plots_and_every_saved_result(tmp_path: Path) -> None:
 def test_report_without_metrics_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="metrics.jsonl"):
         write_report(tmp_path)
+
+
+def test_report_of_a_killed_run_skips_its_partial_last_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    _fake_run(run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "loss": 8.')  # the write a kill cut short: no closing brace, no newline
+    with caplog.at_level(logging.WARNING, logger="ibot.train.metrics"):
+        md, _ = write_report(run)
+    assert "41.25" in md.read_text()
+    assert "partial last line" in caplog.text and "line 13" in caplog.text
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-2:] == [10, 10]  # rows before it kept
+
+
+def test_damage_before_the_last_line_is_one_line_naming_file_and_line(tmp_path: Path) -> None:
+    # Not what a kill leaves: refused rather than reported with rows silently missing.
+    path = tmp_path / "metrics.jsonl"
+    for bad in ('{"step": 2, "loss"', "[1, 2]"):  # cut short, and JSON but no row
+        path.write_text(f'{{"step": 1}}\n{bad}\n{{"step": 3}}\n')
+        with pytest.raises(DataError, match=r"metrics\.jsonl line 2: ") as info:
+            read_metrics(path)
+        assert "\n" not in str(info.value)
+    path.write_text('{"step": 1}\n\n{"step": 2}\n')  # blank lines are not damage
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_logger_of_a_resumed_run_starts_on_a_new_line(tmp_path: Path) -> None:
+    # A kill left a fragment; the resumed run's rows must not be glued onto it.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(2, {"loss": 1.5})
+    logger.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_text('{"step": 1}')  # a whole row that only lost its newline is kept
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(2, {})
+    logger.close()
+    assert read_metrics(path) == [{"step": 1}, {"step": 2}]

@@ -32,10 +32,12 @@ def test_linear_warmup() -> None:
 
 
 def test_run_schedules_at_chosen_steps() -> None:
+    # A global batch of 128, not 256: the peak is half of optim.lr (linear scaling rule), so a
+    # schedule that forgot the scaled rate (RunPlan.lr) would be caught.
     cfg = load_config(
         None,
         [
-            "data.batch_size=256",
+            "data.batch_size=128",
             "optim.lr=1e-3",
             "optim.min_lr=0",
             "optim.epochs=10",
@@ -44,8 +46,9 @@ def test_run_schedules_at_chosen_steps() -> None:
             "loss.warmup_teacher_temp_epochs=3",
         ],
     )
-    s = Schedules(cfg, RunPlan.derive(cfg, dataset_size=2560))  # 10 steps per epoch, 100 steps
-    assert s.lr(0) == 0.0 and s.lr(10) == pytest.approx(5e-4) and s.lr(20) == pytest.approx(1e-3)
+    s = Schedules(cfg, RunPlan.derive(cfg, dataset_size=1280))  # 10 steps per epoch, 100 steps
+    peak = 1e-3 * 128 / 256
+    assert s.lr(0) == 0.0 and s.lr(10) == pytest.approx(peak / 2) and s.lr(20) == pytest.approx(peak)
     assert s.lr(99) == pytest.approx(0.0, abs=1e-12)
     assert s.weight_decay(0) == pytest.approx(0.04) and s.weight_decay(99) == pytest.approx(0.4)
     assert s.teacher_momentum(0) == pytest.approx(0.996) and s.teacher_momentum(99) == pytest.approx(1.0)

@@ -40,20 +40,29 @@ def test_tiny_run_gives_finite_losses_and_checkpoints(tiny_config: Config) -> No
 
 
 def test_training_moves_the_student_and_the_teacher_follows(tiny_config: Config) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the loop seeds with train.seed (0) before it builds the same IBOT
     from ibot.method import IBOT
 
     init = IBOT(tiny_config.model, tiny_config.loss, 16).state_dict()
-    train(tiny_config, progress=False)
+    # The prototype layer is frozen for optim.freeze_last_layer_epochs: stop inside the freeze
+    # (its last step), then resume to the end of the run.
+    frozen_steps = int(tiny_config.optim.freeze_last_layer_epochs * 16 // tiny_config.data.batch_size)
+    assert frozen_steps == 4  # 16 images / batch 4, one epoch: the run's first half
+    train(_with(tiny_config, max_steps=frozen_steps), progress=False)
+    frozen = load_checkpoint(Path(tiny_config.train.output_dir) / CHECKPOINT_NAME)["method"]
+    train(tiny_config, resume=True, progress=False)
     final = load_checkpoint(Path(tiny_config.train.output_dir) / CHECKPOINT_NAME)["method"]
     key = "blocks.0.attn.qkv.weight"
-    assert not torch.equal(init[f"student.backbone.vit.{key}"], final[f"student.backbone.vit.{key}"])
-    assert not torch.equal(init[f"teacher.backbone.vit.{key}"], final[f"teacher.backbone.vit.{key}"])
-    # the prototype layer was frozen for the first epoch (4 steps) then trained
-    assert not torch.equal(
-        init["student.head.last_layer.parametrizations.weight.original1"],
-        final["student.head.last_layer.parametrizations.weight.original1"],
-    )
+    for state in (frozen, final):
+        assert not torch.equal(init[f"student.backbone.vit.{key}"], state[f"student.backbone.vit.{key}"])
+        assert not torch.equal(init[f"teacher.backbone.vit.{key}"], state[f"teacher.backbone.vit.{key}"])
+    # Untouched through the frozen steps (no gradient step, no weight decay, so the teacher's
+    # EMA of it stays put too), then trained.
+    prototypes = "head.last_layer.parametrizations.weight.original1"
+    for branch in ("student", "teacher"):
+        assert torch.equal(init[f"{branch}.{prototypes}"], frozen[f"{branch}.{prototypes}"]), branch
+    assert not torch.equal(frozen[f"student.{prototypes}"], final[f"student.{prototypes}"])
+    assert not torch.equal(frozen[f"teacher.{prototypes}"], final[f"teacher.{prototypes}"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -71,6 +71,8 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0: no limit)")
         _check(self.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
+        for key in ("global_crop_size", "local_crop_size"):
+            _check(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
         for key in ("global_crop_scale", "local_crop_scale"):
             lo, hi = getattr(self, key)
             _check(0 < lo <= hi <= 1, f"data.{key}", "must satisfy 0 < min <= max <= 1")
@@ -79,6 +81,7 @@ class DataConfig:
         _check(all(0 <= p <= 1 for p in self.global_blur_prob), "data.global_blur_prob", "must be in [0, 1]")
         _check(all(v >= 0 for v in self.color_jitter), "data.color_jitter", "must be >= 0")
         _check(self.color_jitter[3] <= 0.5, "data.color_jitter", "hue must be <= 0.5")
+        _check(all(s > 0 for s in self.std), "data.std", "must be > 0 (the normalisation divides by it)")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class MaskConfig:
             "mask.ratio",
             "ratio +/- ratio_var must stay within [0, 1)",
         )
+        _check(self.min_block_patches >= 1, "mask.min_block_patches", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ class ModelConfig:
         _check(self.stem_convs_per_stage >= 1, "model.stem_convs_per_stage", "must be >= 1")
         _check(self.out_dim >= 2, "model.out_dim", "must be >= 2")
         _check(self.head_layers >= 1, "model.head_layers", "must be >= 1")
+        for key in ("head_hidden_dim", "head_bottleneck_dim"):
+            _check(getattr(self, key) >= 1, f"model.{key}", "must be >= 1")
         _check(0 <= self.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
 
 
@@ -179,7 +185,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
             _check(getattr(self, key) > 0, f"loss.{key}", "must be > 0")
+        _check(self.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", "must be >= 0")
         _check(0 <= self.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+        for key in ("cls_weight", "patch_weight"):
+            _check(getattr(self, key) >= 0, f"loss.{key}", "must be >= 0")
         for key in ("cls_centering", "patch_centering"):
             _check(getattr(self, key) in CENTERINGS, f"loss.{key}", f"must be one of {', '.join(CENTERINGS)}")
         _check(self.koleo_weight >= 0, "loss.koleo_weight", "must be >= 0")
@@ -205,8 +214,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "optim.epochs", "must be > 0")
         _check(self.lr > 0, "optim.lr", "must be > 0")
-        _check(0 <= self.momentum_teacher <= 1, "optim.momentum_teacher", "must be in [0, 1]")
+        # The cosine runs from lr down to min_lr: a floor above the peak would make it climb.
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        for key in ("warmup_epochs", "freeze_last_layer_epochs", "weight_decay", "weight_decay_end"):
+            _check(getattr(self, key) >= 0, f"optim.{key}", "must be >= 0")
+        for key in ("momentum_teacher", "momentum_teacher_end"):
+            _check(0 <= getattr(self, key) <= 1, f"optim.{key}", "must be in [0, 1]")
         _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -250,7 +265,9 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp"), "train.parallel", "must be 'ddp' or 'fsdp'")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
-        _check(self.budget_minutes >= 0, "train.budget_minutes", "must be >= 0")
+        _check(self.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
+        for key in ("budget_minutes", "max_minutes", "max_steps"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = no limit)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(self.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", "must be >= 0")
 
@@ -297,10 +314,14 @@ class EvalConfig:
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
         _check(self.image_size >= 0, "eval.image_size", "must be >= 0 (0 = data.global_crop_size)")
+        _check(len(self.knn_k) > 0, "eval.knn_k", "needs at least one k")
         _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
-        _check(len(self.probes) > 0 and len(self.probe_lrs) > 0, "eval.probes", "needs probes and probe_lrs")
+        _check(self.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+        _check(len(self.probes) > 0, "eval.probes", "needs at least one probe")
+        _check(len(self.probe_lrs) > 0, "eval.probe_lrs", "needs at least one lr")
         _check(all(lr > 0 for lr in self.probe_lrs), "eval.probe_lrs", "every lr must be > 0")
-        _check(self.probe_epochs >= 1 and self.probe_batch_size >= 1, "eval.probe_epochs", "epochs and batch >= 1")
+        for key in ("batch_size", "probe_batch_size", "probe_epochs"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.probe_val_fraction < 1, "eval.probe_val_fraction", "must be in (0, 1)")
         for key in ("dense_grid", "dense_train_mosaics", "dense_test_mosaics", "robustness_images"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
@@ -323,9 +344,13 @@ class FinetuneConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0 and self.lr > 0, "finetune.epochs", "epochs and lr must be > 0")
+        for key in ("epochs", "lr"):
+            _check(getattr(self, key) > 0, f"finetune.{key}", "must be > 0")
         _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
         _check(0 <= self.drop_path < 1, "finetune.drop_path", "must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "finetune.label_smoothing", "must be in [0, 1)")
+        for key in ("weight_decay", "mixup", "cutmix", "warmup_epochs", "num_workers"):
+            _check(getattr(self, key) >= 0, f"finetune.{key}", "must be >= 0")
         _check(self.batch_size >= 2, "finetune.batch_size", "must be >= 2 (mixup mixes pairs)")
 
 
@@ -342,6 +367,24 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section checks its own values)."""
+        # A crop that is no multiple of the patch size loses its border pixels to the patch
+        # embedding's stride without a word; local crops count only when there are any.
+        patch = self.model.patch_size
+        sizes = {"data.global_crop_size": self.data.global_crop_size, "eval.image_size": self.eval.image_size}
+        if self.data.num_local_crops:
+            sizes["data.local_crop_size"] = self.data.local_crop_size
+        for key, size in sizes.items():
+            _check(size % patch == 0, key, f"{size} is no multiple of model.patch_size ({patch})")
+        # KoLeo pushes each [cls] token from its nearest neighbour in the process's batch:
+        # with one image per process there is no neighbour.
+        _check(
+            self.loss.koleo_weight == 0 or self.data.batch_size >= 2,
+            "loss.koleo_weight",
+            "KoLeo needs data.batch_size >= 2 (a nearest neighbour per process)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
