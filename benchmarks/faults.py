@@ -21,10 +21,12 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +204,8 @@ def free_port() -> int:
 
 def torchrun_cmd(config: Path, out: Path, steps: int) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ibot", "pretrain"]
+    # c10d rendezvous: with the static one, gloo cannot reconnect after a restart (see README)
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "ibot", "pretrain"]
     cmd += ["--config", str(config), "--no-progress", *overrides(out, steps), "data.batch_size=16", "train.threads=1"]
     return cmd
 
@@ -239,6 +242,60 @@ def torchrun_kill(config: Path, work: Path, steps: int, seed: int) -> Row:
     return row
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height``: a decompression bomb for any reader that trusts it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def hostile_folder(base: Path, per_class: int = 40) -> Path:
+    """Three classes of embedded CIFAR-10 JPEGs and every kind of trouble a user's folder holds."""
+    root = base / "messy"
+    for name in ("airplane", "cat", "ship"):
+        (root / name).mkdir(parents=True)
+        for src in sorted((SAMPLE / name).glob("*.jpg"))[:per_class]:
+            shutil.copy(src, root / name / src.name)
+    good = next((root / "cat").glob("*.jpg")).read_bytes()
+    (root / "cat" / "loop").symlink_to("..")  # the loop that multiplied a folder 40 times
+    (root / "ship" / "up").symlink_to("../..")  # a link above the root
+    (root / "ship" / "gone.jpg").symlink_to(base / "nowhere.jpg")
+    (root / "ship" / "album.jpg").mkdir()  # a directory named like an image
+    (root / "airplane" / "empty.jpg").write_bytes(b"")
+    (root / "airplane" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    (root / "airplane" / "notes.jpg").write_text("not a picture\n")
+    (root / "cat" / "bomb.png").write_bytes(_png_header(30_000, 30_000))
+    return root
+
+
+def hostile_commands(work: Path) -> list[tuple[str, int, str]]:
+    """Every image-reading command on the messy folder: (command, exit code, its line about skipped files)."""
+    folder, run = hostile_folder(work), work / "messy_run"
+    config = work / "empty.yaml"
+    tiny = ["model.arch=vit_pico", "model.patch_size=4", "model.out_dim=64", "data.global_crop_size=32"]
+    tiny += ["data.local_crop_size=16", "data.batch_size=16", "data.num_workers=0", "data.index_cache="]
+    evals = ["eval.probe_epochs=1", "eval.dense_train_mosaics=16", "eval.dense_test_mosaics=8", "eval.crop_ratio=1"]
+    evals += ["eval.robustness_images=8", "finetune.epochs=1", "finetune.batch_size=16", "finetune.num_workers=0"]
+    where = ["--train-dir", str(folder), "--test-dir", str(folder), "--no-progress"]
+    commands = {
+        "pretrain": ["pretrain", "--config", str(config), "--no-progress", f"data.path={folder}", *tiny]
+        + ["train.max_steps=4", f"train.output_dir={run}", f"eval.train_path={folder}", f"eval.test_path={folder}"]
+        + ["eval.monitor_every_minutes=60", "eval.monitor_train_images=40", "eval.monitor_test_images=20"],
+        **{f"eval {c}": ["eval", c, str(run), *where, *evals] for c in ("knn", "probe", "robustness", "dense")},
+        "eval finetune": ["eval", "finetune", str(run), *where, *evals],
+        "visualize attention": ["visualize", "attention", str(run), "--images", str(folder)],
+    }
+    rows = []
+    for name, args in commands.items():
+        done = subprocess.run([sys.executable, "-m", "ibot", *args], capture_output=True, text=True)
+        said = [line.split(" ", 1)[-1] for line in (done.stdout + done.stderr).splitlines() if "skipped" in line]
+        rows.append((name, done.returncode, " / ".join(said) or done.stderr.strip()[-200:]))
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     print("| fault | tries | runs resumed | parameters bit-identical | orphaned bytes | wall time s | note |")
     print("|---|---|---|---|---|---|---|")
@@ -254,7 +311,7 @@ def main() -> None:
     parser.add_argument("--write-kills", type=int, default=10, help="SIGKILLs while a checkpoint is written")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="*", default=["random", "write", "sigterm", "enospc", "torchrun"])
+    parser.add_argument("--only", nargs="*", default=["random", "write", "sigterm", "enospc", "torchrun", "hostile"])
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="ibot-faults-"))
@@ -282,6 +339,10 @@ def main() -> None:
         if "torchrun" in args.only:
             rows.append(torchrun_kill(config, work, 12, args.seed))
         print_table(rows)
+        if "hostile" in args.only:
+            print("\n| command on a messy folder | exit | what it printed about skipped files |\n|---|---|---|")
+            for name, code, said in hostile_commands(work):
+                print(f"| {name} | {code} | {said} |")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -241,8 +241,10 @@ def _free_port() -> int:
 
 
 def _torchrun(tmp_path: Path, entry: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
+    # The c10d rendezvous: after a restart, the static one (--master_port) hands gloo the dead
+    # workers' addresses and every connection is refused (torch 2.14, measured).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *entry]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *entry]
     cmd += ["pretrain", "--config", _empty_config(tmp_path), "--no-progress", *overrides, "train.threads=1"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
