@@ -140,8 +140,11 @@ class CheckpointStore:
         fails, e.g. on a full disk; the previous checkpoints are untouched then.
         """
         path = self.folder / step_checkpoint_name(step)
-        write_or_explain(path, step, lambda tmp: torch.save(state, tmp))
-        self._point_at(path)
+        try:
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            self._point_at(path)
+        except OSError as exc:
+            raise _write_error(path, step, exc) from None
         older = [p for s, p in self.step_paths() if s < step]
         for old in older[self.keep - 1 :]:
             old.unlink(missing_ok=True)
@@ -175,15 +178,12 @@ class CheckpointStore:
         return None
 
 
-def write_or_explain(path: Path, step: int, write: Any) -> None:
-    """``atomic_write``; an ``OSError`` (ENOSPC, EIO, EACCES, ...) becomes a one-line ``CheckpointWriteError``."""
-    try:
-        atomic_write(path, write)
-    except OSError as exc:
-        cause = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
-        raise CheckpointWriteError(
-            f"{path}: could not write it at step {step} ({cause}); the previous checkpoint is intact"
-        ) from None
+def _write_error(path: Path, step: int, exc: OSError) -> CheckpointWriteError:
+    """One line for an ``OSError`` (ENOSPC, EIO, EACCES, ...) while saving: the file, the step, the cause."""
+    cause = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+    return CheckpointWriteError(
+        f"{path}: could not write it at step {step} ({cause}); the previous checkpoint is intact"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -199,7 +199,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def save_backbone(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any], step: int = 0) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     metadata = {"format": "ibot-backbone", "config": json.dumps(config)}
-    write_or_explain(Path(path), step, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
+    try:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
+    except OSError as exc:
+        raise _write_error(Path(path), step, exc) from None
 
 
 def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
