@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder, tiny_overrides
 from ibot.cli import main
 from ibot.demo import Scores, format_demo, verdict
+
+from conftest import make_image_folder, tiny_overrides
 
 
 def _demo(tmp_path: Path, *args: str) -> Path:

@@ -79,7 +79,9 @@ def format_demo(teacher: Scores, random_init: Scores, ks: tuple[int, ...]) -> st
 def verdict(teacher: Scores, random_init: Scores, k: int) -> str:
     """One sentence: the teacher's lead at ``k`` against the largest seed-to-seed spread measured."""
     gain = teacher.mean(k) - random_init.mean(k)
-    spreads = [(s.std(k), name) for s, name in ((random_init, "random init"), (teacher, "teacher")) if s.std(k) is not None]
+    spreads = [
+        (s.std(k), name) for s, name in ((random_init, "random init"), (teacher, "teacher")) if s.std(k) is not None
+    ]
     if not spreads:
         return f"k={k}: teacher - random init = {gain:+.2f} points (one seed each: no spread measured)"
     spread, name = max(spreads)
@@ -133,10 +135,10 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
     """
     import logging
 
+    from ibot import visualize
     from ibot.eval.features import frozen_backbone, load_frozen_backbone
     from ibot.report import write_report
     from ibot.train.loop import train
-    from ibot import visualize
 
     logger = logging.getLogger("ibot")
     base = cfg.train.seed
