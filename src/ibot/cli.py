@@ -11,6 +11,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ibot.errors import IBOTError
@@ -195,23 +196,24 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ibot.config import load_config
-    from ibot.eval import commands
-    from ibot.train.loop import train
+    from ibot.demo import REPORT_K, run_demo, verdict
 
+    start = time.monotonic()
     cfg = load_config(args.config, list(args.overrides))
-    logger.info("demo: iBOT pre-training on %s for %s epochs", cfg.data.path, cfg.optim.epochs)
-    result = train(cfg, resume=False, progress=not args.no_progress)
-    logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
-    weights = str(Path(cfg.train.output_dir))
-    results = [
-        commands.run_knn(weights, "", "", random_init, [], progress=not args.no_progress)
-        for random_init in (False, True)
-    ]
-    results[0]["weights"] = f"iBOT teacher ({weights})"
-    results[1]["weights"] = "random init, same shape"
-    table = commands.format_knn(*results)
-    (Path(cfg.train.output_dir) / "knn.md").write_text(table + "\n")
-    print(table)
+    if args.seeds < 1 or args.init_seeds < 1:
+        raise IBOTError("--seeds and --init-seeds must be >= 1")
+    result = run_demo(cfg, seeds=args.seeds, init_seeds=args.init_seeds, progress=not args.no_progress)
+    k = REPORT_K if REPORT_K in cfg.eval.knn_k else cfg.eval.knn_k[0]
+    print(result.table)
+    print()
+    print(verdict(result.teacher, result.random_init, k))
+    print(
+        f"time: {(time.monotonic() - start) / 60:.1f} min "
+        f"(pre-training {result.train_minutes:.1f}, k-NN {result.eval_minutes:.1f})"
+    )
+    print(f"k-NN table: {result.knn_table}")
+    print(f"report: {result.report[0]} and {result.report[1]}")
+    print(f"attention picture: {result.attention}")
     return 0
 
 
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")
     d.add_argument("--config", default="configs/demo.yaml")
+    d.add_argument("--seeds", type=int, default=1, help="pre-training seeds (train.seed, +1, ...): mean +/- std")
+    d.add_argument("--init-seeds", type=int, default=3, help="random inits to score (cheap: no training)")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=_cmd_demo)
