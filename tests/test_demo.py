@@ -63,6 +63,15 @@ def test_demo_seeds_pretrains_each_seed_and_reports_its_spread(
     assert main(["demo", "--seeds", "0", "--no-progress"]) == 2
 
 
+def test_demo_runs_again_in_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second ``ibot demo`` replaces the first one's run instead of refusing its checkpoints."""
+    _demo(tmp_path)
+    first = capsys.readouterr().out
+    run = _demo(tmp_path)
+    assert capsys.readouterr().out.split("time:")[0] == first.split("time:")[0]  # deterministic: same table
+    assert len(list(run.glob("checkpoint-*.pt"))) == 1  # the first run's are gone, not kept beside
+
+
 def test_verdict_compares_the_gain_with_the_largest_spread() -> None:
     teacher = Scores("t", (0, 1, 2), {20: [40.0, 41.0, 42.0]})  # std 1.0
     flat = Scores("r", (0, 1, 2), {20: [30.0, 30.5, 31.0]})  # std 0.5

@@ -127,6 +127,20 @@ def _save_eval(run_dir: Path, scores: Scores, random_init: bool, train_dir: str,
     path.write_text(json.dumps(result, indent=2))
 
 
+def _clear_earlier_demo(out: Path) -> None:
+    """A demo run is a fresh run: the checkpoints of an earlier ``ibot demo`` in its folder go first
+    (a new run refuses a folder that holds checkpoints, to keep a real run from being overwritten)."""
+    import logging
+
+    from ibot.train.checkpoint import CHECKPOINT_NAME, CheckpointStore
+
+    stale = CheckpointStore(out).paths()
+    if stale:
+        logging.getLogger("ibot").info("demo: replacing the earlier demo run in %s", out)
+    for path in [*stale, out / CHECKPOINT_NAME]:
+        path.unlink(missing_ok=True)
+
+
 def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = True) -> DemoResult:
     """Pre-train ``seeds`` runs (train.seed, +1, ...), then k-NN of their teachers and of ``init_seeds`` random inits.
 
@@ -151,6 +165,7 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
         out = seed_run_dir(cfg.train.output_dir, base, seed)
         seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed, output_dir=str(out)))
         logger.info("demo: pre-training seed %d on %s for %s epochs -> %s", seed, cfg.data.path, cfg.optim.epochs, out)
+        _clear_earlier_demo(out)
         result = train(seed_cfg, resume=False, progress=progress)
         logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
         runs.append(out)
