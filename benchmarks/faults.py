@@ -81,6 +81,10 @@ def has_checkpoint(out: Path) -> bool:
     return any(out.glob("checkpoint-*.pt"))
 
 
+def newest_step(out: Path) -> int:
+    return max((int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.pt")), default=0)
+
+
 def debris(out: Path, keep: int = 2) -> int:
     """Bytes a clean run would not leave: temporary files, set-aside checkpoints, checkpoints beyond ``keep``."""
     extra = sorted(out.glob("checkpoint-*.pt"))[:-keep]
@@ -123,17 +127,19 @@ def sigkills(config: Path, ref: Path, work: Path, steps: int, kills: int, during
             pretrain_cmd(config, out, steps, resume), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         if during_write:
-            ready = lambda: any(out.glob(".checkpoint-*.tmp"))  # noqa: E731
+            # Let 0-2 writes of this attempt finish, then kill inside the next one.
+            after = newest_step(out) + 3 * rng.randint(0, 2)
+            ready = lambda after=after: newest_step(out) >= after and any(out.glob(".checkpoint-*.tmp"))  # noqa: E731
         else:
-            at = time.monotonic() + rng.uniform(3.0, 12.0)  # start-up, resume and steps all get hit
+            at = time.monotonic() + rng.uniform(3.0, 20.0)  # start-up, resume and steps all get hit
             ready = lambda at=at: time.monotonic() >= at  # noqa: E731
         if not kill_when(process, ready):
             break  # it finished before the kill: start over with fewer steps left to cover
         row.tries += 1
         row.resumed += resume
         writes_hit += during_write and any(out.glob(".checkpoint-*.tmp"))
+    row.resumed += has_checkpoint(out)
     done = run_to_end(config, out, steps)
-    row.resumed += 1
     row.identical = same_weights(ref, out) if done.returncode == 0 else f"NO (exit {done.returncode})"
     row.orphaned_bytes = debris(out)
     row.seconds = time.monotonic() - t0
@@ -311,7 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs at random moments")
     parser.add_argument("--write-kills", type=int, default=10, help="SIGKILLs while a checkpoint is written")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", default=["random", "write", "sigterm", "enospc", "torchrun", "hostile"])
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one, removed)")

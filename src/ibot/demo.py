@@ -11,12 +11,15 @@ report (``ibot report``) shows them, and the report and an attention picture are
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ibot.config import Config
+
+logger = logging.getLogger("ibot")
 
 REPORT_K = 20  # the k of the one-line verdict (DINO's protocol reports k = 20)
 
@@ -130,13 +133,11 @@ def _save_eval(run_dir: Path, scores: Scores, random_init: bool, train_dir: str,
 def _clear_earlier_demo(out: Path) -> None:
     """A demo run is a fresh run: the checkpoints of an earlier ``ibot demo`` in its folder go first
     (a new run refuses a folder that holds checkpoints, to keep a real run from being overwritten)."""
-    import logging
-
     from ibot.train.checkpoint import CHECKPOINT_NAME, CheckpointStore
 
     stale = CheckpointStore(out).paths()
     if stale:
-        logging.getLogger("ibot").info("demo: replacing the earlier demo run in %s", out)
+        logger.info("demo: replacing the earlier demo run in %s", out)
     for path in [*stale, out / CHECKPOINT_NAME]:
         path.unlink(missing_ok=True)
 
@@ -147,14 +148,11 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
     Writes ``knn.md``, ``eval/knn*.json``, the report and ``pictures/attention.png`` into the
     first seed's run folder (``train.output_dir``).
     """
-    import logging
-
     from ibot import visualize
     from ibot.eval.features import frozen_backbone, load_frozen_backbone
     from ibot.report import write_report
     from ibot.train.loop import train
 
-    logger = logging.getLogger("ibot")
     base = cfg.train.seed
     train_dir, test_dir = cfg.eval.train_path or cfg.data.path, cfg.eval.test_path
     run_dir = seed_run_dir(cfg.train.output_dir, base, base)

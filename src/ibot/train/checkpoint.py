@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ CHECKPOINT_NAME = "checkpoint.pt"  # the link to the newest step checkpoint
 TEACHER_NAME = "teacher.safetensors"
 _STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt")
 _TMP_SUFFIX = ".tmp"
+_NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is taken for a full disk
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -141,7 +143,7 @@ class CheckpointStore:
         """
         path = self.folder / step_checkpoint_name(step)
         try:
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            atomic_write(path, lambda tmp: _torch_save(state, tmp))
             self._point_at(path)
         except OSError as exc:
             raise _write_error(path, step, exc) from None
@@ -176,6 +178,18 @@ class CheckpointStore:
                     os.replace(path, aside)
                 logger.warning("%s; set aside as %s, falling back to the checkpoint before it", exc, aside.name)
         return None
+
+
+def _torch_save(state: dict[str, Any], path: str) -> None:
+    """``torch.save``, whose zip writer reports a failed write (a full disk, EIO) as a RuntimeError
+    without an errno: turned into the OSError it is, ENOSPC when the disk has (almost) no room left."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc):  # not the writer: a real bug, keep its traceback
+            raise
+        full = shutil.disk_usage(Path(path).parent).free < _NEARLY_FULL
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"torch.save: {exc}") from None
 
 
 def _write_error(path: Path, step: int, exc: OSError) -> CheckpointWriteError:
