@@ -131,7 +131,7 @@ def sigkills(config: Path, ref: Path, work: Path, steps: int, kills: int, during
             after = newest_step(out) + 3 * rng.randint(0, 2)
             ready = lambda after=after: newest_step(out) >= after and any(out.glob(".checkpoint-*.tmp"))  # noqa: E731
         else:
-            at = time.monotonic() + rng.uniform(3.0, 20.0)  # start-up, resume and steps all get hit
+            at = time.monotonic() + rng.uniform(3.0, 15.0)  # start-up, resume and steps all get hit
             ready = lambda at=at: time.monotonic() >= at  # noqa: E731
         if not kill_when(process, ready):
             break  # it finished before the kill: start over with fewer steps left to cover

@@ -67,3 +67,9 @@ def test_a_signal_saves_at_once_and_the_end_wins_over_it() -> None:
     cadence = Cadence(log_every=10, checkpoint_every=100)
     assert _run(cadence, total=50, signal_at=13)[-1] == (13, True, True, False, SIGNAL)
     assert _run(cadence, total=13, signal_at=13)[-1][-1] == END
+
+
+def test_a_run_at_its_last_step_is_finished() -> None:
+    cadence = Cadence(log_every=5, checkpoint_every=100, max_steps=7)
+    assert [s for s in range(10) if cadence.finished(s, total_steps=9)] == [7, 8, 9]
+    assert Cadence(log_every=5, checkpoint_every=100).finished(9, total_steps=9)

@@ -128,6 +128,16 @@ def test_resume_needs_a_checkpoint_and_a_new_run_refuses_an_old_ones(tiny_config
         train(tiny_config, progress=False)
 
 
+def test_resuming_a_run_that_reached_max_steps_trains_no_further(tiny_config: Config) -> None:
+    cfg = _with(tiny_config, max_steps=3)
+    train(cfg, progress=False)
+    out = Path(cfg.train.output_dir)
+    before = (out / CHECKPOINT_NAME).resolve().read_bytes()
+    assert train(cfg, resume=True, progress=False).step == 3
+    assert _files(out) == ["checkpoint-00000003.pt", CHECKPOINT_NAME]
+    assert (out / CHECKPOINT_NAME).resolve().read_bytes() == before
+
+
 def test_a_resumed_run_logs_each_step_once(tiny_config: Config) -> None:
     cfg = _with(tiny_config, checkpoint_every=2)
     train(_with(cfg, max_steps=4), progress=False)

@@ -49,6 +49,10 @@ class Cadence:
             cfg.eval.monitor_every_minutes,
         )
 
+    def finished(self, step: int, total_steps: int) -> bool:
+        """Whether a run at ``step`` (e.g. resumed from its last checkpoint) has no step left to train."""
+        return step >= total_steps or 0 < self.max_steps <= step
+
     def reads_clock(self, step: int, total_steps: int) -> bool:
         """Whether ``after_step`` needs the training minutes at ``step``: log steps of a timed run, and the
         estimated end of a budget (which moves on if the pace picked up)."""

@@ -465,7 +465,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bo
     with StopRequests() as requests:
         try:
             for batch in s.loader:
-                if s.step >= s.plan.total_steps:
+                if s.cadence.finished(s.step, s.plan.total_steps):  # a finished run resumed: nothing to do
                     break
                 s.skipped_images.extend(batch.skipped if batch is not None else ())
                 if batch is None or batch.batch_size == 0:
