@@ -116,6 +116,23 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> bool:  
     return False
 
 
+def _logged_steps(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.is_file() else 0
+
+
+def _after_first_step(out: Path, seconds: float):  # type: ignore[no-untyped-def]
+    """A ``ready()`` that turns true ``seconds`` after the run logs its next step."""
+    start, first = _logged_steps(out), [0.0]
+
+    def ready() -> bool:
+        if not first[0] and _logged_steps(out) > start:
+            first[0] = time.monotonic()
+        return bool(first[0]) and time.monotonic() >= first[0] + seconds
+
+    return ready
+
+
 def sigkills(config: Path, ref: Path, work: Path, steps: int, kills: int, during_write: bool, seed: int) -> Row:
     """Kill the run ``kills`` times (at random moments, or while a checkpoint is being written), then finish it."""
     row = Row("SIGKILL during checkpoint writes" if during_write else "SIGKILL at random moments")
@@ -130,9 +147,11 @@ def sigkills(config: Path, ref: Path, work: Path, steps: int, kills: int, during
             # Let 0-2 writes of this attempt finish, then kill inside the next one.
             after = newest_step(out) + 3 * rng.randint(0, 2)
             ready = lambda after=after: newest_step(out) >= after and any(out.glob(".checkpoint-*.tmp"))  # noqa: E731
-        else:
-            at = time.monotonic() + rng.uniform(3.0, 15.0)  # start-up, resume and steps all get hit
+        elif rng.random() < 0.25:  # in start-up or resume, whatever the host's speed
+            at = time.monotonic() + rng.uniform(0.5, 6.0)
             ready = lambda at=at: time.monotonic() >= at  # noqa: E731
+        else:  # in training: a random time after this attempt's first step
+            ready = _after_first_step(out, rng.uniform(0.0, 12.0))
         if not kill_when(process, ready):
             break  # it finished before the kill: start over with fewer steps left to cover
         row.tries += 1
