@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,10 @@ def tiny_overrides(data_path: Path, output_dir: Path) -> list[str]:
 @pytest.fixture
 def tiny_config(image_folder: Path, tmp_path: Path) -> Config:
     return load_config(None, tiny_overrides(image_folder, tmp_path / "run"))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,7 @@ from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 
-from conftest import tiny_overrides
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conftest import free_port, tiny_overrides
 
 
 def _torchrun_pretrain(tmp_path: Path, overrides: list[str]) -> None:
@@ -41,7 +34,7 @@ def _torchrun_pretrain(tmp_path: Path, overrides: list[str]) -> None:
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "ibot",
         "pretrain",

@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 from ibot.train.signals import StopRequests
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 TESTS = Path(__file__).parent
 
@@ -259,17 +258,11 @@ def test_one_non_finite_step_too_many_stops_the_run(tiny_config: Config, monkeyp
         train(_with(tiny_config, skip_nonfinite_steps=1), progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(tmp_path: Path, entry: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
     # The c10d rendezvous: after a restart, the static one (--master_port) hands gloo the dead
     # workers' addresses and every connection is refused (torch 2.14, measured).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2"]
-    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *entry]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *entry]
     cmd += ["pretrain", "--config", _empty_config(tmp_path), "--no-progress", *overrides, "train.threads=1"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 

@@ -25,7 +25,7 @@ def one_patch_tokens(num: int, seed: int, classes: int = 4, patches: int = 16, d
     where = torch.randint(0, patches, (num,), generator=g)
     tokens[torch.arange(num), where] += 4 * marker + 4 * class_dirs[labels]
     cls = torch.randn(num, 4, dim, generator=g)
-    return Features(cls=cls, labels=labels, skipped=0, patches=tokens.half())
+    return Features(cls=cls, labels=labels, patches=tokens.half())
 
 
 def test_attention_pooling_finds_the_patch_that_carries_the_label() -> None:
@@ -55,9 +55,9 @@ def test_learning_rate_is_picked_on_validation() -> None:
     labels = torch.randint(0, 3, (600,), generator=g)
     cls = torch.randn(600, 1, 8, generator=g)
     cls[:, 0, :3] += 3 * torch.nn.functional.one_hot(labels, 3)
-    data = Features(cls=cls, labels=labels, skipped=0, patches=torch.randn(600, 4, 8, generator=g).half())
+    data = Features(cls=cls, labels=labels, patches=torch.randn(600, 4, 8, generator=g).half())
     train, test = (
-        Features(f.cls[s], f.labels[s], 0, f.patches[s]) for f, s in ((data, slice(0, 400)), (data, slice(400, 600)))
+        Features(f.cls[s], f.labels[s], f.patches[s]) for f, s in ((data, slice(0, 400)), (data, slice(400, 600)))
     )
     (result,) = train_probes(train, test, ("cls",), lrs=(1e-7, 3e-2), epochs=10, batch_size=32, progress=False)
     assert result.lr == 3e-2 and result.test_top1 > 95 and result.val_top1 > 95

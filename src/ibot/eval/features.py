@@ -29,15 +29,18 @@ class Features:
     """Frozen tokens of a labelled folder, after the final norm.
 
     ``cls`` (X, L, D) fp32: [cls] of the last L blocks, the last block last; ``patches``
-    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skipped``: how
-    many files were left out; ``skips``: which, and why (scan and decoding).
+    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skips``: the
+    files left out, and why (scan and decoding).
     """
 
     cls: torch.Tensor
     labels: torch.Tensor
-    skipped: int
     patches: torch.Tensor | None = None
     skips: tuple[Skip, ...] = ()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skips)
 
     @property
     def last_cls(self) -> torch.Tensor:
@@ -177,7 +180,6 @@ def extract_features(
     features = Features(
         torch.cat(cls_parts),
         torch.cat(labels),
-        len(skips),
         torch.cat(patch_parts) if patches else None,
         tuple(skips.sorted()),
     )
@@ -216,7 +218,7 @@ def _write_cache(path: Path, features: Features) -> None:
     tensors = {"cls": features.cls, "labels": features.labels}
     if features.patches is not None:
         tensors["patches"] = features.patches
-    metadata = {"skipped": str(features.skipped), "skips": json.dumps([list(s) for s in features.skips])}
+    metadata = {"skips": json.dumps([list(s) for s in features.skips])}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -227,5 +229,4 @@ def _read_cache(path: Path) -> Features:
         metadata = f.metadata() or {}
     skips = tuple(Skip(*s) for s in json.loads(metadata.get("skips", "[]")))
     tensors = load_file(str(path))
-    skipped = int(metadata.get("skipped", len(skips)))
-    return Features(tensors["cls"], tensors["labels"], skipped, tensors.get("patches"), skips)
+    return Features(tensors["cls"], tensors["labels"], tensors.get("patches"), skips)
