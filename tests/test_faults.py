@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -24,9 +23,8 @@ from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 from ibot.train.signals import StopRequests
 
-from conftest import free_port, tiny_overrides
+from conftest import tiny_overrides
 
-TESTS = Path(__file__).parent
 
 
 def _with(cfg: Config, **train_fields: object) -> Config:
@@ -256,26 +254,3 @@ def test_one_non_finite_step_too_many_stops_the_run(tiny_config: Config, monkeyp
     _nan_at({3, 5}, monkeypatch)
     with pytest.raises(NonFiniteLossError, match="more than train.skip_nonfinite_steps=1"):
         train(_with(tiny_config, skip_nonfinite_steps=1), progress=False)
-
-
-def _torchrun(tmp_path: Path, entry: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
-    # The c10d rendezvous: after a restart, the static one (--master_port) hands gloo the dead
-    # workers' addresses and every connection is refused (torch 2.14, measured).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "2"]
-    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *entry]
-    cmd += ["pretrain", "--config", _empty_config(tmp_path), "--no-progress", *overrides, "train.threads=1"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(image_folder: Path, tmp_path: Path) -> None:
-    common = ["train.device=cpu", "train.checkpoint_every=2", "data.batch_size=2"]  # 8 steps of 2 x 2 images
-    full = _torchrun(tmp_path, ["-m", "ibot"], tiny_overrides(image_folder, tmp_path / "full") + common)
-    assert full.returncode == 0, full.stderr[-3000:]
-    run = tmp_path / "killed"
-    # Rank 1 kills itself before its 6th step (index 5): checkpoints at 2 and 4 exist then.
-    killed = _torchrun(tmp_path, [str(TESTS / "kill_worker.py"), "5"], tiny_overrides(image_folder, run) + common)
-    assert killed.returncode == 0, killed.stderr[-3000:]
-    assert "resumed from" in killed.stderr and "checkpoint-00000004.pt" in killed.stderr
-    _assert_same_weights(tmp_path / "full", run)
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 9))
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
