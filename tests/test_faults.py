@@ -26,7 +26,6 @@ from ibot.train.signals import StopRequests
 from conftest import tiny_overrides
 
 
-
 def _with(cfg: Config, **train_fields: object) -> Config:
     return replace(cfg, train=replace(cfg.train, **train_fields))
 
