@@ -32,6 +32,7 @@ ARCHS: dict[str, dict[str, int]] = {
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
 RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
+PIPELINES = ("pil", "device")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class DataConfig:
     # Images of more pixels are skipped unread (PIL's decompression-bomb limit, the
     # default of ibot.data.decode.DEFAULT_MAX_PIXELS); 0 = no limit.
     max_image_pixels: int = 89_478_485
+    # Where the augmentations run. "pil": all of them in the loader workers (torchvision on PIL
+    # images, the official pipeline). "device": the workers decode (at reduced size where the
+    # crops allow) and cut uint8 crops; flip, colour jitter, grayscale, blur, solarize and
+    # normalisation run batched on the training device, every random draw still made from the
+    # image's seed (ibot.data.crop_plan, ibot.data.photometric).
+    pipeline: str = "pil"
     batch_size: int = 64  # per process
     num_workers: int = 4
     global_crop_size: int = 224
@@ -67,6 +74,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.format in ("auto", "folder", "shards"), "data.format", "must be auto, folder or shards")
+        _check(self.pipeline in PIPELINES, "data.pipeline", f"must be one of {', '.join(PIPELINES)}")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.max_image_pixels >= 0, "data.max_image_pixels", "must be >= 0 (0: no limit)")

@@ -26,6 +26,9 @@ class Batch:
         skipped: the images dropped from this batch, each with its reason.
         mask_indices: (M,) int64 flat indices of ``mask`` (``mask.flatten().nonzero()``), made by
             the collate in the loader workers so the step needs no host sync to gather tokens.
+        global_params, local_params: with ``data.pipeline=device``, the crops are uint8 and these
+            hold each crop's augmentation parameters, crop-major like the crops; they stay on
+            the CPU (``to`` leaves them) until ``ibot.data.photometric.DeviceAugment`` applies them.
     """
 
     global_crops: torch.Tensor
@@ -34,6 +37,8 @@ class Batch:
     labels: torch.Tensor
     skipped: tuple[Skip, ...] = field(default_factory=tuple)
     mask_indices: torch.Tensor | None = None
+    global_params: torch.Tensor | None = None
+    local_params: torch.Tensor | None = None
 
     def masked_indices(self) -> torch.Tensor:
         """Flat indices of the masked patches in (G*B*N) order."""
@@ -86,7 +91,13 @@ class MultiCropCollate:
         per_image = [self._image_masks(s.seed, num_global) for s in samples]  # B x (G, N)
         mask = torch.stack(per_image, dim=1).flatten(0, 1)  # (G*B, N), crop-major like the crops
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-        return Batch(global_crops, local_crops, mask, labels, skipped, mask.flatten().nonzero().flatten())
+        params = {}
+        if crops[0].global_params is not None:
+            params = {
+                "global_params": torch.stack([c.global_params for c in crops], dim=1).flatten(0, 1),
+                "local_params": torch.stack([c.local_params for c in crops], dim=1).flatten(0, 1),
+            }
+        return Batch(global_crops, local_crops, mask, labels, skipped, mask.flatten().nonzero().flatten(), **params)
 
     def _image_masks(self, seed: int | None, num_global: int) -> torch.Tensor:
         """(G, N) masks of one image, from its own seed when it has one."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,15 @@ from ibot.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFolderIndex", "Sample", "load_rgb", "transform_seeded"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "ImageFolderIndex",
+    "Sample",
+    "decode_view",
+    "load_rgb",
+    "transform_seeded",
+]
 
 
 def transform_seeded(transform: Callable[[Image.Image], Any], image: Image.Image, seed: int | None) -> Any:
@@ -38,6 +47,26 @@ def transform_seeded(transform: Callable[[Image.Image], Any], image: Image.Image
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int, seed: int | None) -> Any:
+    """Decode ``source`` and apply ``transform``: its view of the image, or a ``Skip``.
+
+    A transform with ``plan`` and ``cut`` (``ibot.data.crop_plan.DeviceMultiCrop``) draws its
+    crops from the seed and the stored size first, so the decoder can reduce the image.
+    """
+    if not hasattr(transform, "plan"):
+        image = decode_rgb(source, name, max_pixels)
+        return image if isinstance(image, Skip) else transform_seeded(transform, image, seed)
+    seed = random.getrandbits(63) if seed is None else seed
+    plans = []
+
+    def draft(stored_size: tuple[int, int]) -> tuple[int, int]:
+        plans.append(transform.plan(stored_size, seed))
+        return plans[0].draft_size()
+
+    image = decode_rgb(source, name, max_pixels, draft)
+    return image if isinstance(image, Skip) else transform.cut(image, plans[0])
 
 
 def _fingerprint(root: Path) -> list[list]:
@@ -151,10 +180,8 @@ class ImageFolder(Dataset):
         """``key`` is an index, or (index, seed) from ``InfiniteSampler`` for seeded augmentation."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         path = self.index.paths[i]
-        image = decode_rgb(path, path, self.max_pixels)
-        if isinstance(image, Skip):
-            self.skips.add(image)  # in a loader worker this copy is lost: the collate passes it on
-            return image
-        return Sample(
-            index=i, view=transform_seeded(self.transform, image, seed), label=self.index.labels[i], seed=seed
-        )
+        view = decode_view(self.transform, path, path, self.max_pixels, seed)
+        if isinstance(view, Skip):
+            self.skips.add(view)  # in a loader worker this copy is lost: the collate passes it on
+            return view
+        return Sample(index=i, view=view, label=self.index.labels[i], seed=seed)

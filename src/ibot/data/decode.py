@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -32,8 +33,18 @@ def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
         return _to_rgb(img)
 
 
-def decode_rgb(source: str | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | Skip:
-    """The RGB image in ``source`` (a file path or the file's bytes), or ``Skip(name, reason)``."""
+Draft = Callable[[tuple[int, int]], tuple[int, int] | None]
+
+
+def decode_rgb(
+    source: str | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Draft | None = None
+) -> Image.Image | Skip:
+    """The RGB image in ``source`` (a file path or the file's bytes), or ``Skip(name, reason)``.
+
+    ``draft(stored size)`` may name the smallest size the caller needs: a JPEG is then decoded
+    at 1/2, 1/4 or 1/8 scale when that still covers it (libjpeg's DCT scaling, far cheaper than
+    decoding in full and resizing); other formats decode in full.
+    """
     try:
         if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
             return Skip(name, EMPTY)
@@ -44,6 +55,9 @@ def decode_rgb(source: str | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 if max_pixels and img.width * img.height > max_pixels:
                     return Skip(name, TOO_MANY_PIXELS)  # known from the header: nothing decoded yet
+                wanted = draft(img.size) if draft is not None else None
+                if wanted is not None:
+                    img.draft(None, wanted)
                 img.load()
                 return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ibot.config import Config, DataConfig, MaskConfig
 from ibot.data.collate import MultiCropCollate
+from ibot.data.crop_plan import DeviceMultiCrop
 from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
 from ibot.data.decode import DEFAULT_MAX_PIXELS
 from ibot.data.shards import TarShards
@@ -85,8 +86,13 @@ def training_mask_config(cfg: Config) -> MaskConfig:
 def build_train_loader(
     cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
 ) -> tuple[DataLoader, Dataset]:
-    """Multi-crop, masked pre-training batches over ``cfg.data.path``."""
-    dataset = dataset_from_config(cfg.data.path, MultiCropTransform(cfg.data), cfg.data)
+    """Multi-crop, masked pre-training batches over ``cfg.data.path``.
+
+    With ``data.pipeline=device`` the batches hold uint8 crops and their parameters, for
+    ``ibot.data.photometric.DeviceAugment`` to finish on the training device.
+    """
+    transform = DeviceMultiCrop(cfg.data) if cfg.data.pipeline == "device" else MultiCropTransform(cfg.data)
+    dataset = dataset_from_config(cfg.data.path, transform, cfg.data)
     grid = cfg.data.global_crop_size // cfg.model.patch_size
     sampler = InfiniteSampler(len(dataset), cfg.train.seed, rank, world_size, start_sample)
     loader = DataLoader(

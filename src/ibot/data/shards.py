@@ -20,8 +20,8 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, transform_seeded
-from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_rgb
+from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, decode_view
+from ibot.data.decode import DEFAULT_MAX_PIXELS
 from ibot.data.index_cache import cache_path, read_cache, write_cache
 from ibot.data.skips import UNREADABLE, Skip, SkipLog
 from ibot.errors import DataError
@@ -108,10 +108,10 @@ class TarShards(Dataset):
                 f.seek(entry.offset)
                 data = f.read(entry.size)
         except OSError:
-            image: Image.Image | Skip = Skip(where, UNREADABLE)
+            view = Skip(where, UNREADABLE)
         else:
-            image = decode_rgb(data, where, self.max_pixels)
-        if isinstance(image, Skip):
-            self.skips.add(image)  # in a loader worker this copy is lost: the collate passes it on
-            return image
-        return Sample(index=i, view=transform_seeded(self.transform, image, seed), label=entry.label, seed=seed)
+            view = decode_view(self.transform, data, where, self.max_pixels, seed)
+        if isinstance(view, Skip):
+            self.skips.add(view)  # in a loader worker this copy is lost: the collate passes it on
+            return view
+        return Sample(index=i, view=view, label=entry.label, seed=seed)

@@ -21,10 +21,16 @@ from ibot.config import DataConfig
 
 @dataclass(frozen=True)
 class Crops:
-    """The views of one image: global crops (G, 3, S, S) and local crops (L, 3, s, s)."""
+    """The views of one image: global crops (G, 3, S, S) and local crops (L, 3, s, s).
+
+    Float and augmented (``data.pipeline=pil``), or uint8 with a parameter row per crop that
+    the device applies (``data.pipeline=device``: ``ibot.data.photometric``).
+    """
 
     global_crops: torch.Tensor
     local_crops: torch.Tensor
+    global_params: torch.Tensor | None = None
+    local_params: torch.Tensor | None = None
 
 
 def _blur(p: float, size: int) -> T.RandomApply:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
+from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
 from ibot.eval.monitor import KNNMonitor
@@ -301,6 +302,7 @@ class _Session:
     monitor: KNNMonitor | None  # rank 0 only, with eval.monitor_every_minutes
     bar: tqdm
     skipped_images: SkipLog  # the scan's skips, then decoding's: once per path, not per epoch
+    augment: DeviceAugment  # data.pipeline=device: the augmentations that run on the training device
     window: _Window = field(default_factory=_Window)
     warned: set[tuple[str, str]] = field(default_factory=set)
     # What the run result reports.
@@ -453,6 +455,7 @@ def _open_session(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progr
         monitor=KNNMonitor(cfg, run) if use_monitor and env.is_main else None,
         bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
         skipped_images=SkipLog(dataset.skips),
+        augment=DeviceAugment(cfg.data),
     )
 
 
@@ -472,7 +475,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bo
                     continue
                 log_monitors = (s.step + 1) % cfg.train.log_every == 0  # the steps whose metrics are logged
                 out_loss, values, grad_norm, skipped = _train_step(
-                    s.trainee, batch.to(run.device), s.step, s.schedules, run, cfg, env, log_monitors
+                    s.trainee, s.augment(batch.to(run.device)), s.step, s.schedules, run, cfg, env, log_monitors
                 )
                 s.step += 1
                 s.window.images += batch.batch_size * env.world_size
