@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,31 @@ def test_seeded_samples_are_reproducible(image_folder: Path) -> None:
     alone = collate([a]).mask
     together = collate([dataset[(5, 7)], b]).mask.view(2, 2, -1)[:, 1]
     assert torch.equal(alone, together)
+
+
+def test_device_pipeline_batches_are_uint8_until_the_device_finishes_them(image_folder: Path) -> None:
+    """Workers cut uint8 crops with a parameter row each; ``DeviceAugment`` makes the float crops the
+    model sees; an unreadable file is still skipped and passed on."""
+    from ibot.config import load_config
+    from ibot.data.loaders import build_train_loader
+    from ibot.data.photometric import NUM_PARAMS, DeviceAugment
+
+    (image_folder / "class_0" / "broken.png").write_bytes(b"\x89PNG not really")
+    overrides = [f"data.path={image_folder}", "data.index_cache=", "data.batch_size=17", "data.num_workers=0"]
+    overrides += ["data.global_crop_size=16", "data.local_crop_size=8", "data.num_local_crops=3"]
+    overrides += ["model.patch_size=4", "data.pipeline=device"]
+    cfg = load_config(None, overrides)
+    loader, _ = build_train_loader(cfg)
+    batch = next(iter(loader))
+    assert [s.path.endswith("broken.png") for s in batch.skipped] == [True]
+    assert batch.global_crops.dtype == batch.local_crops.dtype == torch.uint8
+    assert batch.global_crops.shape == (32, 3, 16, 16) and batch.local_crops.shape == (48, 3, 8, 8)
+    assert batch.global_params.shape == (32, NUM_PARAMS) and batch.local_params.shape == (48, NUM_PARAMS)
+    done = DeviceAugment(cfg.data)(batch)
+    assert done.global_crops.dtype == torch.float32 and done.global_crops.shape == (32, 3, 16, 16)
+    assert done.global_params is None and torch.equal(done.mask, batch.mask)
+    # normalised: a pixel of 0 or 255 maps to (0 - mean) / std or (1 - mean) / std at most
+    std, mean = torch.tensor(cfg.data.std), torch.tensor(cfg.data.mean)
+    assert (done.local_crops.amax(dim=(0, 2, 3)) <= (1 - mean) / std + 1e-5).all()
+    assert (done.local_crops.amin(dim=(0, 2, 3)) >= -mean / std - 1e-5).all()
+    assert DeviceAugment(replace(cfg.data, pipeline="pil"))(done) is done

@@ -64,11 +64,12 @@ def _assert_same_training(tmp_path: Path, single: str, parallel: str) -> None:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
 
 
-@pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
-def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path, centering: str) -> None:
+@pytest.mark.parametrize("centering, pipeline", [("ema", "pil"), ("sinkhorn_knopp", "pil"), ("ema", "device")])
+def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path, centering: str, pipeline: str) -> None:
     # Both centerings reduce over the global batch: sums for EMA, every Sinkhorn-Knopp marginal.
+    # The device pipeline draws its augmentations from each image's seed like the PIL one.
     common = tiny_overrides(image_folder, tmp_path / "unused")
-    common += [f"loss.cls_centering={centering}", f"loss.patch_centering={centering}"]
+    common += [f"loss.cls_centering={centering}", f"loss.patch_centering={centering}", f"data.pipeline={pipeline}"]
     single = load_config(None, common + ["data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"])
     train(single, progress=False)
     _torchrun_pretrain(tmp_path, common + ["data.batch_size=4", f"train.output_dir={tmp_path / 'ddp'}"])

@@ -65,10 +65,10 @@ def test_training_moves_the_student_and_the_teacher_follows(tiny_config: Config)
     assert not torch.equal(frozen[f"teacher.{prototypes}"], final[f"teacher.{prototypes}"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(image_folder: Path, tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize("workers, pipeline", [(0, "pil"), (2, "pil"), (2, "device")])
+def test_resume_is_exact(image_folder: Path, tmp_path: Path, workers: int, pipeline: str) -> None:
     """8 steps == 3 steps, stop, resume, 5 steps: same schedules, losses and bit-identical weights."""
-    extra = [f"data.num_workers={workers}"]
+    extra = [f"data.num_workers={workers}", f"data.pipeline={pipeline}"]
     full_cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "full") + extra)
     part_cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "part") + extra)
     train(full_cfg, progress=False)
