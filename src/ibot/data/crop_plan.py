@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 
 from ibot.config import DataConfig
 from ibot.data.photometric import CropKind, crop_kinds, draw_photometric
@@ -99,17 +100,18 @@ class DeviceMultiCrop:
 
     def cut(self, image: Image.Image, plan: CropPlan) -> Crops:
         """The plan's crops of ``image`` (decoded at the stored size or a DCT-reduced one), uint8."""
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W)
+        with warnings.catch_warnings():
+            # A read-only view of PIL's pixels (no copy); nothing writes to it.
+            warnings.simplefilter("ignore", UserWarning)
+            # (1, 3, H, W) with channels-last strides: torch's fast uint8 antialiased resize path.
+            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
         sx, sy = image.width / plan.stored_size[0], image.height / plan.stored_size[1]
         crops = []
         for b in plan.boxes:
             top, left = int(b.top * sy), int(b.left * sx)
             height, width = max(1, round(b.height * sy)), max(1, round(b.width * sx))
-            crops.append(
-                TF.resized_crop(
-                    pixels, top, left, height, width, [b.size, b.size], TF.InterpolationMode.BICUBIC, antialias=True
-                )
-            )
+            region = pixels[:, :, top : top + height, left : left + width]
+            crops.append(F.interpolate(region, size=(b.size, b.size), mode="bicubic", antialias=True)[0])
         g = self.num_global
         side = self.cfg.local_crop_size
         local = torch.stack(crops[g:]) if len(crops) > g else torch.empty(0, 3, side, side, dtype=torch.uint8)
