@@ -84,3 +84,20 @@ def test_torchrun_over_nccl_trains(image_folder: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1 process(es), device cuda:0" in done.stderr + done.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl")] == list(range(1, 9))
+
+
+def test_device_pipeline_augments_on_cuda_as_on_the_cpu(image_folder: Path, tmp_path: Path) -> None:
+    """The same uint8 crops and parameters give the same augmented crops on CUDA as on the CPU
+    (float tolerance), and a run with data.pipeline=device trains on CUDA."""
+    from ibot.data.loaders import build_train_loader
+    from ibot.data.photometric import DeviceAugment
+
+    overrides = _cuda_overrides(image_folder, tmp_path / "run", "bf16") + ["data.pipeline=device"]
+    cfg = load_config(None, overrides + ["data.global_blur_prob=[1.0,1.0]", "data.color_jitter=[0.4,0.4,0.2,0.1]"])
+    batch = next(iter(build_train_loader(cfg)[0]))
+    augment = DeviceAugment(cfg.data)
+    on_cpu, on_cuda = augment(batch), augment(batch.to("cuda"))
+    assert on_cuda.global_crops.is_cuda and on_cuda.global_crops.dtype == torch.float32
+    for a, b in ((on_cpu.global_crops, on_cuda.global_crops), (on_cpu.local_crops, on_cuda.local_crops)):
+        assert torch.allclose(a, b.cpu(), atol=1e-4), (a - b.cpu()).abs().max()
+    assert train(cfg, progress=False).step == 8
