@@ -94,4 +94,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGB", img.size, (0, 0, 0))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background
+    if img.mode == "RGB":
+        # Already RGB: convert() would copy every pixel; leaving the ``with`` block only closes the file.
+        return img
     return img.convert("RGB")

@@ -155,7 +155,9 @@ class Photometric:
         values = params.to(device, non_blocking=True)
         for position in range(4):
             for op in range(4):
-                chosen = params[:, JITTER].bool() & (params[:, ORDER + position] == op)
+                # A neutral factor (the op's strength is 0 in data.color_jitter) is skipped, as torchvision does.
+                active = params[:, BRIGHTNESS + op] != (0.0 if op == 3 else 1.0)
+                chosen = params[:, JITTER].bool() & (params[:, ORDER + position] == op) & active
                 rows = chosen.nonzero().flatten().to(device, non_blocking=True)
                 factor = values[:, BRIGHTNESS + op].index_select(0, rows).view(-1, 1, 1, 1)
                 x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor))
