@@ -59,7 +59,7 @@ def test_slow_loader_shows_in_the_share_and_warns_once(
     for row in rows:
         # Each step waited SLEEP (the repeated batch costs nothing else) and took batch / (images/s).
         expected = SLEEP * row["images_per_second"] / tiny_config.data.batch_size
-        assert row["data_wait_share"] == pytest.approx(expected, rel=0.1)
+        assert row["data_wait_share"] == pytest.approx(expected, rel=0.15)  # sleep() may overshoot a little
         assert loop.INPUT_BOUND_SHARE <= row["data_wait_share"] <= 1
     assert len(warnings) == 1  # three input-bound windows after the first, one warning
     assert f"{100 * rows[1]['data_wait_share']:.0f} %" in warnings[0]  # the first judged window's share
