@@ -29,6 +29,7 @@ def test_tiny_run_gives_finite_losses_and_checkpoints(tiny_config: Config) -> No
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["loss_patch"]) for r in rows)
+    assert all(0 <= r["data_wait_share"] <= 1 for r in rows)  # the real loader, decoding in this process
     state = load_checkpoint(out / CHECKPOINT_NAME)  # weights_only=True under the hood
     assert state["step"] == 8 and "cls_center.center" in state["method"]
     tensors, config = load_backbone(out / TEACHER_NAME)

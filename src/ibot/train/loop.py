@@ -7,7 +7,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -50,6 +50,12 @@ from ibot.train.schedules import Schedules, budget_total_steps
 from ibot.train.signals import StopRequests
 
 logger = logging.getLogger(__name__)
+
+# A logged window whose data-wait share reaches this warns (once) that the run is input-bound:
+# at a fifth, a loader that kept up would make the run 1 / (1 - 0.2) = 1.25x faster, more
+# than the spread of the share itself (checkpoint writes and log syncs stretch some windows).
+INPUT_BOUND_SHARE = 0.2
+INPUT_BOUND = ("data", "input-bound")  # its key in ``_Session.warned``
 
 
 @dataclass(frozen=True)
@@ -269,18 +275,40 @@ def _train_step(
 
 
 class _Window:
-    """Images/s over the steps since the last log line (monitor time left out)."""
+    """Images/s and the data-wait share over the steps since the last log line (monitor time left out).
+
+    The data-wait share is the part of the window's wall time the loop spent blocked in the
+    loader's ``next()``. On CUDA the host runs ahead of the device, so part of a wait may
+    overlap queued device work: the share bounds the device's input-starved time from above.
+    """
 
     def __init__(self) -> None:
+        self.closed = 0  # windows measured so far by this process
         self.restart()
 
     def restart(self) -> None:
-        self.start, self.images = time.monotonic(), 0
+        self.start, self.images, self.waited = time.monotonic(), 0, 0.0
 
-    def rate(self) -> float:
-        rate = self.images / max(time.monotonic() - self.start, 1e-9)
+    def timed(self, batches: Iterable[Batch | None]) -> Iterator[Batch | None]:
+        """``batches``, adding the time each ``next()`` blocks to ``waited``."""
+        it = iter(batches)
+        while True:
+            t0 = time.monotonic()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.monotonic() - t0
+            yield batch
+
+    def close(self) -> tuple[float, float]:
+        """(images/s, data-wait share) of the window, and a new window from now."""
+        seconds = max(time.monotonic() - self.start, 1e-9)
+        measured = self.images / seconds, self.waited / seconds  # the waits lie inside the window: <= 1
+        self.closed += 1
         self.restart()
-        return rate
+        return measured
 
 
 @dataclass
@@ -350,8 +378,10 @@ class _Session:
     def log(self, out_loss: LossOutput, values: dict[str, float], grad_norm: torch.Tensor | None) -> None:
         """Loss parts, collapse monitors (one all-reduce for all), schedules and pace to the metrics and the bar."""
         logged = {f"loss_{k}": v for k, v in out_loss.parts.items()} | out_loss.monitors
+        self.images_per_second, wait_share = self.window.close()
+        # The ranks' mean share rides on the loss parts' all-reduce: no sync of its own.
+        logged["data_wait_share"] = torch.tensor(wait_share, device=self.run.device)
         reduced = all_reduce_mean(torch.stack([v.float() for v in logged.values()]), self.env).tolist()
-        self.images_per_second = self.window.rate()
         row = {**values, **dict(zip(logged, reduced))}
         row.update(
             loss=self.last_loss,
@@ -368,7 +398,27 @@ class _Session:
                 if key not in self.warned:  # once per branch and kind
                     self.warned.add(key)
                     logger.warning("step %d: the %s branch looks collapsed (%s): %s", self.step, *key, detail)
-        self.bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{row['lr']:.2e}", img_s=f"{self.images_per_second:.1f}")
+            self.warn_input_bound(row["data_wait_share"])
+        self.bar.set_postfix(
+            loss=f"{self.last_loss:.3f}",
+            lr=f"{row['lr']:.2e}",
+            img_s=f"{self.images_per_second:.1f}",
+            wait=f"{row['data_wait_share']:.0%}",
+        )
+
+    def warn_input_bound(self, share: float) -> None:
+        """Once per run: the loader cannot keep up. The first window is left out (it holds the workers' start)."""
+        if self.window.closed < 2 or share < INPUT_BOUND_SHARE or INPUT_BOUND in self.warned:
+            return
+        self.warned.add(INPUT_BOUND)
+        logger.warning(
+            "step %d: input-bound: the loop waited for the next batch %.0f %% of the time since the last "
+            "log line; give the loader more workers (data.num_workers=%d now, CPU cores permitting) or "
+            "move the augmentation onto the accelerator (data.pipeline=device)",
+            self.step,
+            100 * share,
+            self.cfg.data.num_workers,
+        )
 
     def save(self) -> None:
         _save(self.trainee, self.store, self.step, self.clock.minutes(), self.cfg, self.plan, self.env)
@@ -467,7 +517,7 @@ def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bo
     s.trainee.method.train()
     with StopRequests() as requests:
         try:
-            for batch in s.loader:
+            for batch in s.window.timed(s.loader):  # the loader's waits go into the data-wait share
                 if s.cadence.finished(s.step, s.plan.total_steps):  # a finished run resumed: nothing to do
                     break
                 s.skipped_images.extend(batch.skipped if batch is not None else ())

@@ -1,0 +1,34 @@
+"""benchmarks/input.py: the steady state it reads from a run's metric rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "input.py"
+
+
+def _load_script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("input_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steady_state_leaves_out_the_warmup_and_weights_windows_by_time() -> None:
+    script = _load_script()
+    rows = [  # batch 4; log windows of 2 steps
+        {"step": 2, "images_per_second": 1.0, "data_wait_share": 0.9},  # warm-up: 8 s
+        {"step": 4, "images_per_second": 8.0, "data_wait_share": 0.5},  # 1 s
+        {"step": 6, "images_per_second": 2.0, "data_wait_share": 0.0},  # 4 s
+    ]
+    images_per_s, wait = script.steady_state(rows, warmup=2, batch=4)
+    assert images_per_s == pytest.approx(16 / 5)
+    assert wait == pytest.approx(0.5 * 1 / 5)
+    with pytest.raises(SystemExit, match="raise --steps"):
+        script.steady_state(rows[:1], warmup=2, batch=4)
