@@ -161,6 +161,17 @@ def first_batch(cfg):  # type: ignore[no-untyped-def]
     return next(iter(loader))
 
 
+def synthetic_batch(cfg):  # type: ignore[no-untyped-def]
+    """One finished batch (float crops) to repeat; cut by the device pipeline where there is one,
+    since PIL takes a minute for a GPU-sized batch in one process."""
+    if not has_device_pipeline():
+        return first_batch(cfg)
+    from ibot.data.photometric import DeviceAugment
+
+    device_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="device"))
+    return DeviceAugment(device_cfg.data)(first_batch(device_cfg))
+
+
 def steady_state(rows: list[dict], warmup: int, batch: int) -> tuple[float, float]:
     """(images/s, time-weighted mean data-wait share) over the log windows that start at or after ``warmup``."""
     images = seconds = waited = 0.0
@@ -186,7 +197,7 @@ def measure_training(job: Job, options: Options) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ibot-input-") as out:
         cfg = build_config(job, options, out)
-        _patch_loop(loop, first_batch(cfg) if job.kind == "synthetic" else None)
+        _patch_loop(loop, synthetic_batch(cfg) if job.kind == "synthetic" else None)
         loop.train(cfg, progress=False)
         rows = read_metrics(Path(out) / "metrics.jsonl")
     images_per_s, wait = steady_state(rows, warmup_steps(job.workers, options), cfg.data.batch_size)

@@ -411,13 +411,14 @@ class _Session:
         if self.window.closed < 2 or share < INPUT_BOUND_SHARE or INPUT_BOUND in self.warned:
             return
         self.warned.add(INPUT_BOUND)
+        device = self.cfg.data.pipeline == "device"
         logger.warning(
             "step %d: input-bound: the loop waited for the next batch %.0f %% of the time since the last "
-            "log line; give the loader more workers (data.num_workers=%d now, CPU cores permitting) or "
-            "move the augmentation onto the accelerator (data.pipeline=device)",
+            "log line; give the loader more workers (data.num_workers=%d now, CPU cores permitting)%s",
             self.step,
             100 * share,
             self.cfg.data.num_workers,
+            "" if device else " or move the augmentation onto the accelerator (data.pipeline=device)",
         )
 
     def save(self) -> None:
