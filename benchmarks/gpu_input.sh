@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The input pipeline on one GPU machine in one go (about 6 minutes): an ImageNet-like JPEG folder
+# The input pipeline on one GPU machine in one go (under 10 minutes): an ImageNet-like JPEG folder
 # on the machine's disk, the CUDA tests, the device half (torch vs kornia) and nvJPEG, the CPU
 # half per core, and config B at batch 256 bf16: synthetic step vs end to end, pil and device.
 # Usage: bash benchmarks/gpu_input.sh [OUT_DIR]   (kornia from .whl/*.whl when that folder exists)
@@ -22,9 +22,9 @@ step() {  # name, time limit (s), command...
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
 }
 folder=/tmp/imagenet_like
-step make 120 python3 benchmarks/make_jpeg_folder.py "$folder" --images 4096 --source data/cifar10_sample/train \
+step make 90 python3 benchmarks/make_jpeg_folder.py "$folder" --images 4096 --source data/cifar10_sample/train \
     --jobs "$cores"
-step augment 150 python3 benchmarks/augment.py --folder "$folder" --device cuda --seconds 6
-step input 330 python3 benchmarks/input.py --configs B --device cuda --precision bf16 --batch 256 \
-    --folder "$folder" --workers $((cores - 1)) --steps 24 --loader-seconds 8
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step augment 100 python3 benchmarks/augment.py --folder "$folder" --device cuda --seconds 6
+step input 270 python3 benchmarks/input.py --configs B --device cuda --precision bf16 --batch 256 \
+    --folder "$folder" --workers $((cores - 1)) --steps 20 --loader-seconds 8
