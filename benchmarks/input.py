@@ -63,6 +63,7 @@ class Options:
     loader_seconds: float = 5.0  # loader alone: at least this long per measurement
     cifar: str = "../shared/data/cifar10/train"  # as in configs/cifar10.yaml: from the working directory
     folder: str = ""
+    tables: tuple[str, ...] = ("training", "loader")  # which tables to measure
 
 
 @dataclass(frozen=True)
@@ -369,12 +370,13 @@ def parse_options() -> Options | tuple[Job, Options]:
     parser.add_argument("--loader-seconds", type=float, default=default.loader_seconds)
     parser.add_argument("--cifar", default=default.cifar, help="CIFAR-10 image folder (config cifar)")
     parser.add_argument("--folder", default="", help="ImageNet-like folder (config B; make_jpeg_folder.py)")
+    parser.add_argument("--tables", nargs="+", default=list(default.tables), choices=list(default.tables))
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         payload = json.loads(args.job)
         options = payload["options"]
-        for key in ("configs", "pipelines", "workers"):
+        for key in ("configs", "pipelines", "workers", "tables"):
             options[key] = tuple(options[key])
         return Job(**payload["job"]), Options(**options)
     if "B" in args.configs and not args.folder:
@@ -396,9 +398,9 @@ def main() -> None:
         print("data.pipeline=device: not in this version of the package (no ibot.data.photometric); skipped")
         pipelines.remove("device")
     print()
-    synthetic = training_table(options, pipelines)
+    synthetic = training_table(options, pipelines) if "training" in options.tables else {}
     print()
-    per_core = loader_table(options, pipelines)
+    per_core = loader_table(options, pipelines) if "loader" in options.tables else {}
     print()
     headline(options, synthetic, per_core)
 
