@@ -28,6 +28,7 @@ def _fake_run(run: Path) -> None:
                 "teacher_temp": 0.04,
                 "epoch": step / 10,
                 "images_per_second": 40.0,
+                "data_wait_share": 0.375,
                 "train_minutes": step / 2,
             }
         )
@@ -54,7 +55,8 @@ def test_report_has_plots_and_every_saved_result(tmp_path: Path) -> None:
     _fake_run(run)
     md, page = write_report(run)
     text = md.read_text()
-    for needle in ("41.25", "30.50", "52.75", "attention-pool", "report/losses.png", "report/knn.png"):
+    needles = ("41.25", "30.50", "52.75", "attention-pool", "report/losses.png", "report/knn.png", "| 38 % |")
+    for needle in needles:
         assert needle in text, needle
     for png in ("losses.png", "schedules.png", "knn.png"):
         assert (run / "report" / png).stat().st_size > 1000

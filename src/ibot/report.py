@@ -140,6 +140,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                 ("losses", "step", _series(train_rows, "step", ["loss", "loss_cls", "loss_patch"])),
                 ("KoLeo", "step", _series(train_rows, "step", ["loss_koleo"])),
                 ("throughput (images/s)", "step", _series(train_rows, "step", ["images_per_second"])),
+                ("data-wait share", "step", _series(train_rows, "step", ["data_wait_share"])),
             ],
         )
         _plot(
@@ -192,6 +193,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             ["training minutes", f"{last.get('train_minutes', float('nan')):.1f}"],
             ["last loss", f"{last['loss']:.4f}"],
             ["images/s (last window)", f"{last.get('images_per_second', float('nan')):.1f}"],
+            ["data-wait share (last window)", f"{100 * last.get('data_wait_share', float('nan')):.0f} %"],
         ]
         if monitor_rows:
             summary.append(["k-NN monitor, last", f"{monitor_rows[-1]['knn_top1']:.2f} %"])
