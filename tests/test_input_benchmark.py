@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "input.py"
+from conftest import load_benchmark
 
 
 def _load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("input_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("input")
 
 
 def test_steady_state_leaves_out_the_warmup_and_weights_windows_by_time() -> None:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image, JpegImagePlugin
 
-from conftest import make_image_folder
+from conftest import load_benchmark, make_image_folder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "make_jpeg_folder.py"
 
 
 def _load_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_jpeg_folder", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("make_jpeg_folder")
 
 
 def _files(root: Path) -> dict[str, bytes]:
