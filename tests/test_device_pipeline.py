@@ -84,7 +84,7 @@ def _pil_views(cfg: DataConfig, image: Image.Image, n: int) -> dict[str, torch.T
 def _device_views(cfg: DataConfig, image: Image.Image, n: int) -> dict[str, torch.Tensor]:
     """``n`` crops of each kind from the device pipeline: plan + cut per image, one batched apply."""
     multicrop, apply = DeviceMultiCrop(cfg), Photometric(cfg)
-    crops = [multicrop.cut(image, multicrop.plan(image.size, seed)) for seed in range(n)]
+    crops = [multicrop.cut(np.asarray(image), multicrop.plan(image.size, seed)) for seed in range(n)]
     glob = apply(torch.cat([c.global_crops for c in crops]), torch.cat([c.global_params for c in crops]))
     local = apply(torch.cat([c.local_crops for c in crops]), torch.cat([c.local_params for c in crops]))
     views = {"global 1": glob[0::2], "global 2": glob[1::2], "local": local}
@@ -402,7 +402,7 @@ def test_device_half_is_deterministic_and_per_crop() -> None:
     image = _image(np.random.default_rng(1).random((48, 40, 3)))
     plans = [multicrop.plan(image.size, seed) for seed in range(8)]
     assert all(torch.equal(p.params, multicrop.plan(image.size, s).params) for s, p in enumerate(plans))
-    views = [multicrop.cut(image, plan) for plan in plans]
+    views = [multicrop.cut(np.asarray(image), plan) for plan in plans]
     x = torch.cat([torch.cat([v.global_crops, v.local_crops]) for v in views])
     params = torch.cat([torch.cat([v.global_params, v.local_params]) for v in views])
     for column in (photometric.FLIP, photometric.JITTER, photometric.GRAY, photometric.BLUR, photometric.SOLARIZE):
@@ -454,9 +454,9 @@ class _RecordingMultiCrop(DeviceMultiCrop):
         super().__init__(cfg)
         self.decoded_sizes: list[tuple[int, int]] = []
 
-    def cut(self, image: Image.Image, plan: CropPlan) -> Crops:
-        self.decoded_sizes.append(image.size)
-        return super().cut(image, plan)
+    def cut(self, pixels: np.ndarray, plan: CropPlan) -> Crops:
+        self.decoded_sizes.append((pixels.shape[1], pixels.shape[0]))
+        return super().cut(pixels, plan)
 
 
 def test_large_jpeg_is_decoded_reduced_with_crops_close_to_a_full_decode(tmp_path: Path) -> None:
@@ -469,8 +469,40 @@ def test_large_jpeg_is_decoded_reduced_with_crops_close_to_a_full_decode(tmp_pat
         view = decode_view(multicrop, str(path), path.name, DEFAULT_MAX_PIXELS, seed)
         decoded_width, decoded_height = multicrop.decoded_sizes[-1]
         assert decoded_width < 2000 and decoded_height < 1500
-        reference = multicrop.cut(full, multicrop.plan(full.size, seed))
+        reference = multicrop.cut(np.asarray(full), multicrop.plan(full.size, seed))
         assert torch.equal(view.global_params, reference.global_params)
         for reduced, whole in ((view.global_crops, reference.global_crops), (view.local_crops, reference.local_crops)):
             difference = (reduced.float() - whole.float()).abs().mean((1, 2, 3))
             assert difference.max() < 4, difference  # uint8 steps: < 4/255
+
+
+def test_device_decoding_skips_and_converts_like_pil(tmp_path: Path) -> None:
+    """libjpeg-turbo decodes what it can; everything else goes through PIL, so a file is skipped for
+    the same reason, and CMYK, grayscale or misnamed images still give crops."""
+    from ibot.data.skips import EMPTY, TOO_MANY_PIXELS, UNREADABLE, Skip
+
+    good = tmp_path / "good.jpg"
+    _smooth(64, 48).save(good, quality=90)
+    data = good.read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _smooth(64, 48).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    _smooth(64, 48).convert("L").save(tmp_path / "gray.jpg")
+    _smooth(64, 48).save(tmp_path / "png.jpg", format="PNG")
+    multicrop = DeviceMultiCrop(DataConfig(pipeline="device", global_crop_size=16, local_crop_size=8))
+
+    def view(name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> object:
+        return decode_view(multicrop, str(tmp_path / name), name, max_pixels, seed=0)
+
+    assert view("truncated.jpg") == Skip("truncated.jpg", UNREADABLE)
+    assert view("empty.jpg") == Skip("empty.jpg", EMPTY)
+    assert view("good.jpg", max_pixels=64 * 48 - 1) == Skip("good.jpg", TOO_MANY_PIXELS)
+    for name in ("good.jpg", "cmyk.jpg", "gray.jpg", "png.jpg"):
+        crops = view(name)
+        assert crops.global_crops.shape == (2, 3, 16, 16) and crops.global_crops.dtype == torch.uint8, name
+    gray = view("gray.jpg").global_crops
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    # the same pixels as PIL's decode, to libjpeg's fast-IDCT rounding
+    from_bytes = decode_view(multicrop, data, "good.jpg", DEFAULT_MAX_PIXELS, seed=0).global_crops
+    via_pil = multicrop.cut(np.asarray(load_rgb(good)), multicrop.plan((64, 48), 0)).global_crops
+    assert (from_bytes.float() - via_pil.float()).abs().mean() < 2

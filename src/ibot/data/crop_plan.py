@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ibot.config import DataConfig
 from ibot.data.photometric import CropKind, crop_kinds, draw_photometric
@@ -98,19 +97,19 @@ class DeviceMultiCrop:
             rows.append(draw_photometric(self.cfg, kind, rng))
         return CropPlan(stored_size, tuple(boxes), torch.tensor(rows, dtype=torch.float32))
 
-    def cut(self, image: Image.Image, plan: CropPlan) -> Crops:
-        """The plan's crops of ``image`` (decoded at the stored size or a DCT-reduced one), uint8."""
+    def cut(self, pixels: np.ndarray, plan: CropPlan) -> Crops:
+        """The plan's crops of (H, W, 3) uint8 RGB ``pixels`` (at the stored size or a DCT-reduced one)."""
         with warnings.catch_warnings():
-            # A read-only view of PIL's pixels (no copy); nothing writes to it.
+            # A read-only view of the decoder's buffer (no copy); nothing writes to it.
             warnings.simplefilter("ignore", UserWarning)
             # (1, 3, H, W) with channels-last strides: torch's fast uint8 antialiased resize path.
-            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0)
-        sx, sy = image.width / plan.stored_size[0], image.height / plan.stored_size[1]
+            image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+        sx, sy = image.shape[3] / plan.stored_size[0], image.shape[2] / plan.stored_size[1]
         crops = []
         for b in plan.boxes:
             top, left = int(b.top * sy), int(b.left * sx)
             height, width = max(1, round(b.height * sy)), max(1, round(b.width * sx))
-            region = pixels[:, :, top : top + height, left : left + width]
+            region = image[:, :, top : top + height, left : left + width]
             crops.append(F.interpolate(region, size=(b.size, b.size), mode="bicubic", antialias=True)[0])
         g = self.num_global
         side = self.cfg.local_crop_size

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_rgb, load_rgb
+from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_jpeg_scaled, decode_rgb, load_rgb
 from ibot.data.index_cache import cache_path, read_cache, write_cache
 from ibot.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_folder
 from ibot.data.skips import Skip, SkipLog
@@ -63,10 +64,27 @@ def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int,
 
     def draft(stored_size: tuple[int, int]) -> tuple[int, int]:
         plans.append(transform.plan(stored_size, seed))
-        return plans[0].draft_size()
+        return plans[-1].draft_size()
 
-    image = decode_rgb(source, name, max_pixels, draft)
-    return image if isinstance(image, Skip) else transform.cut(image, plans[0])
+    pixels = decode_jpeg_scaled(_read(source), name, max_pixels, draft) if _is_jpeg(source, name) else None
+    if pixels is None:  # not a JPEG libjpeg-turbo decodes cleanly: PIL decides, and names any reason
+        image = decode_rgb(source, name, max_pixels, draft)
+        pixels = image if isinstance(image, Skip) else np.asarray(image)
+    return pixels if isinstance(pixels, Skip) else transform.cut(pixels, plans[-1])
+
+
+def _is_jpeg(source: str | bytes, name: str) -> bool:
+    return source[:2] == b"\xff\xd8" if isinstance(source, bytes) else name.lower().endswith((".jpg", ".jpeg"))
+
+
+def _read(source: str | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    try:
+        with open(source, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""  # decode_rgb then names the reason
 
 
 def _fingerprint(root: Path) -> list[list]:

@@ -1,4 +1,5 @@
-"""Bytes -> 8-bit RGB ``PIL.Image``, or the named reason why a file cannot be used.
+"""Bytes -> 8-bit RGB ``PIL.Image`` (or, for the device pipeline, RGB pixels of a JPEG decoded at
+reduced scale), or the named reason why a file cannot be used.
 
 Choices, the same as the official iBOT/DINO loaders (``Image.open(...).convert("RGB")``):
 - EXIF orientation is not applied: pixels are used as stored.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from ibot.data.skips import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE, Skip
@@ -66,6 +68,46 @@ def decode_rgb(
         return Skip(name, NOT_AN_IMAGE)
     except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
         return Skip(name, UNREADABLE)
+
+
+_TURBO_COLOURS = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo converts to RGB itself (not CMYK / YCCK)
+
+
+def dct_scale(stored: tuple[int, int], wanted: tuple[int, int]) -> int:
+    """PIL's ``draft`` rule: the largest of 8, 4, 2, 1 by which the stored size still covers ``wanted``."""
+    fits = min(stored[0] // max(wanted[0], 1), stored[1] // max(wanted[1], 1))
+    return next(s for s in (8, 4, 2, 1) if s <= max(fits, 1))
+
+
+def decode_jpeg_scaled(data: bytes, name: str, max_pixels: int, draft: Draft) -> np.ndarray | Skip | None:
+    """(H, W, 3) uint8 RGB of a JPEG through libjpeg-turbo (simplejpeg), at the DCT scale that
+    ``draft(stored size)`` allows, with PIL's draft-mode settings (fast IDCT and upsampling).
+
+    About 1.5x as fast as PIL on ImageNet-sized files. ``None`` for anything it does not decode
+    cleanly (not a JPEG, CMYK, truncated, damaged): ``decode_rgb`` then decides, and names the
+    reason when the file is unusable.
+    """
+    try:
+        height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colours not in _TURBO_COLOURS:
+        return None
+    if max_pixels and width * height > max_pixels:
+        return Skip(name, TOO_MANY_PIXELS)
+    scale = dct_scale((width, height), draft((width, height)) or (width, height))
+    try:
+        return simplejpeg.decode_jpeg(
+            data,
+            "RGB",
+            fastdct=True,
+            fastupsample=True,
+            min_height=-(-height // scale),
+            min_width=-(-width // scale),
+            strict=True,
+        )
+    except ValueError:
+        return None
 
 
 def _allow_pixels(max_pixels: int) -> None:
