@@ -113,8 +113,7 @@ def build_config(job: Job, options: Options, output_dir: str):  # type: ignore[n
         "train.budget_minutes=0",
         "eval.monitor_every_minutes=0",
     ]
-    if job.pipeline != "pil":  # the key is new; a "pil" run works without it
-        overrides.append(f"data.pipeline={job.pipeline}")
+    overrides.append(f"data.pipeline={job.pipeline}")  # always: a config file may choose one
     return load_config(CONFIG_FILES[job.config], overrides)
 
 
