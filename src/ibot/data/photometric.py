@@ -139,6 +139,18 @@ def _rows(params: torch.Tensor, column: int, device: torch.device) -> torch.Tens
     return params[:, column].nonzero().flatten().to(device, non_blocking=True)
 
 
+def _jitter(x: torch.Tensor, params: torch.Tensor, values: torch.Tensor) -> None:
+    """Colour jitter in place: at each of the 4 positions, each op on the crops that drew it there."""
+    for position in range(4):
+        for op in range(4):
+            # A neutral factor (the op's strength is 0 in data.color_jitter) is skipped, as torchvision does.
+            active = params[:, BRIGHTNESS + op] != (0.0 if op == 3 else 1.0)
+            chosen = params[:, JITTER].bool() & (params[:, ORDER + position] == op) & active
+            rows = chosen.nonzero().flatten().to(x.device, non_blocking=True)
+            factor = values[:, BRIGHTNESS + op].index_select(0, rows).view(-1, 1, 1, 1)
+            x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor))
+
+
 class Photometric:
     """uint8 crops (N, 3, S, S) on any device + their CPU parameter rows (N, ``NUM_PARAMS``) ->
     augmented, normalised float crops. The crops of one call share one size."""
@@ -153,14 +165,7 @@ class Photometric:
         flip = _rows(params, FLIP, device)
         x.index_copy_(0, flip, x.index_select(0, flip).flip(-1))
         values = params.to(device, non_blocking=True)
-        for position in range(4):
-            for op in range(4):
-                # A neutral factor (the op's strength is 0 in data.color_jitter) is skipped, as torchvision does.
-                active = params[:, BRIGHTNESS + op] != (0.0 if op == 3 else 1.0)
-                chosen = params[:, JITTER].bool() & (params[:, ORDER + position] == op) & active
-                rows = chosen.nonzero().flatten().to(device, non_blocking=True)
-                factor = values[:, BRIGHTNESS + op].index_select(0, rows).view(-1, 1, 1, 1)
-                x.index_copy_(0, rows, _jitter_op(x.index_select(0, rows), op, factor))
+        _jitter(x, params, values)
         gray = _rows(params, GRAY, device)
         x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1))
         blur = _rows(params, BLUR, device)
