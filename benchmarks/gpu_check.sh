@@ -4,20 +4,10 @@
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (lightly from .whl/*.whl when that folder exists)
 set -u
 out=${1:-${OUT:-gpu_check}}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/bench_site"
-fi
+source "$(dirname "$0")/gpu_common.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
 
-step() {  # name, time limit (s), command...
-    local name=$1 limit=$2; shift 2
-    echo "== $name"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-}
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step bench 240 python3 benchmarks/step.py --configs A B --impls ibot lightly --precisions fp32 bf16 \
     --steps 10 --warmup 3 --data-workers 0 4 8

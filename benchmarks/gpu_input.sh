@@ -5,22 +5,12 @@
 # Usage: bash benchmarks/gpu_input.sh [OUT_DIR]   (kornia from .whl/*.whl when that folder exists)
 set -u
 out=${1:-${OUT:-gpu_input}}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/bench_site"
-fi
+source "$(dirname "$0")/gpu_common.sh"
 cores=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "cores: $cores";
   python3 -c "import torch, torchvision, PIL; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'pillow', PIL.__version__)";
   lscpu | grep -i "model name"; } | tee "$out/machine.txt"
 
-step() {  # name, time limit (s), command...
-    local name=$1 limit=$2; shift 2
-    echo "== $name"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-}
 folder=/tmp/imagenet_like
 step make 90 python3 benchmarks/make_jpeg_folder.py "$folder" --images 4096 --source data/cifar10_sample/train \
     --jobs "$cores"

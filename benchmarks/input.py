@@ -117,17 +117,6 @@ def build_config(job: Job, options: Options, output_dir: str):  # type: ignore[n
     return load_config(CONFIG_FILES[job.config], overrides)
 
 
-def has_device_pipeline() -> bool:
-    """Whether this version of the package has ``data.pipeline`` and ``DeviceAugment``."""
-    from ibot.config import DataConfig
-
-    try:
-        from ibot.data.photometric import DeviceAugment  # noqa: F401
-    except ImportError:
-        return False
-    return "pipeline" in {f.name for f in dataclasses.fields(DataConfig)}
-
-
 # --- measurements (in the subprocess) -------------------------------------------------------
 
 
@@ -162,10 +151,8 @@ def first_batch(cfg):  # type: ignore[no-untyped-def]
 
 
 def synthetic_batch(cfg):  # type: ignore[no-untyped-def]
-    """One finished batch (float crops) to repeat; cut by the device pipeline where there is one,
-    since PIL takes a minute for a GPU-sized batch in one process."""
-    if not has_device_pipeline():
-        return first_batch(cfg)
+    """One finished batch (float crops) to repeat, cut by the device pipeline: PIL takes a minute
+    for a GPU-sized batch in one process."""
     from ibot.data.photometric import DeviceAugment
 
     device_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pipeline="device"))
@@ -232,8 +219,6 @@ def measure_augment(job: Job, options: Options) -> dict:
     device = torch.device(options.device)
     batch = first_batch(cfg).to(device)
     augment = DeviceAugment(cfg.data)
-    if isinstance(augment, torch.nn.Module):
-        augment = augment.to(device)
     for _ in range(2):
         augment(batch)
     _sync(device)
@@ -393,9 +378,6 @@ def main() -> None:
     options = parsed
     print(machine_line(options))
     pipelines = list(options.pipelines)
-    if "device" in pipelines and not has_device_pipeline():
-        print("data.pipeline=device: not in this version of the package (no ibot.data.photometric); skipped")
-        pipelines.remove("device")
     print()
     synthetic = training_table(options, pipelines) if "training" in options.tables else {}
     print()

@@ -60,17 +60,21 @@ def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int,
         image = decode_rgb(source, name, max_pixels)
         return image if isinstance(image, Skip) else transform_seeded(transform, image, seed)
     seed = random.getrandbits(63) if seed is None else seed
-    plans = []
+    plans = []  # drawn once, by whichever decoder reads the header first
 
     def draft(stored_size: tuple[int, int]) -> tuple[int, int]:
-        plans.append(transform.plan(stored_size, seed))
-        return plans[-1].draft_size()
+        if not plans:
+            plans.append(transform.plan(stored_size, seed))
+        return plans[0].draft_size()
 
-    pixels = decode_jpeg_scaled(_read(source), name, max_pixels, draft) if _is_jpeg(source, name) else None
+    pixels = None
+    if _is_jpeg(source, name):
+        source = _read(source) or source  # read once: PIL gets the same bytes if it has to decide
+        pixels = decode_jpeg_scaled(source, name, max_pixels, draft) if isinstance(source, bytes) else None
     if pixels is None:  # not a JPEG libjpeg-turbo decodes cleanly: PIL decides, and names any reason
         image = decode_rgb(source, name, max_pixels, draft)
         pixels = image if isinstance(image, Skip) else np.asarray(image)
-    return pixels if isinstance(pixels, Skip) else transform.cut(pixels, plans[-1])
+    return pixels if isinstance(pixels, Skip) else transform.cut(pixels, plans[0])
 
 
 def _is_jpeg(source: str | bytes, name: str) -> bool:
@@ -78,13 +82,14 @@ def _is_jpeg(source: str | bytes, name: str) -> bool:
 
 
 def _read(source: str | bytes) -> bytes:
+    """The file's bytes; b"" when it cannot be read (``decode_rgb`` then names the reason from the path)."""
     if isinstance(source, bytes):
         return source
     try:
         with open(source, "rb") as f:
             return f.read()
     except OSError:
-        return b""  # decode_rgb then names the reason
+        return b""
 
 
 def _fingerprint(root: Path) -> list[list]:

@@ -181,14 +181,14 @@ class Photometric:
 class DeviceAugment:
     """``Batch`` on the training device -> the same batch with augmented float crops.
 
-    For ``data.pipeline=pil`` (crops already float) it returns the batch unchanged.
+    A batch without parameter rows (``data.pipeline=pil``: crops already float) is returned unchanged.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
-        self.photometric = Photometric(cfg) if cfg.pipeline == "device" else None
+        self.photometric = Photometric(cfg)
 
     def __call__(self, batch: Batch) -> Batch:
-        if self.photometric is None or batch.global_params is None:
+        if batch.global_params is None:
             return batch
         local = batch.local_crops
         if batch.local_params is not None and len(local):
