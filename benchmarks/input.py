@@ -179,8 +179,8 @@ def steady_state(rows: list[dict], warmup: int, batch: int) -> tuple[float, floa
 def measure_training(job: Job, options: Options) -> dict:
     """``train(cfg)`` on the folder, or on one repeated batch (``synthetic``); its steady state."""
     import ibot.train.loop as loop
+    from ibot.runtime import Runtime
     from ibot.train.metrics import read_metrics
-    from ibot.train.runtime import Runtime
 
     with tempfile.TemporaryDirectory(prefix="ibot-input-") as out:
         cfg = build_config(job, options, out)

@@ -155,8 +155,8 @@ def build_ibot_step(  # type: ignore[no-untyped-def]
 ):
     from ibot.config import load_config
     from ibot.method import IBOT
+    from ibot.runtime import Runtime
     from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
-    from ibot.train.runtime import Runtime
 
     cfg = load_config(
         None,

@@ -157,7 +157,7 @@ def test_run_plan_linear_scaling_rule() -> None:
 def test_test_helpers_are_valid_and_stay_on_the_cpu(tiny_config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
     # As on a CUDA machine: tiny_overrides (every CPU test's config, the 2-process ones too)
     # must not follow train.device=auto onto a GPU; only tests/test_cuda.py asks for one.
-    from ibot.train.runtime import Runtime
+    from ibot.runtime import Runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert tiny_config.train.device == "cpu"

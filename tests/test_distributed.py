@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ibot.config import load_config
-from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ibot.storage import CHECKPOINT_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 

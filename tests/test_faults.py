@@ -17,8 +17,8 @@ import torch
 from ibot.cli import main
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError, DataError, NonFiniteLossError
+from ibot.storage import CHECKPOINT_NAME, load_checkpoint
 from ibot.train import checkpoint as ckpt
-from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 from ibot.train.signals import StopRequests

@@ -13,8 +13,8 @@ from ibot.errors import DataError
 from ibot.eval.features import load_frozen_backbone
 from ibot.eval.finetune import Classifier, finetune, param_groups
 from ibot.models.vit import MaskedViT
-from ibot.train.checkpoint import save_backbone
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
+from ibot.storage import save_backbone
 
 
 def test_layer_decay_scales_lower_layers_down(tiny_config: Config) -> None:

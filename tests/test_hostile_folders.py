@@ -258,6 +258,7 @@ def hostile_run(hostile: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
 
     Its k-NN monitor reads another folder, with one text file named .png and one dangling link.
     """
+    from ibot.eval.monitor import KNNMonitor
     from ibot.train.loop import train
 
     base = tmp_path_factory.mktemp("run")
@@ -270,7 +271,7 @@ def hostile_run(hostile: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
     monitor += ["eval.monitor_train_images=100", "eval.monitor_test_images=100", "eval.monitor_k=2"]
     cfg = load_config(None, tiny_overrides(hostile, run) + [f"data.max_image_pixels={PIXEL_LIMIT}", *monitor])
     with _Capture() as records:
-        result = train(cfg, progress=False)
+        result = train(cfg, progress=False, monitor=KNNMonitor)
     return run, result, records
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,45 @@ def test_module_imports(name: str) -> None:
 def test_python_m_ibot_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "ibot", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "pretrain" in done.stdout
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module named by an import statement of ``path``, at any depth (lazy imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+# package -> the sub-packages it must not import: the data flow runs one way.
+FORBIDDEN = {
+    "eval": ("ibot.train",),
+    "train": ("ibot.eval",),
+    "data": ("ibot.train", "ibot.eval", "ibot.losses", "ibot.models"),
+    "models": ("ibot.train", "ibot.eval", "ibot.losses"),
+    "losses": ("ibot.train", "ibot.eval"),
+}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layers_do_not_import_upwards(package: str) -> None:
+    root = Path(ibot.__file__).parent / package
+    files = sorted(root.rglob("*.py"))
+    assert len(files) > 1
+    found = {
+        f"{path.relative_to(root.parent)} imports {name}"
+        for path in files
+        for name in _imported_modules(path)
+        if name.startswith(FORBIDDEN[package])
+    }
+    assert not found, sorted(found)
+
+
+def test_the_layer_check_sees_lazy_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from ibot.train.loop import train\n    import ibot.eval.knn\n")
+    assert {"ibot.train.loop", "ibot.eval.knn"} <= _imported_modules(module)

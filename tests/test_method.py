@@ -164,7 +164,7 @@ class TestMaskedViT:
     def test_runtime_resolves_the_residual_dtype_on_cpu(
         self, tiny_config: Config, precision: str, residual: str, expected: torch.dtype | None
     ) -> None:
-        from ibot.train.runtime import Runtime
+        from ibot.runtime import Runtime
 
         train = replace(tiny_config.train, device="cpu", precision=precision, residual_precision=residual)
         assert Runtime.resolve(train).residual_dtype is expected

@@ -13,9 +13,9 @@ from ibot.config import Config, load_config
 from ibot.errors import ConfigError, IBOTError
 from ibot.eval.monitor import KNNMonitor
 from ibot.models.vit import MaskedViT
+from ibot.runtime import Runtime
 from ibot.train.loop import TrainClock, train
 from ibot.train.metrics import read_metrics
-from ibot.train.runtime import Runtime
 
 from conftest import make_image_folder, tiny_overrides
 
@@ -110,7 +110,7 @@ def test_monitor_subset_is_fixed(tmp_path: Path) -> None:
 
 def test_run_logs_knn_at_start_and_end(image_folder: Path, tmp_path: Path) -> None:
     cfg = _monitored(image_folder, tmp_path, "eval.monitor_every_minutes=1000")
-    result = train(cfg, progress=False)
+    result = train(cfg, progress=False, monitor=KNNMonitor)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "knn_top1" in r]
     assert [r["step"] for r in rows] == [0, result.step]
     assert result.knn_top1 == rows[-1]["knn_top1"]
@@ -137,3 +137,10 @@ def test_monitor_config_is_checked() -> None:
         load_config(None, ["eval.monitor_every_minutes=-1"])
     with pytest.raises(ConfigError, match="eval.monitor_k"):
         load_config(None, ["eval.monitor_k=0"])
+
+
+def test_train_without_a_monitor_refuses_a_monitored_config(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _monitored(image_folder, tmp_path, "eval.monitor_every_minutes=1000")
+    with pytest.raises(ConfigError, match="gave no monitor"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made

@@ -11,7 +11,7 @@ from ibot.config import Config
 from ibot.eval.features import Features, extract_features
 from ibot.eval.probes import PROBES, build_probe, train_probes
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 def one_patch_tokens(num: int, seed: int, classes: int = 4, patches: int = 16, dim: int = 16) -> Features:

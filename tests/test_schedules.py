@@ -5,7 +5,8 @@ import math
 import pytest
 
 from ibot.config import RunPlan, load_config
-from ibot.train.schedules import Schedules, budget_total_steps, cosine_schedule, linear_warmup
+from ibot.optim import cosine_schedule, linear_warmup
+from ibot.train.schedules import Schedules, budget_total_steps
 
 
 class TestCosineSchedule:

@@ -15,7 +15,7 @@ from ibot.data.shards import TarShards
 from ibot.data.skips import NOT_AN_IMAGE, Skip
 from ibot.data.transforms import MultiCropTransform
 from ibot.errors import DataError
-from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ibot.storage import CHECKPOINT_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 

@@ -11,7 +11,7 @@ import torch
 
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
-from ibot.train.checkpoint import CHECKPOINT_NAME, TEACHER_NAME, load_backbone, load_checkpoint
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, load_backbone, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 

@@ -21,7 +21,8 @@ import yaml
 
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
-from ibot.train.checkpoint import CheckpointStore, atomic_write
+from ibot.storage import atomic_write
+from ibot.train.checkpoint import CheckpointStore
 
 RESULT_NAME = "ablation_result.json"
 MONITOR_KEYS = ("cls_teacher_entropy", "patch_teacher_entropy", "patch_prototypes_used", "patch_perplexity")
@@ -99,8 +100,8 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Every (variant, seed): pre-train (or resume, or skip when scored), score; the rows."""
     from ibot.eval.monitor import KNNMonitor
+    from ibot.runtime import Runtime
     from ibot.train.loop import train
-    from ibot.train.runtime import Runtime
 
     output = Path(output)
     configs = {
@@ -116,7 +117,7 @@ def run_ablation(
         if result_path.is_file():
             rows.append(json.loads(result_path.read_text()))
             continue
-        result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress)
+        result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress, monitor=KNNMonitor)
         if monitor is None:  # decoded once, shared by every run (same eval.* for all)
             monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
         row = {

@@ -45,10 +45,11 @@ def _pretrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from ibot.eval.monitor import KNNMonitor
     from ibot.train.loop import train
 
     cfg = _pretrain_config(args)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, monitor=KNNMonitor)
     if result.stopped_by:
         logger.info(
             "stopped by %s at step %d/%d; checkpoint in %s. Resume with: %s",

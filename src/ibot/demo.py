@@ -101,7 +101,7 @@ def _knn(backbone, cfg: Config, train_dir: str, test_dir: str, progress: bool) -
     from ibot.eval.commands import require_labels
     from ibot.eval.features import extract_features
     from ibot.eval.knn import knn_classify
-    from ibot.train.runtime import Runtime
+    from ibot.runtime import Runtime
 
     runtime = Runtime.resolve(cfg.train)
     train_f = extract_features(backbone, train_dir, cfg, runtime, num_workers=0, progress=progress)
@@ -133,7 +133,8 @@ def _save_eval(run_dir: Path, scores: Scores, random_init: bool, train_dir: str,
 def _clear_earlier_demo(out: Path) -> None:
     """A demo run is a fresh run: the checkpoints of an earlier ``ibot demo`` in its folder go first
     (a new run refuses a folder that holds checkpoints, to keep a real run from being overwritten)."""
-    from ibot.train.checkpoint import CHECKPOINT_NAME, CheckpointStore
+    from ibot.storage import CHECKPOINT_NAME
+    from ibot.train.checkpoint import CheckpointStore
 
     stale = CheckpointStore(out).paths()
     if stale:
@@ -150,6 +151,7 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
     """
     from ibot import visualize
     from ibot.eval.features import frozen_backbone, load_frozen_backbone
+    from ibot.eval.monitor import KNNMonitor
     from ibot.report import write_report
     from ibot.train.loop import train
 
@@ -164,7 +166,7 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
         seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed, output_dir=str(out)))
         logger.info("demo: pre-training seed %d on %s for %s epochs -> %s", seed, cfg.data.path, cfg.optim.epochs, out)
         _clear_earlier_demo(out)
-        result = train(seed_cfg, resume=False, progress=progress)
+        result = train(seed_cfg, resume=False, progress=progress, monitor=KNNMonitor)
         logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
         runs.append(out)
     t1 = time.monotonic()

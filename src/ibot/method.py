@@ -24,7 +24,7 @@ from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, 
 from ibot.losses.patch_targets import gather_patches
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 @dataclass(frozen=True)

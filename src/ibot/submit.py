@@ -46,6 +46,7 @@ class PretrainJob:
     def __call__(self) -> Any:
         import submitit
 
+        from ibot.eval.monitor import KNNMonitor
         from ibot.train.loop import train
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -58,7 +59,7 @@ class PretrainJob:
             MASTER_ADDR="127.0.0.1" if job.num_nodes == 1 else job.hostnames[0],
             MASTER_PORT=str(20000 + int(str(job.job_id).split("_")[0]) % 20000),
         )
-        return train(config_from_dict(self.config), resume="auto", progress=False)
+        return train(config_from_dict(self.config), resume="auto", progress=False, monitor=KNNMonitor)
 
     def checkpoint(self) -> Any:
         """Called by submitit before a requeue: the same job, which resumes from its checkpoint."""

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ibot.data.datasets import Sample
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 @torch.no_grad()

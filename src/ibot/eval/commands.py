@@ -21,8 +21,8 @@ def eval_setup(weights: str, train_dir: str, test_dir: str, random_init: bool, o
 
     from ibot.config import config_from_dict
     from ibot.eval.features import frozen_backbone
-    from ibot.train.checkpoint import load_backbone
-    from ibot.train.runtime import Runtime
+    from ibot.runtime import Runtime
+    from ibot.storage import load_backbone
 
     tensors, config_dict = load_backbone(weights)  # read once: weights and config
     cfg = config_from_dict(config_dict, overrides)  # before building: the overrides may set drop path

@@ -21,7 +21,7 @@ from ibot.data.datasets import Sample
 from ibot.errors import IBOTError
 from ibot.eval.probes import Standardiser, fit_sweep, split_indices
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
 from ibot.models.vit import MaskedViT
-from ibot.train.checkpoint import atomic_write, load_backbone
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
+from ibot.storage import atomic_write, load_backbone
 
 
 @dataclass(frozen=True)

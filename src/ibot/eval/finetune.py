@@ -24,8 +24,8 @@ from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips
 from ibot.models.vit import MaskedViT
-from ibot.train.optim import adamw
-from ibot.train.runtime import Runtime
+from ibot.optim import adamw
+from ibot.runtime import Runtime
 
 
 class Classifier(nn.Module):

@@ -15,7 +15,7 @@ from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, cls_features, dataset_skips, labelled_subset
 from ibot.eval.knn import knn_classify
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 def _load_subset(folder: str, size: int, cfg: Config, seed: int, skips: SkipLog) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from ibot.eval.corruptions import CORRUPTIONS, corrupt
 from ibot.eval.features import labelled_subset
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
-from ibot.train.runtime import Runtime
+from ibot.runtime import Runtime
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class FixedNetworkTargets(nn.Module):
 
 def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
     """``branch`` (same shape as the run's) with the teacher weights of an earlier run's checkpoint."""
-    from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, sub_state_dict
+    from ibot.storage import CHECKPOINT_NAME, load_checkpoint, sub_state_dict
 
     if not path:
         raise DataError("mim.tokenizer_path: the 'frozen' target needs an earlier run's folder or checkpoint.pt")

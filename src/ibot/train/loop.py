@@ -7,10 +7,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import yaml
@@ -22,18 +22,11 @@ from ibot.data.loaders import build_train_loader
 from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
-from ibot.eval.monitor import KNNMonitor
 from ibot.method import IBOT, LossOutput
+from ibot.runtime import Runtime
+from ibot.storage import TEACHER_NAME, remove_debris, save_backbone, sub_state_dict
 from ibot.train.cadence import END, SIGNAL, Actions, Cadence
-from ibot.train.checkpoint import (
-    TEACHER_NAME,
-    CheckpointStore,
-    remove_debris,
-    rng_state,
-    save_backbone,
-    set_rng_state,
-    sub_state_dict,
-)
+from ibot.train.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ibot.train.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -45,7 +38,6 @@ from ibot.train.distributed import (
 )
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
-from ibot.train.runtime import Runtime
 from ibot.train.schedules import Schedules, budget_total_steps
 from ibot.train.signals import StopRequests
 
@@ -117,7 +109,21 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 Resume = bool | Literal["auto"]
 
 
-def train(cfg: Config, resume: Resume = False, progress: bool = True) -> RunResult:
+class Monitor(Protocol):
+    """Scores the teacher's backbone during the run (``eval.monitor_every_minutes``), e.g. a k-NN
+    monitor: ``monitor(backbone)`` -> metrics; ``skips``: the files it could not read."""
+
+    skips: SkipLog
+
+    def __call__(self, backbone: torch.nn.Module) -> dict[str, float]: ...
+
+
+MonitorFactory = Callable[[Config, Runtime], Monitor]
+
+
+def train(
+    cfg: Config, resume: Resume = False, progress: bool = True, monitor: MonitorFactory | None = None
+) -> RunResult:
     """Pre-train with iBOT for ``optim.epochs`` or ``train.budget_minutes`` (or until ``train.max_minutes``).
 
     ``resume``: True continues from the newest checkpoint in ``train.output_dir`` (an error if
@@ -125,13 +131,17 @@ def train(cfg: Config, resume: Resume = False, progress: bool = True) -> RunResu
     run (an error if the folder holds checkpoints of another). A worker that torchrun restarts
     (``--max-restarts``) resumes "auto". Under torchrun every process runs this; gradients are
     averaged by DDP, the centers are all-reduced, and rank 0 alone writes metrics and checkpoints.
+    ``monitor`` builds rank 0's monitor when ``eval.monitor_every_minutes`` > 0 (the caller chooses
+    it: ``ibot.eval.monitor.KNNMonitor``, so that training does not depend on evaluation).
     """
+    if cfg.eval.monitor_every_minutes > 0 and monitor is None:
+        raise ConfigError("eval.monitor_every_minutes > 0, but this caller of train() gave no monitor; set it to 0")
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"
     run = Runtime.resolve(cfg.train)
     env = init_distributed(run.device.type)
     try:
-        return _train(cfg, run, env, resume, progress)
+        return _train(cfg, run, env, resume, progress, monitor)
     finally:
         shutdown(env)
 
@@ -327,7 +337,7 @@ class _Session:
     step: int
     clock: TrainClock
     metrics: MetricsLogger | None  # rank 0 only
-    monitor: KNNMonitor | None  # rank 0 only, with eval.monitor_every_minutes
+    monitor: Monitor | None  # rank 0 only, with eval.monitor_every_minutes
     bar: tqdm
     skipped_images: SkipLog  # the scan's skips, then decoding's: once per path, not per epoch
     augment: DeviceAugment  # data.pipeline=device: the augmentations that run on the training device
@@ -458,7 +468,9 @@ class _Session:
         )
 
 
-def _open_session(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool) -> _Session:
+def _open_session(
+    cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool, monitor: MonitorFactory | None
+) -> _Session:
     """Seeds, the run folder (cleaned of a killed run's temporary files), model, resumed state, data, plan."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -503,15 +515,17 @@ def _open_session(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progr
         TrainClock(minutes_before),
         # A resumed run drops the metric lines a killed run wrote after its last checkpoint.
         metrics=MetricsLogger(store.folder, after_step=step) if env.is_main else None,
-        monitor=KNNMonitor(cfg, run) if use_monitor and env.is_main else None,
+        monitor=monitor(cfg, run) if monitor is not None and use_monitor and env.is_main else None,
         bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
         skipped_images=SkipLog(dataset.skips),
         augment=DeviceAugment(cfg.data),
     )
 
 
-def _train(cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool) -> RunResult:
-    s = _open_session(cfg, run, env, resume, progress)
+def _train(
+    cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool, monitor: MonitorFactory | None
+) -> RunResult:
+    s = _open_session(cfg, run, env, resume, progress, monitor)
     if s.step == 0 and cfg.eval.monitor_every_minutes > 0:
         s.run_monitor()  # the untrained starting point of the curve
     act = Actions()

@@ -1,8 +1,6 @@
-"""AdamW (fused where PyTorch has the kernel) for pre-training and fine-tuning, and the per-step optimiser update."""
+"""Pre-training's optimiser: AdamW over the student's parameter groups, and the per-step update."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -10,17 +8,7 @@ from torch.distributed.tensor import DTensor
 
 from ibot.config import OptimConfig
 from ibot.method import IBOT
-
-
-def adamw(param_groups: list[dict[str, Any]], device: torch.device, **kwargs: Any) -> torch.optim.AdamW:
-    """AdamW, fused where PyTorch has the kernel (CPU, CUDA), else multi-tensor.
-
-    The fused kernel updates each tensor in one pass: on the CPU it is several times faster than
-    the multi-tensor path and does not allocate a parameter-sized temporary (the foreach path's
-    ``sqrt(exp_avg_sq)``), which is part of the step's peak memory.
-    """
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups, foreach=not fused, fused=fused, **kwargs)
+from ibot.optim import adamw
 
 
 def build_optimizer(method: IBOT, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:

@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ibot.config import Config, RunPlan
-
-
-def cosine_schedule(
-    step: int, total_steps: int, base: float, final: float, warmup_steps: int = 0, warmup_start: float = 0.0
-) -> float:
-    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then cosine to ``final``.
-
-    ``step`` 0 gives ``warmup_start`` (or ``base`` without warm-up); ``total_steps - 1`` gives ``final``.
-    """
-    if step < warmup_steps:
-        return warmup_start + (base - warmup_start) * step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
-
-
-def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
-    """``start`` -> ``end`` linearly over ``warmup_steps``, then ``end``."""
-    if step >= warmup_steps:
-        return end
-    return start + (end - start) * step / warmup_steps
+from ibot.optim import cosine_schedule, linear_warmup
 
 
 def budget_total_steps(step: int, minutes: float, budget_minutes: float) -> int:

@@ -1,0 +1,140 @@
+"""Files that must never be half-written, and the backbone file every other part reads.
+
+``atomic_write`` writes to a temporary file in the same folder, flushes and fsyncs it, renames
+it over its name and fsyncs the folder: a kill or a full disk at any moment leaves the previous
+file whole; ``remove_debris`` deletes what killed writers left. ``teacher.safetensors`` holds a
+backbone alone, with its model config in the metadata (``save_backbone`` / ``load_backbone``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save
+
+from ibot.errors import CheckpointWriteError, DataError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"  # a run folder's link to its newest step checkpoint
+TEACHER_NAME = "teacher.safetensors"
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the folder's entry, not only the file's data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp)`` a temporary file in the same folder, fsync it, rename it to ``path``, fsync the folder.
+
+    A crash or a write error at any point leaves ``path`` as it was (the temporary file is
+    removed on errors; after a kill, ``remove_debris`` removes it at the next start).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_debris(folder: Path) -> int:
+    """Delete the temporary files that killed writers left in ``folder``; returns the bytes freed."""
+    freed = 0
+    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+        try:
+            freed += tmp.stat().st_size
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+    if freed:
+        logger.info("removed %.1f MB of temporary files left by a killed run in %s", freed / 2**20, folder)
+    return freed
+
+
+def write_error(path: Path, step: int, exc: OSError) -> CheckpointWriteError:
+    """One line for an ``OSError`` (ENOSPC, EIO, EACCES, ...) while saving: the file, the step, the cause."""
+    cause = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+    return CheckpointWriteError(
+        f"{path}: could not write it at step {step} ({cause}); the previous checkpoint is intact"
+    )
+
+
+def save_backbone(path: str | Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any], step: int = 0) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    metadata = {"format": "ibot-backbone", "config": json.dumps(config)}
+    try:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
+    except OSError as exc:
+        raise write_error(Path(path), step, exc) from None
+
+
+def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Backbone weights and the config they were trained with.
+
+    ``path``: a run folder, its ``teacher.safetensors``, or a timm / DINO / iBOT ViT state dict
+    (``.safetensors`` without ibot metadata, or ``.pth``/``.pt``/``.bin`` read with
+    ``weights_only=True``), converted by ``ibot.models.foreign``.
+    """
+    from ibot.models.foreign import import_vit, unwrap
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TEACHER_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: backbone weights not found")
+    if path.suffix != ".safetensors":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(
+                f"{path}: unreadable without unpickling arbitrary objects ({type(exc).__name__}); "
+                "save the model's state_dict alone"
+            ) from None
+        return import_vit(unwrap(loaded, str(path)), str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
+    if "config" not in metadata:
+        return import_vit(tensors, str(path))
+    return tensors, json.loads(metadata["config"])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
+        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+
+
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a parent module's state dict under ``prefix``, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
