@@ -79,9 +79,9 @@ def test_ablation_runs_scores_and_resumes(tmp_path: Path, monkeypatch: pytest.Mo
 
     original = loop.train
 
-    def counting_train(cfg, resume=False, progress=True):  # type: ignore[no-untyped-def]
+    def counting_train(cfg, resume=False, progress=True, monitor=None):  # type: ignore[no-untyped-def]
         trained.append(f"{Path(cfg.train.output_dir).parent.name}/{Path(cfg.train.output_dir).name}:{resume}")
-        return original(cfg, resume=resume, progress=progress)
+        return original(cfg, resume=resume, progress=progress, monitor=monitor)
 
     monkeypatch.setattr(loop, "train", counting_train)
     again = run_ablation(None, overrides, variants, [0, 1], 0.02, out, patch_probe=False, progress=False)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ibot.errors import DataError
 from ibot.eval.knn import knn_classify
 
 
@@ -34,12 +35,12 @@ def test_weighted_votes_and_top5() -> None:
 
 
 def test_unlabelled_data_is_rejected() -> None:
-    with pytest.raises(ValueError, match="labelled"):
+    with pytest.raises(DataError, match="labelled"):
         knn_classify(torch.randn(3, 2), torch.tensor([-1, 0, 1]), torch.randn(1, 2), torch.tensor([0]))
 
 
 def test_extract_and_knn_on_a_trained_run(tiny_config, image_folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from ibot.eval.commands import run_knn
+    from ibot.eval.commands import EvalRequest, run_knn
     from ibot.train.loop import train
 
     from conftest import make_image_folder
@@ -50,10 +51,12 @@ def test_extract_and_knn_on_a_trained_run(tiny_config, image_folder: Path, tmp_p
     # in folder order, labels beside them, k-NN) must classify them; chance is 50 %, and a
     # feature/label misalignment or a collapsed backbone lands there.
     held_out = make_image_folder(tmp_path / "held_out", noise_seed=1)
-    out = run_knn(tiny_config.train.output_dir, str(image_folder), str(held_out), False, [], progress=False)
+    out = run_knn(EvalRequest(tiny_config.train.output_dir, str(image_folder), str(held_out), progress=False))
     assert out["train_images"] == out["test_images"] == 16
     assert out["weights"] != "random-init"
     for k in tiny_config.eval.knn_k:
         assert out["knn"][k]["top1"] >= 90.0, (k, out["knn"][k])
-    baseline = run_knn(tiny_config.train.output_dir, str(image_folder), str(held_out), True, [], progress=False)
+    baseline = run_knn(
+        EvalRequest(tiny_config.train.output_dir, str(image_folder), str(held_out), random_init=True, progress=False)
+    )
     assert baseline["weights"] == "random-init"

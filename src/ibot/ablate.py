@@ -77,13 +77,13 @@ def final_monitors(run_dir: Path) -> dict[str, float]:
 
 def score_run(cfg: Config, run_dir: Path, knn_monitor, patch_probe: bool, progress: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """k-NN top-1 of the teacher on the monitor subsets, the patch probe's test mIoU, monitors."""
-    from ibot.eval.commands import run_dense
+    from ibot.eval.commands import EvalRequest, run_dense
     from ibot.eval.features import load_frozen_backbone
 
     backbone, _ = load_frozen_backbone(str(run_dir))
     scores: dict[str, Any] = {"knn_top1": knn_monitor(backbone)["knn_top1"]}
     if patch_probe:
-        dense = run_dense(str(run_dir), "", "", False, [], progress=progress)["dense"]
+        dense = run_dense(EvalRequest(str(run_dir), progress=progress))["dense"]
         scores["patch_miou"] = next(r["test_miou"] for r in dense if r["features"] == "patch tokens")
     return {**scores, **final_monitors(run_dir)}
 

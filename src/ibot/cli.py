@@ -128,16 +128,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """``ibot eval <command>``: ``commands.run_<command>``, its table, its JSON in the run folder."""
     from ibot.eval import commands
 
-    run = getattr(commands, f"run_{args.eval_command}")
-    result = run(
+    request = commands.EvalRequest(
         args.weights,
         args.train_dir,
         args.test_dir,
         args.random_init,
-        args.overrides,
-        cache_dir=args.cache_dir,
+        tuple(args.overrides),
+        args.cache_dir,
         progress=not args.no_progress,
     )
+    result = getattr(commands, f"run_{args.eval_command}")(request)
     print(getattr(commands, f"format_{args.eval_command}")(result))
     _save_result(args, args.eval_command, result)
     return 0

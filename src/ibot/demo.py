@@ -98,8 +98,7 @@ def verdict(teacher: Scores, random_init: Scores, k: int) -> str:
 
 def _knn(backbone, cfg: Config, train_dir: str, test_dir: str, progress: bool) -> dict[int, float]:  # type: ignore[no-untyped-def]
     """k-NN top-1 (%) per ``cfg.eval.knn_k`` of a frozen backbone's final [cls] tokens."""
-    from ibot.eval.commands import require_labels
-    from ibot.eval.features import extract_features
+    from ibot.eval.features import extract_features, require_labels
     from ibot.eval.knn import knn_classify
     from ibot.runtime import Runtime
 
@@ -107,7 +106,7 @@ def _knn(backbone, cfg: Config, train_dir: str, test_dir: str, progress: bool) -
     train_f = extract_features(backbone, train_dir, cfg, runtime, num_workers=0, progress=progress)
     test_f = extract_features(backbone, test_dir, cfg, runtime, num_workers=0, progress=progress)
     for folder, feats in ((train_dir, train_f), (test_dir, test_f)):
-        require_labels(folder, feats.labels, "k-NN")
+        require_labels(feats.labels, folder, "k-NN")
     results = knn_classify(
         train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, cfg.eval.knn_k, cfg.eval.knn_temperature
     )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ibot.data.datasets import Sample
+from ibot.eval.features import encode
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -33,9 +34,8 @@ def save_attention_pool_maps(
 
     samples = [s for s in (dataset[i] for i in range(min(len(dataset), 4 * count))) if isinstance(s, Sample)][:count]
     images = torch.stack([s.view for s in samples])
-    with runtime.autocast():
-        tokens = backbone.to(runtime.device).eval()(images.to(runtime.device))
-    cls, patches = result.standardise(tokens.cls.float().cpu().unsqueeze(1), tokens.patches.float().cpu())
+    encoded = encode(backbone.to(runtime.device).eval(), images, runtime, patch_dtype=torch.float32)
+    cls, patches = result.standardise(encoded.cls, encoded.patches)
     weights = result.module.attention(patches)  # (B, N)
     grid = images.shape[-1] // backbone.patch_size
     maps = F.interpolate(weights.view(-1, 1, grid, grid), size=images.shape[-2:], mode="nearest")[:, 0]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ibot.data.datasets import Sample
 from ibot.errors import IBOTError
+from ibot.eval.features import encode, require_labels
 from ibot.eval.probes import Standardiser, fit_sweep, split_indices
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -89,16 +90,13 @@ def mosaic_tokens(
 ) -> MosaicTokens:
     """Build ``count`` mosaics from ``dataset`` and run the frozen backbone on them."""
     images, targets = make_mosaics(dataset, count, grid, backbone.patch_size, seed)
-    if bool((targets < 0).any()):
-        raise IBOTError("the dense probe needs labelled images, one sub-folder per class")
+    require_labels(targets, "the mosaics' images", "the dense probe")
     backbone = backbone.to(runtime.device).eval()
-    patches, cls = [], []
-    for chunk in tqdm(images.split(batch_size), desc="mosaic features", disable=not progress):
-        with runtime.autocast():
-            tokens = backbone(chunk.to(runtime.device))
-        patches.append(tokens.patches.half().cpu())
-        cls.append(tokens.cls.float().cpu())
-    return MosaicTokens(torch.cat(patches), torch.cat(cls), targets)
+    parts = [
+        encode(backbone, chunk, runtime, patch_dtype=torch.float16)
+        for chunk in tqdm(images.split(batch_size), desc="mosaic features", disable=not progress)
+    ]
+    return MosaicTokens(torch.cat([p.patches for p in parts]), torch.cat([p.cls[:, -1] for p in parts]), targets)
 
 
 class _PatchLinear(nn.Module):

@@ -125,16 +125,53 @@ def labelled_subset(dataset: Dataset, folder: str, size: int, seed: int, purpose
             samples.append(sample)
     if not samples:
         raise IBOTError(f"{folder}: no readable images for {purpose}; {dataset_skips(dataset).summary('scan')}")
-    if any(s.label < 0 for s in samples):
-        raise IBOTError(f"{folder}: {purpose} needs labelled images, one sub-folder per class")
+    require_labels([s.label for s in samples], folder, purpose)
     return samples
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A frozen backbone's tokens of some images, on the CPU: ``cls`` (X, L, D) fp32 of the last L
+    blocks (the last block last), ``patches`` (X, N, D) of the last block or None."""
+
+    cls: torch.Tensor
+    patches: torch.Tensor | None
+
+
 @torch.no_grad()
-def cls_features(backbone: MaskedViT, images: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    """(X, 3, S, S) images -> (X, D) fp32 [cls] after the final norm, on the CPU."""
-    with runtime.autocast():
-        return backbone(images.to(runtime.device)).cls.float().cpu()
+def encode(
+    backbone: MaskedViT,
+    images: torch.Tensor,
+    runtime: Runtime,
+    n_last: int = 1,
+    patch_dtype: torch.dtype | None = None,
+    batch_size: int = 0,
+) -> Encoded:
+    """(X, 3, S, S) images -> their ``Encoded`` tokens, ``batch_size`` images at a time (0: all at once).
+
+    The one place a frozen backbone meets images: autocast as the run's precision, tokens after
+    the final norm; patch tokens are kept only with ``patch_dtype`` (fp16 halves a cache).
+    """
+    cls_parts, patch_parts = [], []
+    for chunk in images.split(batch_size or max(len(images), 1)):
+        with runtime.autocast():
+            tokens = backbone.forward_intermediates(chunk.to(runtime.device), n_last)
+        cls_parts.append(torch.stack([t.cls.float() for t in tokens], dim=1).cpu())
+        if patch_dtype is not None:
+            patch_parts.append(tokens[-1].patches.to(patch_dtype).cpu())
+    return Encoded(torch.cat(cls_parts), torch.cat(patch_parts) if patch_dtype is not None else None)
+
+
+def cls_features(backbone: MaskedViT, images: torch.Tensor, runtime: Runtime, batch_size: int = 0) -> torch.Tensor:
+    """(X, 3, S, S) images -> (X, D) fp32 [cls] of the last block, on the CPU."""
+    return encode(backbone, images, runtime, batch_size=batch_size).cls[:, -1]
+
+
+def require_labels(labels: torch.Tensor | list[int], source: str, purpose: str) -> None:
+    """One line naming ``source`` when an image has no class (-1: a folder without class sub-folders)."""
+    labels = torch.as_tensor(labels)
+    if labels.numel() == 0 or bool((labels < 0).any()):
+        raise DataError(f"{source}: {purpose} needs labelled images, one sub-folder per class")
 
 
 @torch.no_grad()
@@ -169,11 +206,10 @@ def extract_features(
         skips.extend(batch_skips)  # decoded in the loader workers: their copies of the log are lost
         if images.numel() == 0:
             continue
-        with runtime.autocast():
-            tokens = backbone.forward_intermediates(images.to(runtime.device), n_last)
-        cls_parts.append(torch.stack([t.cls.float() for t in tokens], dim=1).cpu())
-        if patches:
-            patch_parts.append(tokens[-1].patches.half().cpu())
+        encoded = encode(backbone, images, runtime, n_last, torch.float16 if patches else None)
+        cls_parts.append(encoded.cls)
+        if encoded.patches is not None:
+            patch_parts.append(encoded.patches)
         labels.append(batch_labels)
     if not labels:
         raise IBOTError(f"{folder}: no readable images to extract features from; {skips.summary('features')}")

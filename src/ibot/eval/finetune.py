@@ -21,10 +21,9 @@ from tqdm import tqdm
 from ibot.config import Config, FinetuneConfig
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import SkipLog
-from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips
+from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips, require_labels
 from ibot.models.vit import MaskedViT
-from ibot.optim import adamw
+from ibot.optim import adamw, cosine_schedule
 from ibot.runtime import Runtime
 
 
@@ -127,8 +126,7 @@ def finetune(
     train_set = dataset_from_config(train_dir, _train_transform(cfg), cfg.data)
     skips.extend(dataset_skips(train_set))
     labels = train_set.labels  # type: ignore[attr-defined]  # ImageFolder and TarShards both have them
-    if not labels or min(labels) < 0:
-        raise IBOTError(f"{train_dir}: fine-tuning needs labelled images, one sub-folder per class")
+    require_labels(labels, train_dir, "fine-tuning")
     num_classes = max(labels) + 1
     model = Classifier(backbone.requires_grad_(True), num_classes).to(runtime.device)
     lr = settings.lr * settings.batch_size / 256
@@ -174,11 +172,8 @@ def finetune(
                 break
             if images.shape[0] % 2:  # timm's Mixup mixes pairs: it needs an even batch
                 images, targets = images[:-1], targets[:-1]
-            scale = (
-                (step + 1) / warmup
-                if step < warmup
-                else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-            )
+            # From 1/warmup, not 0: the first step already learns.
+            scale = cosine_schedule(step, total, 1.0, 0.0, warmup, warmup_start=1.0 / max(warmup, 1))
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"] * scale
             images, soft = mixup(images.to(runtime.device), targets.to(runtime.device))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ibot.eval.features import require_labels
+
 
 @torch.no_grad()
 def knn_classify(
@@ -26,8 +28,8 @@ def knn_classify(
         train_features: (X, D); train_labels: (X,) int64 in [0, C).
         test_features: (Y, D); test_labels: (Y,).
     """
-    if train_labels.min() < 0 or test_labels.min() < 0:
-        raise ValueError("k-NN needs labelled images: put each class in its own sub-folder")
+    require_labels(train_labels, "the train features", "k-NN")
+    require_labels(test_labels, "the test features", "k-NN")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)

@@ -47,15 +47,12 @@ class KNNMonitor:
         self.batch_size = e.batch_size
         self.runtime = runtime
 
-    def _features(self, backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([cls_features(backbone, chunk, self.runtime) for chunk in images.split(self.batch_size)])
-
     def __call__(self, backbone: MaskedViT) -> dict[str, float]:
         was_training = backbone.training
         backbone.eval()
         try:
-            train = self._features(backbone, self.train_images)
-            test = self._features(backbone, self.test_images)
+            train = cls_features(backbone, self.train_images, self.runtime, self.batch_size)
+            test = cls_features(backbone, self.test_images, self.runtime, self.batch_size)
         finally:
             backbone.train(was_training)
         top1, top5 = knn_classify(train, self.train_labels, test, self.test_labels, (self.k,), self.temperature)[self.k]

@@ -18,7 +18,7 @@ from ibot.config import Config
 from ibot.data.loaders import dataset_from_config
 from ibot.data.transforms import build_eval_transform
 from ibot.eval.corruptions import CORRUPTIONS, corrupt
-from ibot.eval.features import labelled_subset
+from ibot.eval.features import encode, labelled_subset
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -65,10 +65,8 @@ def _top1(
 ) -> float:
     correct = 0
     for chunk, target in zip(images.split(batch_size), labels.split(batch_size)):
-        with runtime.autocast():
-            tokens = backbone.forward_intermediates(chunk.to(runtime.device), n_last)
-        cls = torch.stack([t.cls.float() for t in tokens], dim=1).cpu()
-        cls, patches = probe.standardise(cls, tokens[-1].patches.float().cpu())
+        encoded = encode(backbone, chunk, runtime, n_last, torch.float32)
+        cls, patches = probe.standardise(encoded.cls, encoded.patches)
         correct += int((probe.module(cls, patches).argmax(dim=1) == target).sum())
     return 100.0 * correct / len(labels)
 
