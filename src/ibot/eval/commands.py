@@ -1,9 +1,9 @@
 """What each ``ibot eval`` command computes: weights + folders -> a JSON-able result, and its table.
 
 The command line (``ibot.cli``) parses arguments into an ``EvalRequest``, calls one ``run_*``
-here with it, prints its ``format_*`` table and keeps the result in the run folder for ``ibot report``. Each ``run_*``
-reports the files it skipped itself (one line, ``RUN/eval/skipped-<command>.tsv``), so every
-caller of it (``ibot eval``, ``ibot demo``) does.
+here with it, prints its ``format_*`` table and keeps the result in the run folder for
+``ibot report``. Each ``run_*`` reports the files it skipped itself (one line,
+``RUN/eval/skipped-<command>.tsv``), so every caller of it (``ibot eval``, ``ibot ablate``) does.
 """
 
 from __future__ import annotations
