@@ -1,5 +1,5 @@
 """The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune), ablate, visualize,
-report, demo.
+report, demo, export.
 
 Config path + dotted overrides, few flags.
 """
@@ -218,6 +218,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ibot.export import export
+
+    done = export(args.run, args.format, args.out, force=args.force)
+    note = f"; {done.note}" if done.note else ""
+    print(f"wrote {done.folder}: {', '.join(done.files)} ({done.seconds:.1f} s{note})")
+    print(f"check: max abs diff {done.max_abs_diff:.2e} to the ibot backbone (tolerance {done.tolerance:.0e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ibot", description="iBOT pre-training and frozen-feature evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=_cmd_demo)
+
+    x = sub.add_parser("export", help="the backbone as a timm folder, a transformers ViTModel folder or ONNX, checked")
+    x.add_argument("run", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+    x.add_argument("--format", required=True, choices=("timm", "hf", "onnx"), help="see docs/export.md")
+    x.add_argument("--out", required=True, help="folder to write (new or empty)")
+    x.add_argument("--force", action="store_true", help="replace --out even if it holds files")
+    x.set_defaults(func=_cmd_export)
     return parser
 
 

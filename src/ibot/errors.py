@@ -21,3 +21,7 @@ class NonFiniteLossError(IBOTError):
 
 class CheckpointWriteError(IBOTError):
     """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
+
+
+class ExportError(IBOTError):
+    """A backbone cannot be written in the format asked for, or its written copy failed the check."""
