@@ -35,7 +35,7 @@ from torch import nn
 
 from ibot.config import ARCHS, ModelConfig
 from ibot.errors import ConfigError, DataError
-from ibot.models.foreign import block_count, vit_state
+from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, sub_state_dict
@@ -87,7 +87,7 @@ class InitWeights:
 
 def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int) -> InitWeights:
     """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px (every check made here)."""
-    path = Path(path).expanduser()
+    path = _resolve(Path(path).expanduser())
     source = _read_source(path)
     name = str(path)
     backbone_shapes, head_shapes = _expected_shapes(cfg, img_size)
@@ -109,11 +109,16 @@ def load_branch(branch: nn.ModuleDict, state: Tensors) -> None:
 # Reading: file or folder -> _Source
 
 
-def _read_source(path: Path) -> _Source:
+def _resolve(path: Path) -> Path:
+    """The file to read: ``path``, or the one a run folder starts a new run from."""
     if path.is_dir():
         path = _run_file(path)
     if not path.is_file():
         raise ConfigError(f"model.init_from: {path}: no such file or folder")
+    return path
+
+
+def _read_source(path: Path) -> _Source:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     loaded = _torch_load(path)
@@ -121,8 +126,6 @@ def _read_source(path: Path) -> _Source:
         return _from_ibot_checkpoint(loaded, str(path))
     if isinstance(loaded, dict) and isinstance(loaded.get("teacher"), dict):
         return _from_official(loaded, str(path))
-    from ibot.models.foreign import unwrap
-
     return _from_backbone(unwrap(loaded, str(path)), str(path))
 
 
@@ -184,13 +187,14 @@ def _from_official(loaded: dict[str, Any], source: str) -> _Source:
     teacher = _official_branch(loaded["teacher"], source)
     # A checkpoint cut down to its teacher: both branches start from it.
     student = _official_branch(loaded["student"], source) if loaded.get("student") else teacher
-    ibot = "mask_token" in teacher.backbone or (teacher.heads is not None and "patch" in teacher.heads)
+    ibot = "mask_token" in teacher.backbone or any(".last_layer2." in k for k in loaded["teacher"])
     return _Source(f"official {'iBOT' if ibot else 'DINO'} checkpoint", student, teacher)
 
 
 def _official_branch(tensors: Tensors, source: str) -> _Branch:
     plain = {k.removeprefix("module."): v for k, v in tensors.items()}
-    backbone, _ = vit_state(sub_state_dict(plain, "backbone."), source)
+    # A teacher entry may hold the ViT's keys bare (no MultiCropWrapper around it).
+    backbone, _ = vit_state(sub_state_dict(plain, "backbone.") or plain, source)
     head = {_weight_norm_key(k): v for k, v in sub_state_dict(plain, "head.").items()}
     if not head:
         return _Branch(backbone, None, "the file has no projection head")
@@ -293,16 +297,26 @@ def _grid(positions: int, name: str) -> int:
 def _fit_heads(
     source: _Source, expected: dict[str, torch.Size], shared: bool, notes: list[str]
 ) -> tuple[list[Tensors], str]:
-    """Each branch's head entries (empty when the heads start fresh) and why they start fresh."""
-    branches = (source.student, source.teacher)
-    why = next((b.no_heads or "the file has no head" for b in branches if b.heads is None), "")
-    for heads in (b.heads for b in branches if b.heads is not None):
-        why = why or next((r for h in heads.values() if (r := _head_mismatch(h, expected))), "")
+    """Each branch's head entries and "", or no entries and why the heads start fresh (both
+    branches alike: a student and a teacher with different heads would not be one method)."""
+    why = ""
+    for branch in (source.student, source.teacher):
+        why = why or _heads_misfit(branch, expected)
     if why:
         return [{}, {}], why
-    if shared and any("patch" in b.heads for b in branches):  # type: ignore[operator]
+    student, teacher = source.student.heads or {}, source.teacher.heads or {}
+    if shared and ("patch" in student or "patch" in teacher):
         notes.append("the file's separate patch prototypes left out (model.shared_head=true)")
-    return [_head_entries(b.heads, shared) for b in branches], ""  # type: ignore[arg-type]
+    return [_head_entries(student, shared), _head_entries(teacher, shared)], ""
+
+
+def _heads_misfit(branch: _Branch, expected: dict[str, torch.Size]) -> str:
+    if branch.heads is None:
+        return branch.no_heads or "the file has no projection head"
+    for head in branch.heads.values():
+        if why := _head_mismatch(head, expected):
+            return why
+    return ""
 
 
 def _head_mismatch(head: Tensors, expected: dict[str, torch.Size]) -> str:
