@@ -50,6 +50,26 @@ def test_ibot_checkpoint_teacher_with_prefixes_and_mask_token(tmp_path: Path) ->
     torch.testing.assert_close(backbone.mask_token.flatten(), masked_embed.flatten())
 
 
+def _chunked(key: str) -> str:
+    """``blocks.N.*`` -> ``blocks.N.N.*``: DINOv2 with one block per chunk."""
+    return f"blocks.{key.split('.')[1]}.{key[len('blocks.') :]}" if key.startswith("blocks.") else key
+
+
+def test_dinov2_layer_scale_and_chunked_blocks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=2, init_values=0.5).eval()
+    with torch.no_grad():
+        for name, param in vit.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(-1.0, 1.0)
+    # DINOv2 hub layout: blocks.<chunk>.<block>.*, LayerScale gammas, a (1, D) mask token.
+    state = {_chunked(k): v for k, v in vit.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 48)
+    assert "blocks.1.1.ls1.gamma" in state
+    torch.save(state, tmp_path / "dinov2.pth")
+    _assert_same_cls(tmp_path / "dinov2.pth", vit)
+
+
 def test_unknown_width_names_it(tmp_path: Path) -> None:
     torch.save(_timm_vit(embed_dim=40).state_dict(), tmp_path / "vit.pth")
     with pytest.raises(DataError, match="width 40 and depth 2 is none of"):

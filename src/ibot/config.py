@@ -152,6 +152,10 @@ class ModelConfig:
     head_layers: int = 3
     norm_last_layer: bool = True  # fix the prototype norms to 1 (DINO's stabiliser)
     shared_head: bool = True  # one head for [cls] and patch tokens
+    # Weights a new run starts from (student and teacher): a run folder, one of its checkpoints or
+    # its teacher.safetensors, an official iBOT/DINO checkpoint, or a timm/DINO/iBOT/DINOv2 ViT
+    # state dict (ibot.models.init_weights; docs/init-from.md). A resumed run ignores it.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, "model.arch", f"must be one of {sorted(ARCHS)}")
@@ -548,11 +552,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
     values = _merge(values, _overrides_to_dict(overrides))
     try:
-        return _build(Config, values, "")
+        cfg = _build(Config, values, "")
+        _check_paths(cfg)
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+    return cfg
+
+
+def _check_paths(cfg: Config) -> None:
+    """Paths the user names must exist. Checked here, not in the dataclasses: configs rebuilt from
+    a checkpoint or a backbone file (``config_from_dict``) must load after such a file moved."""
+    init_from = cfg.model.init_from
+    _check(
+        not init_from or Path(init_from).expanduser().exists(),
+        "model.init_from",
+        f"{init_from}: no such file or folder",
+    )
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:

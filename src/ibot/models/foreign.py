@@ -1,8 +1,10 @@
 """Backbone weights from other code bases -> this package's ``MaskedViT`` keys and config.
 
 Accepted: a plain timm ``VisionTransformer`` state dict, the official DINO / iBOT ViTs (same
-parameter names as timm), and full DINO / iBOT checkpoints (their ``teacher`` entry, with
-``module.`` / ``backbone.`` prefixes). Classifier and projection heads are dropped. The
+parameter names as timm), DINOv2's hub ViTs (LayerScale folded into the layers it scales,
+chunked blocks flattened; register tokens and SwiGLU feed-forwards refused), and full DINO /
+iBOT checkpoints (their ``teacher`` entry, with ``module.`` / ``backbone.`` prefixes).
+Classifier and projection heads are dropped. The
 architecture is read off the tensors: width from the [cls] token, depth from the blocks,
 patch size from the patch embedding, training resolution from the position embeddings; the
 number of heads is the one of the ``ARCHS`` entry with that width and depth (heads leave no
@@ -22,6 +24,7 @@ from ibot.errors import DataError
 
 _PREFIXES = ("module.", "backbone.")
 _DROPPED = ("head.", "fc_norm.", "head_drop.")
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 BlockChunk: blocks.<chunk>.<block>.*
 
 
 def _strip(key: str) -> str:
@@ -45,26 +48,78 @@ def unwrap(loaded: Any, source: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """timm/DINO/iBOT ViT tensors -> (``MaskedViT`` state dict, config dict for ``config_from_dict``)."""
+def _flatten_chunks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2's ``blocks.<chunk>.<block>.*`` (``block_chunks`` > 0) -> ``blocks.<block>.*``."""
+    return {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
+
+
+def _fold_layer_scale(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``ls1`` / ``ls2`` gammas multiplied into ``attn.proj`` / ``mlp.fc2``: the same function without
+    LayerScale (each gamma scales the output channels of the layer just before it)."""
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith((".ls1.gamma", ".ls2.gamma"))]:
+        block, scale = key.rsplit(".", 2)[0], out.pop(key)
+        layer = f"{block}.attn.proj" if key.endswith(".ls1.gamma") else f"{block}.mlp.fc2"
+        out[f"{layer}.weight"] = out[f"{layer}.weight"] * scale[:, None]
+        if f"{layer}.bias" in out:
+            out[f"{layer}.bias"] = out[f"{layer}.bias"] * scale
+    return out
+
+
+def _refuse_unsupported(keys: set[str], source: str) -> None:
+    if "register_tokens" in keys:
+        raise DataError(f"{source}: a ViT with register tokens (DINOv2 *_reg): not supported by this package's ViT")
+    if any(k.endswith((".mlp.w12.weight", ".mlp.w3.weight")) for k in keys):
+        raise DataError(
+            f"{source}: a ViT with SwiGLU feed-forwards (DINOv2 ViT-g): not supported by this package's ViT"
+        )
+
+
+def vit_state(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """timm/DINO/iBOT/DINOv2 ViT tensors -> ``MaskedViT`` keys (``vit.*``; ``mask_token`` (1, 1, 1, D)
+    when the file has one), and what was changed on the way (for a log line)."""
     plain = {_strip(k): v for k, v in tensors.items()}
     plain = {k: v for k, v in plain.items() if not k.startswith(_DROPPED)}
+    _refuse_unsupported(set(plain), source)
     for required in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if required not in plain:
             raise DataError(f"{source}: no '{required}': not an ibot backbone nor a timm/DINO/iBOT ViT state dict")
-    width = plain["cls_token"].shape[-1]
-    depth = len({m.group(1) for k in plain if (m := re.match(r"blocks\.(\d+)\.", k))})
+    changes = []
+    if any(_CHUNKED.match(k) for k in plain):
+        plain = _flatten_chunks(plain)
+        changes.append("chunked blocks flattened")
+    if any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in plain):
+        plain = _fold_layer_scale(plain)
+        changes.append("LayerScale folded into attn.proj and mlp.fc2")
+    # iBOT's learned [mask] embedding is ``masked_embed``, DINOv2's ``mask_token``; both (1, D).
+    mask_token = plain.pop("masked_embed", None)
+    mask_token = plain.pop("mask_token", mask_token)
+    state = {f"vit.{k}": v for k, v in plain.items()}
+    if mask_token is not None:
+        state["mask_token"] = mask_token.reshape(1, 1, 1, -1)
+    return state, changes
+
+
+def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """timm/DINO/iBOT ViT tensors -> (``MaskedViT`` state dict, config dict for ``config_from_dict``)."""
+    state, _ = vit_state(tensors, source)
+    width = state["vit.cls_token"].shape[-1]
+    depth = block_count(state)
     arch = next((name for name, a in ARCHS.items() if a["embed_dim"] == width and a["depth"] == depth), None)
     if arch is None:
         known = ", ".join(f"{n} ({a['embed_dim']}x{a['depth']})" for n, a in ARCHS.items())
         raise DataError(f"{source}: a ViT of width {width} and depth {depth} is none of {known}")
-    patch_size = plain["patch_embed.proj.weight"].shape[-1]
-    side = math.isqrt(plain["pos_embed"].shape[1] - 1)
-    if side * side != plain["pos_embed"].shape[1] - 1:
-        raise DataError(f"{source}: pos_embed of {plain['pos_embed'].shape[1]} tokens is not 1 + a square grid")
-    mask_token = plain.pop("masked_embed", None)  # iBOT's learned [mask] embedding, (1, D)
-    state = {f"vit.{k}": v for k, v in plain.items()}
+    patch_size = state["vit.patch_embed.proj.weight"].shape[-1]
+    tokens = state["vit.pos_embed"].shape[1] - 1
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise DataError(f"{source}: pos_embed of {tokens + 1} tokens is not 1 + a square grid")
     # timm and DINO have no [mask] token; evaluation never masks, so zeros stand in.
-    state["mask_token"] = (mask_token if mask_token is not None else torch.zeros(width)).reshape(1, 1, 1, width)
+    state.setdefault("mask_token", torch.zeros(1, 1, 1, width))
     config = {"model": {"arch": arch, "patch_size": patch_size}, "data": {"global_crop_size": side * patch_size}}
     return state, config
+
+
+def block_count(state: dict[str, torch.Tensor]) -> int:
+    """Number of transformer blocks in a ``MaskedViT`` state dict (``vit.blocks.<i>.*`` keys)."""
+    return len({m.group(1) for k in state if (m := re.match(r"vit\.blocks\.(\d+)\.", k))})

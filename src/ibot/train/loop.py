@@ -23,6 +23,7 @@ from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
+from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
 from ibot.runtime import Runtime
 from ibot.storage import TEACHER_NAME, remove_debris, save_backbone, sub_state_dict
 from ibot.train.cadence import END, SIGNAL, Actions, Cadence
@@ -102,7 +103,8 @@ def collapse_warnings(values: dict[str, float], num_prototypes: int) -> dict[tup
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
     """Refuse to resume with a different model: the weights would not fit or mean something else."""
     old = config_from_dict(saved)
-    if old.model != cfg.model:
+    # model.init_from only chose the starting weights: the checkpoint's weights rule now.
+    if replace(old.model, init_from="") != replace(cfg.model, init_from=""):
         raise ConfigError(f"{path}: checkpoint was trained with a different model config; start a new output_dir")
 
 
@@ -158,8 +160,29 @@ class _Trainee:
     sharded: bool  # FSDP: parameters and optimizer state are shards; checkpoints are gathered
 
 
-def _build(cfg: Config, run: Runtime, env: DistEnv) -> _Trainee:
-    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim).to(run.device)
+def _read_init(cfg: Config, store: CheckpointStore, resume: Resume, env: DistEnv) -> InitWeights | None:
+    """``model.init_from`` read and fitted to the config, or None: not set, or a run that resumes
+    (its checkpoint rules). Called before the run folder is written, so a misfit writes nothing."""
+    if not cfg.model.init_from:
+        return None
+    if resume and (resume is True or store.paths()):
+        if env.is_main:
+            logger.info("model.init_from ignored: the run resumes from its checkpoint")
+        return None
+    init = read_init_weights(cfg.model.init_from, cfg.model, cfg.data.global_crop_size)
+    if env.is_main:
+        logger.info("%s", init.summary())
+        if init.fresh_heads:
+            logger.info("model.init_from: fresh projection heads: %s", init.fresh_heads)
+    return init
+
+
+def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = None) -> _Trainee:
+    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim)
+    if init is not None:  # before sharding and wrapping: they take the weights as they find them
+        load_branch(method.student, init.student)
+        load_branch(method.teacher, init.teacher)
+    method = method.to(run.device)
     method.use_runtime(run)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.compile:
@@ -477,11 +500,12 @@ def _open_session(
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     store = CheckpointStore(cfg.train.output_dir, cfg.train.keep_checkpoints)
+    init = _read_init(cfg, store, resume, env)
     if env.is_main:
         store.folder.mkdir(parents=True, exist_ok=True)
         remove_debris(store.folder)
         (store.folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainee = _build(cfg, run, env)
+    trainee = _build(cfg, run, env, init)
     use_monitor = cfg.eval.monitor_every_minutes > 0
     if trainee.sharded and use_monitor:
         # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.

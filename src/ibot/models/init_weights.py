@@ -1,0 +1,342 @@
+"""Starting weights of a pre-training run (``model.init_from``): a file or run folder -> state dicts
+for the student and teacher branches of the config's model.
+
+Layouts, told apart by their keys:
+
+- this package's run folder (``checkpoint.pt``, else its newest ``checkpoint-*.pt``, else
+  ``teacher.safetensors``), one of its checkpoints (student and teacher, backbones and heads),
+  or a ``teacher.safetensors`` (the teacher's backbone alone, for both branches);
+- official iBOT / DINO full checkpoints: ``student`` and ``teacher`` entries, keys under
+  ``module.`` / ``backbone.`` / ``head.``; the heads' weight-norm ``weight_g`` / ``weight_v`` become
+  ``ProjectionHead``'s ``parametrizations.weight.original0`` / ``original1``; iBOT's separate patch
+  prototypes (``last_layer2``, behind the MLP both branches share) become the patch head;
+- a backbone alone: a timm, DINO, iBOT or DINOv2 state dict (``ibot.models.foreign.vit_state``).
+
+Every check against the config is made here, before a run writes anything: width, depth, patch
+size, stem or any other backbone shape that differs is a one-line ``ConfigError``; position
+embeddings are resampled to the config's crop; heads whose shapes differ from the config's are
+left out (the run starts them fresh) with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from ibot.config import ARCHS, ModelConfig
+from ibot.errors import ConfigError, DataError
+from ibot.models.foreign import block_count, unwrap, vit_state
+from ibot.models.heads import ProjectionHead
+from ibot.models.vit import MaskedViT
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, sub_state_dict
+
+Tensors = dict[str, torch.Tensor]
+
+_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt")
+_WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+
+
+@dataclass
+class _Branch:
+    """One branch as read: ``MaskedViT`` backbone keys and the heads found ({"cls": ..., "patch": ...}
+    in ``ProjectionHead`` keys; "patch" absent when one head served both), or why there are none."""
+
+    backbone: Tensors
+    heads: dict[str, Tensors] | None
+    no_heads: str = ""
+
+
+@dataclass
+class _Source:
+    layout: str
+    student: _Branch
+    teacher: _Branch
+    patch_size: int | None = None  # from a saved config; else read off the patch embedding
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    """Where the weights came from and what each branch loads (``backbone.*`` and, when they fit,
+    ``head.*`` or ``cls_head.*`` / ``patch_head.*``); ``fresh_heads``: why the heads start fresh
+    ("" when they were loaded)."""
+
+    source: str
+    layout: str
+    student: Tensors
+    teacher: Tensors
+    notes: tuple[str, ...] = ()
+    fresh_heads: str = ""
+
+    def summary(self) -> str:
+        """One line: what was loaded from where."""
+        loaded = "backbones" if self.fresh_heads else "backbones and heads"
+        notes = "".join(f"; {n}" for n in self.notes)
+        return f"model.init_from: student and teacher {loaded} from {self.source} ({self.layout}){notes}"
+
+
+def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int) -> InitWeights:
+    """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px (every check made here)."""
+    path = _resolve(Path(path).expanduser())
+    source = _read_source(path)
+    name = str(path)
+    backbone_shapes, head_shapes = _expected_shapes(cfg, img_size)
+    _check_architecture(source, cfg, name)
+    notes = list(source.notes)
+    backbones = [_fit_backbone(b.backbone, backbone_shapes, name, notes) for b in (source.student, source.teacher)]
+    heads, fresh = _fit_heads(source, head_shapes, cfg.shared_head, notes)
+    student, teacher = ({**_prefixed(b, "backbone."), **h} for b, h in zip(backbones, heads))
+    return InitWeights(name, source.layout, student, teacher, tuple(notes), fresh)
+
+
+def load_branch(branch: nn.ModuleDict, state: Tensors) -> None:
+    """Copy ``state`` into an ``IBOT`` branch; what it lacks (a [mask] token, fresh heads) stays as built."""
+    result = branch.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"model.init_from: keys the branch does not have: {result.unexpected_keys[:3]}")
+
+
+# Reading: file or folder -> _Source
+
+
+def _resolve(path: Path) -> Path:
+    """The file to read: ``path``, or the one a run folder starts a new run from."""
+    if path.is_dir():
+        path = _run_file(path)
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: {path}: no such file or folder")
+    return path
+
+
+def _read_source(path: Path) -> _Source:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    loaded = _torch_load(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get("method"), dict):
+        return _from_ibot_checkpoint(loaded, str(path))
+    if isinstance(loaded, dict) and isinstance(loaded.get("teacher"), dict):
+        return _from_official(loaded, str(path))
+    return _from_backbone(unwrap(loaded, str(path)), str(path))
+
+
+def _run_file(folder: Path) -> Path:
+    """A run folder's newest checkpoint (``checkpoint.pt`` links it), else its ``teacher.safetensors``."""
+    if (folder / CHECKPOINT_NAME).is_file():
+        return folder / CHECKPOINT_NAME
+    steps = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*.pt") if (m := _STEP_FILE.fullmatch(p.name)))
+    if steps:
+        return steps[-1][1]
+    if (folder / TEACHER_NAME).is_file():
+        return folder / TEACHER_NAME
+    raise ConfigError(f"model.init_from: {folder}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; official full checkpoints also hold their argparse
+    ``args`` (a Namespace of plain values), the one class let through."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
+        raise DataError(
+            f"{path}: unreadable without unpickling arbitrary objects ({type(exc).__name__}); "
+            "save the state dicts alone"
+        ) from None
+
+
+def _read_safetensors(path: Path) -> _Source:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
+    if "config" not in metadata:
+        return _from_backbone(tensors, str(path))
+    patch_size = json.loads(metadata["config"]).get("model", {}).get("patch_size")
+    branch = _Branch(tensors, None, f"{TEACHER_NAME} holds the backbone alone")
+    return _Source(f"ibot {TEACHER_NAME}", branch, branch, patch_size)
+
+
+def _from_ibot_checkpoint(state: dict[str, Any], source: str) -> _Source:
+    method = state["method"]
+    student, teacher = (_our_branch(sub_state_dict(method, f"{b}.")) for b in ("student", "teacher"))
+    patch_size = state.get("config", {}).get("model", {}).get("patch_size")
+    return _Source("ibot checkpoint", student, teacher, patch_size)
+
+
+def _our_branch(state: Tensors) -> _Branch:
+    heads = {"cls": sub_state_dict(state, "head.")}
+    if not heads["cls"]:
+        heads = {"cls": sub_state_dict(state, "cls_head."), "patch": sub_state_dict(state, "patch_head.")}
+    return _Branch(sub_state_dict(state, "backbone."), heads)
+
+
+def _from_official(loaded: dict[str, Any], source: str) -> _Source:
+    """An official iBOT / DINO checkpoint: ``student`` (DDP: ``module.``) and ``teacher`` entries."""
+    teacher = _official_branch(loaded["teacher"], source)
+    # A checkpoint cut down to its teacher: both branches start from it.
+    student = _official_branch(loaded["student"], source) if loaded.get("student") else teacher
+    ibot = "mask_token" in teacher.backbone or any(".last_layer2." in k for k in loaded["teacher"])
+    return _Source(f"official {'iBOT' if ibot else 'DINO'} checkpoint", student, teacher)
+
+
+def _official_branch(tensors: Tensors, source: str) -> _Branch:
+    plain = {k.removeprefix("module."): v for k, v in tensors.items()}
+    # A teacher entry may hold the ViT's keys bare (no MultiCropWrapper around it).
+    backbone, _ = vit_state(sub_state_dict(plain, "backbone.") or plain, source)
+    head = {_weight_norm_key(k): v for k, v in sub_state_dict(plain, "head.").items()}
+    if not head:
+        return _Branch(backbone, None, "the file has no projection head")
+    if any(k.startswith("mlp2.") for k in head):
+        return _Branch(backbone, None, "the file's patch head has no bottleneck (mlp2)")
+    cls = {k: v for k, v in head.items() if not k.startswith("last_layer2.")}
+    heads = {"cls": cls}
+    patch = sub_state_dict(head, "last_layer2.")
+    cls_last = sub_state_dict(cls, "last_layer.")
+    # iBOT's shared_head registers one last layer under both names: same tensors, one head.
+    if patch and not all(k in cls_last and torch.equal(v, cls_last[k]) for k, v in patch.items()):
+        mlp = {k: v for k, v in cls.items() if k.startswith("mlp.")}
+        heads["patch"] = {**mlp, **_prefixed(patch, "last_layer.")}
+    return _Branch(backbone, heads)
+
+
+def _weight_norm_key(key: str) -> str:
+    layer, _, name = key.rpartition(".")
+    return f"{layer}.{_WEIGHT_NORM[name]}" if name in _WEIGHT_NORM else key
+
+
+def _from_backbone(tensors: Tensors, source: str) -> _Source:
+    backbone, notes = vit_state(tensors, source)
+    layout = "DINOv2 ViT state dict" if notes or "mask_token" in backbone else "ViT state dict"
+    branch = _Branch(backbone, None, "the file holds a backbone alone")
+    return _Source(layout, branch, branch, notes=notes)
+
+
+# Fitting: _Source -> the config's shapes
+
+
+def _expected_shapes(cfg: ModelConfig, img_size: int) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+    """Parameter shapes of the config's backbone and head, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        backbone = MaskedViT.from_config(cfg, img_size)
+        head = ProjectionHead.from_config(cfg, backbone.embed_dim)
+    return _shapes(backbone.state_dict()), _shapes(head.state_dict())
+
+
+def _shapes(state: Tensors) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in state.items()}
+
+
+def _check_architecture(source: _Source, cfg: ModelConfig, name: str) -> None:
+    """Width and depth, patch size and stem of the file against the config, one line each."""
+    backbone = source.teacher.backbone
+    if "vit.cls_token" not in backbone:
+        raise DataError(f"{name}: no 'cls_token' in its backbone: not a ViT this package can start from")
+    width, depth = backbone["vit.cls_token"].shape[-1], block_count(backbone)
+    arch = ARCHS[cfg.arch]
+    want_width, want_depth = arch["embed_dim"], cfg.depth or arch["depth"]
+    if (width, depth) != (want_width, want_depth):
+        depth_key = f", model.depth={cfg.depth}" if cfg.depth else ""
+        raise ConfigError(
+            f"{name}: width {width}, depth {depth}; the config has model.arch={cfg.arch}{depth_key} "
+            f"({want_width} x {want_depth})"
+        )
+    conv_stem = any(k.startswith("vit.patch_embed.backbone.") for k in backbone)
+    if conv_stem != (cfg.stem == "conv"):
+        stem = "conv" if conv_stem else "patch"
+        raise ConfigError(f"{name}: a {stem} stem; the config has model.stem={cfg.stem}")
+    patch_size = source.patch_size or backbone["vit.patch_embed.proj.weight"].shape[-1]
+    if patch_size != cfg.patch_size:
+        raise ConfigError(
+            f"{name}: patch size {patch_size}; the config has model.patch_size={cfg.patch_size} "
+            "(a patch embedding is not resampled)"
+        )
+
+
+def _fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, notes: list[str]) -> Tensors:
+    """Position embeddings resampled to the config's grid; any other difference is an error."""
+    state = dict(state)
+    want = expected["vit.pos_embed"]
+    if state["vit.pos_embed"].shape != want:
+        old, new = _grid(state["vit.pos_embed"].shape[1], name), _grid(want[1], name)
+        state["vit.pos_embed"] = resample_abs_pos_embed(state["vit.pos_embed"], [new, new], [old, old], 1)
+        note = f"pos-embed resampled {old}x{old} -> {new}x{new}"
+        if note not in notes:
+            notes.append(note)
+    missing = sorted(set(expected) - set(state) - {"mask_token"})
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or reshaped:
+        raise ConfigError(
+            f"{name}: its backbone does not fit model.* of the config "
+            f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {reshaped[:2]})"
+        )
+    return state
+
+
+def _grid(positions: int, name: str) -> int:
+    """Side of the square patch grid of a position embedding of ``positions`` rows."""
+    tokens = positions - 1  # after the [cls] token's
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise DataError(f"{name}: pos_embed of {tokens + 1} tokens is not 1 + a square grid")
+    return side
+
+
+def _fit_heads(
+    source: _Source, expected: dict[str, torch.Size], shared: bool, notes: list[str]
+) -> tuple[list[Tensors], str]:
+    """Each branch's head entries and "", or no entries and why the heads start fresh (both
+    branches alike: a student and a teacher with different heads would not be one method)."""
+    why = ""
+    for branch in (source.student, source.teacher):
+        why = why or _heads_misfit(branch, expected)
+    if why:
+        return [{}, {}], why
+    student, teacher = source.student.heads or {}, source.teacher.heads or {}
+    if shared and ("patch" in student or "patch" in teacher):
+        notes.append("the file's separate patch prototypes left out (model.shared_head=true)")
+    return [_head_entries(student, shared), _head_entries(teacher, shared)], ""
+
+
+def _heads_misfit(branch: _Branch, expected: dict[str, torch.Size]) -> str:
+    if branch.heads is None:
+        return branch.no_heads or "the file has no projection head"
+    for head in branch.heads.values():
+        if why := _head_mismatch(head, expected):
+            return why
+    return ""
+
+
+def _head_mismatch(head: Tensors, expected: dict[str, torch.Size]) -> str:
+    """Why ``head`` does not fit the config's head ("" when every key and shape matches)."""
+    # The prototypes' weight (out_dim x bottleneck) says more than their norms (out_dim x 1).
+    for key in sorted(expected, key=lambda k: (k.endswith("original0"), k)):
+        name = key.replace(_WEIGHT_NORM["weight_v"], "weight").replace(_WEIGHT_NORM["weight_g"], "weight_g")
+        if key not in head:
+            return f"the file's head has no {name} (model.head_layers)"
+        if head[key].shape != expected[key]:
+            return f"head {name} is {tuple(head[key].shape)} in the file, {tuple(expected[key])} in the config"
+    extra = sorted(set(head) - set(expected))
+    return f"the file's head has {extra[0]}, the config's does not" if extra else ""
+
+
+def _head_entries(heads: dict[str, Tensors], shared: bool) -> Tensors:
+    if shared:
+        return _prefixed(heads["cls"], "head.")
+    return {**_prefixed(heads["cls"], "cls_head."), **_prefixed(heads.get("patch", heads["cls"]), "patch_head.")}
+
+
+def _prefixed(state: Tensors, prefix: str) -> Tensors:
+    return {f"{prefix}{k}": v for k, v in state.items()}
