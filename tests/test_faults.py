@@ -167,7 +167,9 @@ def _wait_for_steps(run: Path, steps: int, process: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize(
-    "how, workers", [("SIGTERM to the process", 0), ("Ctrl-C to the process group", 2)], ids=["sigterm", "ctrl-c"]
+    "how, workers",
+    [("SIGTERM to the process", 0), ("SIGTERM to the process group", 2), ("Ctrl-C to the process group", 2)],
+    ids=["sigterm", "sigterm-group", "ctrl-c"],
 )
 def test_a_stop_signal_finishes_the_step_saves_and_resumes_exactly(
     image_folder: Path, tmp_path: Path, how: str, workers: int
@@ -177,10 +179,10 @@ def test_a_stop_signal_finishes_the_step_saves_and_resumes_exactly(
     run = tmp_path / "stopped"
     process = _start_pretrain(tmp_path, tiny_overrides(image_folder, run) + common, new_session=True)
     _wait_for_steps(run, 3, process)
-    if how.startswith("SIGTERM"):
+    if how == "SIGTERM to the process":
         process.send_signal(signal.SIGTERM)
-    else:
-        os.killpg(process.pid, signal.SIGINT)
+    else:  # as SLURM and `kill -- -PGID` do: the loader workers get it too
+        os.killpg(process.pid, signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
     assert "Resume with: ibot pretrain" in err and "--resume" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +84,16 @@ def training_mask_config(cfg: Config) -> MaskConfig:
     return replace(cfg.mask, probability=0.0) if cfg.mim.target == "none" else cfg.mask
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's ``worker_init_fn``: SIGTERM is the main process's to handle.
+
+    SLURM and ``kill -- -PGID`` send SIGTERM to every process of the job; a worker that died of
+    it would make the main process raise instead of finishing its step and saving. The main
+    process shuts its workers down, and a worker whose parent is gone exits by itself.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_train_loader(
     cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
 ) -> tuple[DataLoader, Dataset]:
@@ -103,6 +114,7 @@ def build_train_loader(
         collate_fn=MultiCropCollate(training_mask_config(cfg), grid),
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         prefetch_factor=4 if cfg.data.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + start_sample),
     )
