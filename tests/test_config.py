@@ -89,6 +89,7 @@ class TestLoadConfig:
             (["data.local_crop_size=0"], "data.local_crop_size"),
             (["eval.knn_temperature=0"], "eval.knn_temperature"),
             (["eval.probe_lrs=[]"], "eval.probe_lrs"),
+            (["eval.probe_max_extensions=-1"], "eval.probe_max_extensions"),
             (["finetune.lr=0"], "finetune.lr"),
             (["finetune.label_smoothing=1.0"], "finetune.label_smoothing"),
             (["train.threads=-1"], "train.threads"),

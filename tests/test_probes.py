@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from ibot.config import Config
+from ibot.eval.commands import format_dense, format_probe
 from ibot.eval.features import Features, extract_features
-from ibot.eval.probes import PROBES, build_probe, train_probes
+from ibot.eval.probes import PROBES, beyond, build_probe, sweep, train_probes
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -39,6 +41,7 @@ def test_attention_pooling_finds_the_patch_that_carries_the_label() -> None:
             epochs=20,
             batch_size=64,
             progress=False,
+            max_extensions=0,
         )
     }
     assert results["attention-pool"].test_top1 > 90
@@ -59,8 +62,98 @@ def test_learning_rate_is_picked_on_validation() -> None:
     train, test = (
         Features(f.cls[s], f.labels[s], f.patches[s]) for f, s in ((data, slice(0, 400)), (data, slice(400, 600)))
     )
-    (result,) = train_probes(train, test, ("cls",), lrs=(1e-7, 3e-2), epochs=10, batch_size=32, progress=False)
+    (result,) = train_probes(
+        train, test, ("cls",), lrs=(1e-7, 3e-2), epochs=10, batch_size=32, progress=False, max_extensions=0
+    )
     assert result.lr == 3e-2 and result.test_top1 > 95 and result.val_top1 > 95
+    assert result.lr_edge == "upper" and result.extended == 0  # not extended: marked as a lower bound
+
+
+def test_lr_steps_beyond_an_edge_on_the_half_decade_grid() -> None:
+    assert [beyond(lr, "upper") for lr in (0.1, 0.3, 0.02, 1.0)] == [0.3, 1.0, 0.03, 3.0]
+    assert [beyond(lr, "lower") for lr in (1e-3, 3e-4, 0.05)] == [3e-4, 1e-4, 0.03]
+
+
+class _AtLr(torch.nn.Module):
+    """A stand-in probe whose validation score depends only on the lr it was trained at."""
+
+    lr = 0.0
+
+
+def _planted_sweep(lrs: tuple[float, ...], best: float, max_extensions: int, trained: list[float]):  # type: ignore[no-untyped-def]
+    def train(modules: list[torch.nn.Module], rates: list[float]) -> None:
+        trained.extend(rates)
+        for m, lr in zip(modules, rates):
+            m.lr = lr
+
+    def score(modules: list[torch.nn.Module]) -> list[float]:
+        return [-((math.log10(m.lr) - math.log10(best)) ** 2) for m in modules]
+
+    return sweep(("a",), lrs, lambda name: _AtLr(), train, score, max_extensions)["a"]
+
+
+def test_a_pick_on_the_top_edge_extends_the_grid_until_it_is_inside() -> None:
+    trained: list[float] = []
+    pick = _planted_sweep((1e-3, 1e-2, 3e-2), best=0.3, max_extensions=5, trained=trained)
+    assert trained == [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]  # one new lr per round, stops once inside
+    assert pick.trial.lr == 0.3 and pick.extended == 3 and pick.edge is None
+    capped = _planted_sweep((1e-3, 1e-2, 3e-2), best=0.3, max_extensions=2, trained=[])
+    assert capped.trial.lr == 0.3 and capped.extended == 2 and capped.edge == "upper"
+    low = _planted_sweep((1e-2, 1e-1), best=1e-3, max_extensions=3, trained=[])
+    assert low.trial.lr == 1e-3 and low.extended == 3 and low.tried[0] == 3e-4 and low.edge is None
+
+
+def test_a_pick_inside_the_grid_does_not_extend() -> None:
+    trained: list[float] = []
+    pick = _planted_sweep((1e-3, 1e-2, 1e-1), best=1e-2, max_extensions=3, trained=trained)
+    assert trained == [1e-3, 1e-2, 1e-1] and pick.trial.lr == 1e-2 and pick.extended == 0 and pick.edge is None
+
+
+def test_probes_extend_a_grid_that_is_too_low_and_mark_it() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (1000,), generator=g)
+    cls = torch.randn(1000, 1, 8, generator=g)
+    cls[:, 0, :3] += 2 * torch.nn.functional.one_hot(labels, 3)
+    data = Features(cls=cls, labels=labels, patches=torch.randn(1000, 4, 8, generator=g).half())
+    train, test = (
+        Features(f.cls[s], f.labels[s], f.patches[s]) for f, s in ((data, slice(0, 800)), (data, slice(800, 1000)))
+    )
+    # one epoch of 18 steps: at lr 1e-4 or 1e-3 the head barely leaves its random init
+    sweep_args = {"lrs": (1e-4, 1e-3), "epochs": 1, "batch_size": 32, "val_fraction": 0.25, "progress": False}
+    (stuck,) = train_probes(train, test, ("cls",), **sweep_args, max_extensions=0)
+    assert stuck.lr == 1e-3 and stuck.lr_edge == "upper" and stuck.extended == 0 and stuck.test_top1 < 40
+    (result,) = train_probes(train, test, ("cls",), **sweep_args, max_extensions=6)
+    assert result.lr >= 0.1 and result.extended >= 4 and result.lr_edge is None and result.test_top1 > 80
+    row = result.as_dict()
+    assert row["extended"] == result.extended and row["lr_edge"] is None
+    table = format_probe({"weights": "w", "probes": [row]})
+    assert f"| cls | {result.lr:g} (extended {result.extended}x) |" in table
+
+
+def test_tables_mark_extended_and_edge_picks() -> None:
+    rows = [
+        {"probe": "cls", "lr": 0.3, "val_top1": 50.0, "test_top1": 49.0, "lr_edge": None, "extended": 1},
+        {"probe": "cls4", "lr": 1.0, "val_top1": 51.0, "test_top1": 50.0, "lr_edge": "upper", "extended": 3},
+        {"probe": "old", "lr": 0.01, "val_top1": 51.0, "test_top1": 50.0},  # a result from before the marks
+    ]
+    table = format_probe({"weights": "w", "probes": rows})
+    assert "| cls | 0.3 (extended 1x) |" in table and "| cls4 | 1 (extended 3x, upper edge) |" in table
+    assert "| old | 0.01 |" in table
+    dense = {
+        "weights": "w",
+        "mosaics": "2x2",
+        "dense": [
+            {
+                "features": "patch tokens",
+                "lr": 1e-4,
+                "lr_edge": "lower",
+                "extended": 0,
+                "test_miou": 1.0,
+                "test_pixel_accuracy": 2.0,
+            }
+        ],
+    }
+    assert "| patch tokens | 0.0001 (lower edge) |" in format_dense(dense)
 
 
 @pytest.mark.parametrize("name", PROBES)

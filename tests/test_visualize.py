@@ -1,15 +1,19 @@
-"""Pictures: the attention they draw is the block's, the clusters and correspondences are right."""
+"""Pictures: the attention they draw is the block's, the clusters, correspondences and PCA colours are right."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ibot.cli import main
+from ibot.config import Config
+from ibot.errors import IBOTError
 from ibot.models.vit import MaskedViT
-from ibot.visualize import cls_attention, kmeans, mutual_neighbours
+from ibot.visualize import cls_attention, draw_pca, kmeans, mutual_neighbours, pca_colours
 
 from conftest import make_image_folder, tiny_overrides
 
@@ -56,6 +60,72 @@ def test_mutual_neighbours_pair_each_patch_with_itself_on_identical_tokens() -> 
     assert len(mutual_neighbours(a, a, pairs=4)) == 4
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def two_textures(images: int = 2, side: int = 4, dim: int = 8) -> torch.Tensor:
+    """(B, side * side, D) tokens: the middle 2x2 patches of each image are "object" (left
+    column along e1, right along e2), the border patches "background" (along e0); small noise."""
+    g = torch.Generator().manual_seed(0)
+    axes = torch.eye(dim)
+    grid = torch.zeros(side, side, dtype=torch.long)  # 0: background
+    grid[1:3, 1] = 1
+    grid[1:3, 2] = 2
+    tokens = 5 * axes[grid.flatten()].expand(images, -1, -1)
+    return tokens + 0.1 * torch.randn(images, side * side, dim, generator=g)
+
+
+def test_pca_colours_tell_textures_apart_and_do_not_depend_on_signs() -> None:
+    tokens = two_textures()
+    rgb = pca_colours(tokens, 4, 4)
+    assert rgb.shape == (2, 4, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    background, left, right = rgb[:, 0, 0], rgb[:, 1, 1], rgb[:, 1, 2]
+    # three textures span two components: the third (blue) is the noise's, scaled to [0, 1]
+    for colours in (rgb[:, [0, 3], :, :2].flatten(0, 2), rgb[:, :, [0, 3], :2].flatten(0, 2)):  # the border
+        assert torch.allclose(colours, background[0, :2].expand_as(colours), atol=0.1)
+    assert (background - left).norm(dim=-1).min() > 0.5 and (left - right).norm(dim=-1).min() > 0.5
+    assert torch.allclose(pca_colours(-tokens, 4, 4), rgb, atol=1e-5)  # eigenvector signs are fixed
+    assert bool((left[:, 0] > background[:, 0]).all())  # the first component is high in the middle
+    assert torch.equal(pca_colours(tokens, 4, 4), rgb)
+
+
+def test_pca_threshold_blacks_out_the_background_and_refits_on_the_object() -> None:
+    tokens = two_textures()
+    rgb = pca_colours(tokens, 4, 4, threshold=0.5)
+    middle = torch.zeros(4, 4, dtype=torch.bool)
+    middle[1:3, 1:3] = True
+    assert bool((rgb[:, ~middle] == 0).all())
+    left, right = rgb[:, 1:3, 1].flatten(0, 1), rgb[:, 1:3, 2].flatten(0, 1)
+    # refitted on the object alone, its first component splits its two halves
+    assert (left[:, None] - right[None]).norm(dim=-1).min() > 0.5
+    assert torch.allclose(pca_colours(-tokens, 4, 4, threshold=0.5), rgb, atol=1e-5)
+    with pytest.raises(IBOTError, match="foreground patches"):
+        pca_colours(tokens, 4, 4, threshold=0.9999999)
+
+
+class PlantedBackbone:
+    """Patch tokens = ``two_textures`` for any batch: what the picture draws is known."""
+
+    patch_size = 4
+
+    def __call__(self, images: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(patches=two_textures(len(images), images.shape[-1] // 4))
+
+
+def test_draw_pca_writes_a_png_of_the_layout_size(tmp_path: Path) -> None:
+    images = torch.zeros(3, 3, 16, 16)
+    path = draw_pca(PlantedBackbone(), images, Config(), tmp_path / "pca.png")  # type: ignore[arg-type]
+    assert png_size(path) == (924, 154)  # 3 pairs of 1.4-inch panels at 110 dpi
+    path = draw_pca(PlantedBackbone(), torch.zeros(6, 3, 16, 16), Config(), tmp_path / "t.png", threshold=0.5)  # type: ignore[arg-type]
+    assert png_size(path) == (1232, 308)  # 4 pairs a row, 2 rows
+    with pytest.raises(IBOTError, match="--threshold 1.5: must be in"):
+        draw_pca(PlantedBackbone(), images, Config(), tmp_path / "x.png", threshold=1.5)  # type: ignore[arg-type]
+
+
 def test_visualize_commands_write_pngs(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
     run = tmp_path / "run"
@@ -81,3 +151,34 @@ def test_visualize_commands_write_pngs(tmp_path: Path) -> None:
         )
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 2000
     assert main(["visualize", "attention", str(run), "--images", str(tmp_path / "empty")]) == 2
+
+
+def test_visualize_pca_at_a_larger_size_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                "configs/demo.yaml",
+                "--no-progress",
+                *tiny_overrides(folder, run),
+                "train.max_steps=1",
+            ]
+        )
+        == 0
+    )
+    base = ["visualize", "pca", str(run), "--images", str(folder), "--count", "4"]
+    for extra in ([], ["--size", "32", "--threshold", "0.3"]):
+        out = tmp_path / f"pca{len(extra)}.png"
+        assert main([*base, "--output", str(out), *extra]) == 0
+        assert png_size(out) == (1232, 154)  # 4 pairs of 1.4-inch panels at 110 dpi
+    capsys.readouterr()
+    for extra, message in (
+        (["--size", "30"], "--size 30: must be a positive multiple of the patch size 4"),
+        (["--threshold", "1"], "--threshold 1: must be in [0, 1)"),
+    ):
+        assert main([*base, "--output", str(tmp_path / "bad.png"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

@@ -176,6 +176,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ibot.eval.features import load_frozen_backbone
 
     backbone, cfg = load_frozen_backbone(args.weights)
+    cfg = visualize.at_size(cfg, args.size)
     folder = args.images or cfg.eval.test_path
     if not folder:
         raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
@@ -189,6 +190,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         written = visualize.draw_attention(backbone, images, cfg, path)
     elif args.kind == "clusters":
         written = visualize.draw_clusters(backbone, images, cfg, path, args.clusters)
+    elif args.kind == "pca":
+        written = visualize.draw_pca(backbone, images, cfg, path, args.threshold)
     else:
         written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs)
     logger.info("wrote %s", written)
@@ -298,13 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("overrides", nargs="*", help="dotted.key=value for every variant")
     a.set_defaults(func=_cmd_ablate)
 
-    v = sub.add_parser("visualize", help="PNG pictures: [cls] attention per head, patch clusters, correspondences")
-    v.add_argument("kind", choices=("attention", "clusters", "correspondences"))
+    v = sub.add_parser(
+        "visualize", help="PNG pictures: [cls] attention per head, patch clusters, correspondences, patch PCA"
+    )
+    v.add_argument("kind", choices=("attention", "clusters", "correspondences", "pca"))
     v.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
     v.add_argument("--images", default="", help="image folder (default: the run's eval.test_path)")
     v.add_argument("--count", type=int, default=8, help="images to draw (spread over the folder)")
     v.add_argument("--clusters", type=int, default=8, help="k of the patch-token k-means")
     v.add_argument("--pairs", type=int, default=12, help="correspondence lines to draw")
+    v.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="pca: foreground = first component (scaled to [0, 1]) above this; background black, "
+        "components re-fitted on the foreground",
+    )
+    v.add_argument(
+        "--size", type=int, default=0, help="image side to draw at (a multiple of the patch size; default eval size)"
+    )
     v.add_argument("--output", default="", help="PNG path (default: RUN/pictures/KIND.png)")
     v.set_defaults(func=_cmd_visualize)
 

@@ -304,9 +304,11 @@ class EvalConfig:
     monitor_test_images: int = 1000
     monitor_k: int = 20
     # Probes on frozen tokens (``ibot eval probe``): every probe at every lr, picked on a
-    # validation split of the training folder (see ibot.eval.probes for the names).
+    # validation split of the training folder (see ibot.eval.probes for the names). A pick on
+    # an edge of the grid extends it by a half-decade step, up to probe_max_extensions times.
     probes: tuple[str, ...] = ("cls", "cls4", "cls+avg", "cls4+avg", "mean-pool", "attention-pool", "attentive")
-    probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    probe_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+    probe_max_extensions: int = 3
     probe_epochs: int = 10
     probe_batch_size: int = 256
     probe_val_fraction: float = 0.1
@@ -334,6 +336,7 @@ class EvalConfig:
         _check(all(lr > 0 for lr in self.probe_lrs), "eval.probe_lrs", "every lr must be > 0")
         for key in ("batch_size", "probe_batch_size", "probe_epochs"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
+        _check(self.probe_max_extensions >= 0, "eval.probe_max_extensions", "must be >= 0")
         _check(0 < self.probe_val_fraction < 1, "eval.probe_val_fraction", "must be in (0, 1)")
         for key in ("dense_grid", "dense_train_mosaics", "dense_test_mosaics", "robustness_images"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")

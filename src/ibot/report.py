@@ -75,12 +75,14 @@ def _eval_tables(run_dir: Path) -> list[str]:
             ks = list(knn["knn"])
             cells = [f"{knn['knn'][k]['top1']:.2f}" for k in ks]
             lines += _table(["k-NN top-1 (" + knn["weights"] + ")", *(f"k={k}" for k in ks)], [["", *cells]]) + [""]
+    from ibot.eval.commands import format_lr
+
     probe_rows = []
     for random_init in (False, True):
         probe = loaded.get(("probe", random_init))
         if probe:
             probe_rows += [
-                [probe["weights"], r["probe"], f"{r['lr']:g}", f"{r['test_top1']:.2f}"] for r in probe["probes"]
+                [probe["weights"], r["probe"], format_lr(r), f"{r['test_top1']:.2f}"] for r in probe["probes"]
             ]
     if probe_rows:
         lines += ["### Probes (test top-1 %, lr picked on a validation split)\n"]

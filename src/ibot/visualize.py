@@ -4,10 +4,14 @@
 - ``clusters``: k-means of the patch tokens of a set of images, each patch coloured by its
   cluster: the pattern layout of the iBOT paper (parts that recur across images share a colour).
 - ``correspondences``: the most similar mutual-nearest-neighbour patch pairs between two images.
+- ``pca``: the first three principal components of the patch tokens of a set of images (fitted
+  jointly), as RGB; with a threshold on the first component, the background is black and the
+  components are fitted again on the foreground patches alone (the DINOv2 figure).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +23,20 @@ from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, dataset_skips
 from ibot.models.vit import MaskedViT
+
+
+def at_size(cfg: Config, size: int) -> Config:
+    """``cfg`` with evaluation images of side ``size`` (0: unchanged).
+
+    The backbone resamples its position embedding to any grid, so pictures can be drawn at a
+    larger size than the training crops, where a small patch grid would be hard to read.
+    """
+    patch = cfg.model.patch_size
+    if size == 0:
+        return cfg
+    if size < patch or size % patch:
+        raise IBOTError(f"--size {size}: must be a positive multiple of the patch size {patch}")
+    return replace(cfg, eval=replace(cfg.eval, image_size=size))
 
 
 def spread_images(folder: str, cfg: Config, count: int, skips: SkipLog | None = None) -> torch.Tensor:
@@ -83,6 +101,70 @@ def mutual_neighbours(a: torch.Tensor, b: torch.Tensor, pairs: int) -> list[tupl
     best_b, best_a = sim.argmax(dim=1), sim.argmax(dim=0)
     mutual = [(i, int(j), float(sim[i, j])) for i, j in enumerate(best_b.tolist()) if int(best_a[j]) == i]
     return sorted(mutual, key=lambda t: -t[2])[:pairs]
+
+
+def principal_scores(points: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """(X, D) -> (X, k): projections of the centred points on their top-``k`` principal axes.
+
+    The eigenvectors of the (D, D) scatter matrix, in float64: deterministic up to each axis's
+    sign, which is fixed so that the largest projection in magnitude is positive (sklearn's
+    ``svd_flip``), so negating every feature gives the same scores. Axes beyond D score 0.
+    """
+    x = points.double() - points.double().mean(dim=0)
+    _, vectors = torch.linalg.eigh(x.t() @ x)  # ascending eigenvalues
+    scores = x @ vectors[:, -k:].flip(1)
+    signs = scores.gather(0, scores.abs().argmax(dim=0, keepdim=True)).sign()
+    scores = scores * torch.where(signs == 0, 1.0, signs)
+    return F.pad(scores, (0, k - scores.shape[1])).float()
+
+
+def centre_mask(height: int, width: int) -> torch.Tensor:
+    """(height * width,) bool: the patches of the middle half of the grid in each direction."""
+    rows = (torch.arange(height) >= height // 4) & (torch.arange(height) < height - height // 4)
+    cols = (torch.arange(width) >= width // 4) & (torch.arange(width) < width - width // 4)
+    return (rows[:, None] & cols[None, :]).flatten()
+
+
+def centre_positive(first: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """``first`` (X,) negated if needed so its mean over ``centre`` patches exceeds the rest's.
+
+    The foreground convention: object-centred photos (CIFAR-10, ImageNet) have their object
+    in the middle, so the side of the first component the centre leans to is the foreground.
+    """
+    if bool(centre.all()) or not bool(centre.any()):
+        return first
+    return first if first[centre].mean() >= first[~centre].mean() else -first
+
+
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Each column of (X, C) scaled to [0, 1] over its X values."""
+    low, high = x.min(dim=0).values, x.max(dim=0).values
+    return (x - low) / (high - low).clamp(min=1e-12)
+
+
+def pca_colours(patches: torch.Tensor, height: int, width: int, threshold: float | None = None) -> torch.Tensor:
+    """(B, N = height * width, D) patch tokens -> (B, height, width, 3) RGB in [0, 1].
+
+    The three components of all B * N patches together, each min-max scaled over the set, the
+    first oriented by ``centre_positive``. With ``threshold``: the patches whose scaled first
+    component exceeds it are the foreground, coloured by three components fitted on them alone;
+    the rest are black.
+    """
+    b = patches.shape[0]
+    points = patches.flatten(0, 1)
+    centre = centre_mask(height, width).repeat(b)
+    scores = principal_scores(points)
+    scores[:, 0] = centre_positive(scores[:, 0], centre)
+    if threshold is None:
+        return min_max(scores).view(b, height, width, 3)
+    foreground = min_max(scores[:, :1]).squeeze(1) > threshold
+    if int(foreground.sum()) < 3:
+        raise IBOTError(f"--threshold {threshold:g}: {int(foreground.sum())} foreground patches, need 3; lower it")
+    inner = principal_scores(points[foreground])
+    inner[:, 0] = centre_positive(inner[:, 0], centre[foreground])
+    rgb = torch.zeros(len(points), 3)
+    rgb[foreground] = min_max(inner)
+    return rgb.view(b, height, width, 3)
 
 
 def _figure(rows: int, cols: int, scale: float = 1.4):  # type: ignore[no-untyped-def]
@@ -163,3 +245,25 @@ def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config,
         colour = colours(n / max(len(matches) - 1, 1))
         ax.plot([xa * p + p / 2, size + xb * p + p / 2], [ya * p + p / 2, yb * p + p / 2], color=colour, lw=1)
     return save_figure(plt, fig, path, f"{len(matches)} best mutual-nearest patch pairs")
+
+
+@torch.no_grad()
+def draw_pca(
+    backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, threshold: float | None = None
+) -> Path:
+    """Each image with its patches coloured by the first three principal components (RGB), four pairs a row."""
+    if threshold is not None and not 0 <= threshold < 1:
+        raise IBOTError(f"--threshold {threshold:g}: must be in [0, 1) (the first component is scaled to [0, 1])")
+    patches = backbone(images).patches
+    height, width = (side // backbone.patch_size for side in images.shape[-2:])
+    colours = pca_colours(patches, height, width, threshold)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
+    pairs = min(4, len(images))
+    rows = -(-len(images) // pairs)
+    plt, fig, axes = _figure(rows, 2 * pairs)
+    for i in range(len(images)):
+        r, c = divmod(i, pairs)
+        axes[r, 2 * c].imshow(pixels[i].numpy())
+        axes[r, 2 * c + 1].imshow(colours[i].numpy(), interpolation="nearest")
+    where = "all patches" if threshold is None else f"foreground patches (first component > {threshold:g})"
+    return save_figure(plt, fig, path, f"patch tokens: first 3 principal components of {where} as RGB")

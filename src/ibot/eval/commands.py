@@ -154,6 +154,7 @@ def probe_sweep(cfg: Config, progress: bool) -> dict:
         "val_fraction": e.probe_val_fraction,
         "seed": cfg.train.seed,
         "progress": progress,
+        "max_extensions": e.probe_max_extensions,
     }
 
 
@@ -274,9 +275,16 @@ def run_dense(request: EvalRequest) -> dict:
     }
 
 
+def format_lr(row: dict) -> str:
+    """The picked lr, with how often its grid was extended and whether it is still on an edge."""
+    notes = [f"extended {row['extended']}x"] if row.get("extended") else []
+    notes += [f"{row['lr_edge']} edge"] if row.get("lr_edge") else []
+    return f"{row['lr']:g}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def format_dense(result: dict) -> str:
     rows = [
-        f"| {r['features']} | {r['lr']:g} | {r['test_miou']:.2f} | {r['test_pixel_accuracy']:.2f} |"
+        f"| {r['features']} | {format_lr(r)} | {r['test_miou']:.2f} | {r['test_pixel_accuracy']:.2f} |"
         for r in result["dense"]
     ]
     head = f"| features ({result['weights']}, mosaics {result['mosaics']}) | lr | test mIoU | pixel accuracy |"
@@ -284,7 +292,7 @@ def format_dense(result: dict) -> str:
 
 
 def format_probe(result: dict) -> str:
-    rows = [f"| {r['probe']} | {r['lr']:g} | {r['val_top1']:.2f} | {r['test_top1']:.2f} |" for r in result["probes"]]
+    rows = [f"| {r['probe']} | {format_lr(r)} | {r['val_top1']:.2f} | {r['test_top1']:.2f} |" for r in result["probes"]]
     head = f"| probe ({result['weights']}) | lr (picked on val) | val top-1 | test top-1 |"
     return "\n".join([head, "|---|---|---|---|", *rows])
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ibot.data.datasets import Sample
 from ibot.errors import IBOTError
 from ibot.eval.features import encode, require_labels
-from ibot.eval.probes import Standardiser, fit_sweep, split_indices
+from ibot.eval.probes import Standardiser, fit_sweep, split_indices, sweep
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -43,8 +43,10 @@ class DenseResult:
     val_miou: float
     test_miou: float
     test_pixel_accuracy: float
+    lr_edge: str | None = None  # "upper" / "lower": the pick is still on that edge of the lrs tried
+    extended: int = 0  # lrs tried beyond the configured grid
 
-    def as_dict(self) -> dict[str, float | str]:
+    def as_dict(self) -> dict[str, float | str | int | None]:
         return dict(self.__dict__)
 
 
@@ -142,32 +144,41 @@ def train_dense_probes(
     val_fraction: float,
     seed: int = 0,
     progress: bool = True,
+    max_extensions: int = 3,
 ) -> list[DenseResult]:
-    """Linear per-patch classifiers on patch tokens and on broadcast [cls], every lr, picked on val mIoU."""
+    """Linear per-patch classifiers on patch tokens and on broadcast [cls], every lr, picked on val mIoU.
+
+    Picks on an edge of ``lrs`` extend it, as for the image probes (``ibot.eval.probes.sweep``).
+    """
     torch.manual_seed(seed)
     num_classes = int(max(train.targets.max(), test.targets.max())) + 1
     dim = train.patches.shape[-1]
     fit_idx, val_idx = split_indices(len(train.targets), val_fraction, seed)
     standardise = Standardiser.fit(train.cls[fit_idx].unsqueeze(1), train.patches[fit_idx[:1024]])
-    pairs = [(kind, lr) for kind in ("patch tokens", "[cls] broadcast") for lr in lrs]
-    modules = [_PatchLinear(dim, num_classes, kind == "[cls] broadcast") for kind, _ in pairs]
 
     def loss_fn(mods: list[nn.Module], idx: torch.Tensor) -> torch.Tensor:
         cls, patches = standardise(train.cls[idx].unsqueeze(1), train.patches[idx])
         target = train.targets[idx].flatten()
         return sum(F.cross_entropy(m(cls, patches).flatten(0, 1), target) for m in mods)
 
-    fit_sweep(modules, [lr for _, lr in pairs], fit_idx, loss_fn, epochs, batch_size, seed, progress)
+    def val_miou(mods: list[nn.Module]) -> list[float]:
+        target = train.targets[val_idx]
+        return [segmentation_scores(_predict(m, train, val_idx, standardise), target, num_classes)[0] for m in mods]
+
+    picks = sweep(
+        ("patch tokens", "[cls] broadcast"),
+        lrs,
+        lambda kind: _PatchLinear(dim, num_classes, kind == "[cls] broadcast"),
+        lambda mods, rates: fit_sweep(mods, rates, fit_idx, loss_fn, epochs, batch_size, seed, progress),
+        val_miou,
+        max_extensions,
+    )
     all_test = torch.arange(len(test.targets))
-    val_miou = [
-        segmentation_scores(_predict(m, train, val_idx, standardise), train.targets[val_idx], num_classes)[0]
-        for m in modules
-    ]
     results = []
-    for kind in ("patch tokens", "[cls] broadcast"):
-        best = max((i for i, (k, _) in enumerate(pairs) if k == kind), key=lambda i: val_miou[i])
+    for kind, pick in picks.items():
+        best = pick.trial
         miou, accuracy = segmentation_scores(
-            _predict(modules[best], test, all_test, standardise), test.targets, num_classes
+            _predict(best.module, test, all_test, standardise), test.targets, num_classes
         )
-        results.append(DenseResult(kind, pairs[best][1], val_miou[best], miou, accuracy))
+        results.append(DenseResult(kind, best.lr, best.score, miou, accuracy, pick.edge, pick.extended))
     return results

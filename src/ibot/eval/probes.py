@@ -13,10 +13,16 @@ Two families share one budget, optimiser and learning-rate sweep so their number
 Features are standardised with statistics of the training split; each (probe, lr) pair is its
 own module and they step together on the same mini-batches (independent parameters, so this
 is the same as training them one by one, in one pass over the data).
+
+A pick on an edge of the lr grid is a lower bound, so ``sweep`` extends the grid on that side
+by one half-decade step (0.1 -> 0.3 -> 1 ...), trains the probes concerned at the new lr in one
+more pass (same seed, so the same mini-batches) and picks again, up to ``max_extensions``
+times. Results record how often a probe was extended and whether its pick is still on an edge.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ibot.eval.features import Features
+from ibot.optim import cosine_schedule
 
 # (cls (B, L, D), patches (B, N, D)) -> (B, F): the inputs of the linear heads.
 LINEAR_INPUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -38,6 +45,7 @@ LINEAR_INPUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 POOLING_PROBES = ("attention-pool", "attentive")
 PROBES = (*LINEAR_INPUTS, *POOLING_PROBES)  # the default of eval.probes
+LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the default of eval.probe_lrs
 
 
 class LinearProbe(nn.Module):
@@ -132,9 +140,18 @@ class ProbeResult:
     test_top1: float
     module: nn.Module
     standardise: Standardiser  # the module's inputs are standardised tokens
+    lr_edge: str | None = None  # "upper" / "lower": the pick is still on that edge of the lrs tried
+    extended: int = 0  # lrs tried beyond the configured grid
 
-    def as_dict(self) -> dict[str, float | str]:
-        return {"probe": self.probe, "lr": self.lr, "val_top1": self.val_top1, "test_top1": self.test_top1}
+    def as_dict(self) -> dict[str, float | str | int | None]:
+        return {
+            "probe": self.probe,
+            "lr": self.lr,
+            "val_top1": self.val_top1,
+            "test_top1": self.test_top1,
+            "lr_edge": self.lr_edge,
+            "extended": self.extended,
+        }
 
 
 def split_indices(num: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +189,7 @@ def fit_sweep(
             if step % steps_per_epoch == 0:
                 order = fit_idx[torch.randperm(len(fit_idx), generator=generator)]
             start = (step % steps_per_epoch) * batch_size
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))
+            scale = cosine_schedule(step, total, 1.0, 0.0)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             loss = loss_fn(modules, order[start : start + batch_size])
@@ -182,6 +199,85 @@ def fit_sweep(
             bar.update(1)
     for m in modules:
         m.eval()
+
+
+def beyond(lr: float, edge: str) -> float:
+    """The next lr past ``lr`` on the half-decade grid (1, 3, 10, 30, ...) towards ``edge``.
+
+    ``0.1`` -> ``0.3`` -> ``1`` upwards, ``1e-3`` -> ``3e-4`` downwards; an lr off the grid
+    moves to the first grid point strictly beyond it.
+    """
+    step = 1 if edge == "upper" else -1
+    k = round(2 * math.log10(lr)) - step  # one grid point back: the loop stops at the first one past lr
+    while True:
+        k += step
+        value = float(f"{10 ** (k / 2):.0e}")
+        if (value > lr) if step > 0 else (value < lr):
+            return value
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (probe, lr) trained: its module and validation score."""
+
+    lr: float
+    module: nn.Module
+    score: float
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The best trial of one probe among the lrs tried (sorted), and how many were extensions."""
+
+    trial: Trial
+    tried: tuple[float, ...]
+    extended: int
+
+    @property
+    def edge(self) -> str | None:
+        """``"upper"`` / ``"lower"`` when the pick is the largest / smallest of two or more lrs tried."""
+        if len(self.tried) < 2:
+            return None
+        return {self.tried[-1]: "upper", self.tried[0]: "lower"}.get(self.trial.lr)
+
+
+def pick_trial(trials: list[Trial], extended: int) -> Pick:
+    """The best-scoring trial; ties go to the larger lr (on a flat stretch where nothing trains
+    yet, larger is the way to go; on a flat top the grid grows upwards, which only costs time)."""
+    ordered = sorted(trials, key=lambda t: t.lr)
+    best = max(ordered, key=lambda t: (t.score, t.lr))
+    return Pick(best, tuple(t.lr for t in ordered), extended)
+
+
+def sweep(
+    names: tuple[str, ...],
+    lrs: tuple[float, ...],
+    build: Callable[[str], nn.Module],
+    train: Callable[[list[nn.Module], list[float]], None],
+    score: Callable[[list[nn.Module]], list[float]],
+    max_extensions: int,
+) -> dict[str, Pick]:
+    """Per name, the best of ``build(name)`` trained at every lr (higher ``score`` is better).
+
+    ``train(modules, lrs)`` fits modules at their lrs together; a name whose pick lies on an
+    edge of its lrs gets the next lr beyond it (``beyond``), up to ``max_extensions`` times.
+    Every lr of a name starts from the same copy of one ``build(name)``: the picks compare
+    learning rates, not initialisations (at a tiny lr the init is all that is scored).
+    """
+    initial = {name: build(name) for name in names}
+    trials: dict[str, list[Trial]] = {name: [] for name in names}
+    grid = sorted(set(lrs))
+    pending = [(name, lr) for name in names for lr in grid]
+    for _ in range(max_extensions + 1):
+        modules = [copy.deepcopy(initial[name]) for name, _ in pending]
+        train(modules, [lr for _, lr in pending])
+        for (name, lr), module, value in zip(pending, modules, score(modules)):
+            trials[name].append(Trial(lr, module, value))
+        picks = {name: pick_trial(t, len(t) - len(grid)) for name, t in trials.items()}
+        pending = [(name, beyond(p.trial.lr, p.edge)) for name, p in picks.items() if p.edge]
+        if not pending:
+            break
+    return picks
 
 
 @torch.no_grad()
@@ -206,16 +302,18 @@ def train_probes(
     train: Features,
     test: Features,
     probes: tuple[str, ...] = PROBES,
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    lrs: tuple[float, ...] = LRS,
     epochs: int = 10,
     batch_size: int = 256,
     val_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = True,
+    max_extensions: int = 3,
 ) -> list[ProbeResult]:
     """Train every probe at every learning rate; per probe, the lr with the best validation top-1.
 
-    The validation split is ``val_fraction`` of ``train`` drawn with ``seed``, never trained on.
+    The validation split is ``val_fraction`` of ``train`` drawn with ``seed``, never trained on;
+    picks on an edge of ``lrs`` extend it (``sweep``).
     """
     if train.patches is None or test.patches is None:
         raise ValueError("probes need patch tokens: extract features with patches=True")
@@ -226,18 +324,24 @@ def train_probes(
     _, num_blocks, dim = train.cls.shape
     fit_idx, val_idx = split_indices(len(train.labels), val_fraction, seed)
     standardise = Standardiser.fit(train.cls[fit_idx], train.patches[fit_idx[:4096]])
-    pairs = [(name, lr) for name in probes for lr in lrs]
-    modules = [build_probe(name, num_blocks, dim, num_classes) for name, _ in pairs]
 
     def loss_fn(mods: list[nn.Module], idx: torch.Tensor) -> torch.Tensor:
         cls, patches = standardise(train.cls[idx], train.patches[idx])
         return sum(F.cross_entropy(m(cls, patches), train.labels[idx]) for m in mods)
 
-    fit_sweep(modules, [lr for _, lr in pairs], fit_idx, loss_fn, epochs, batch_size, seed, progress)
-    val = _accuracy(modules, train.cls[val_idx], train.patches[val_idx], train.labels[val_idx], standardise)
+    picks = sweep(
+        probes,
+        lrs,
+        lambda name: build_probe(name, num_blocks, dim, num_classes),
+        lambda mods, rates: fit_sweep(mods, rates, fit_idx, loss_fn, epochs, batch_size, seed, progress),
+        lambda mods: _accuracy(mods, train.cls[val_idx], train.patches[val_idx], train.labels[val_idx], standardise),
+        max_extensions,
+    )
     results = []
-    for name in probes:
-        best = max((i for i, (n, _) in enumerate(pairs) if n == name), key=lambda i: val[i])
-        (test_top1,) = _accuracy([modules[best]], test.cls, test.patches, test.labels, standardise)
-        results.append(ProbeResult(name, pairs[best][1], val[best], test_top1, modules[best], standardise))
+    for name, pick in picks.items():
+        best = pick.trial
+        (test_top1,) = _accuracy([best.module], test.cls, test.patches, test.labels, standardise)
+        results.append(
+            ProbeResult(name, best.lr, best.score, test_top1, best.module, standardise, pick.edge, pick.extended)
+        )
     return results
