@@ -143,6 +143,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ibot embed / ibot retrieve / ibot eval retrieval -----------------------------------------------
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from ibot.eval.embed import EmbedRequest, format_embed, run_embed
+
+    request = EmbedRequest(
+        args.weights,
+        args.images,
+        args.out,
+        pool=args.pool,
+        batch_size=args.batch_size,
+        force=args.force,
+        random_init=args.random_init,
+        overrides=tuple(args.overrides),
+        progress=not args.no_progress,
+    )
+    print(format_embed(run_embed(request)))
+    return 0
+
+
+def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
+    """``ibot embed``."""
+    m = sub.add_parser("embed", help="one embedding per image of a folder, to .parquet or .npy")
+    m.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+    m.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
+    m.add_argument("--out", required=True, help="FILE.parquet (pip install 'ibot[embed]') or FILE.npy")
+    m.add_argument("--pool", choices=("cls", "mean"), default="cls", help="[cls] or the mean of the patch tokens")
+    m.add_argument("--batch-size", type=int, default=0, help="images per forward (default: eval.batch_size)")
+    m.add_argument("--force", action="store_true", help="overwrite an existing output")
+    m.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.device=cpu")
+    m.set_defaults(func=_cmd_embed)
+
+
+# --- end of ibot embed / retrieve --------------------------------------------------------------------
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from ibot.report import write_report
 
@@ -272,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--no-progress", action="store_true")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
         cmd.set_defaults(func=_cmd_eval)
+
+    _add_embed_commands(sub)
 
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")
