@@ -119,10 +119,11 @@ def load_queries(paths: tuple[str, ...], frozen: Frozen, skips: SkipLog) -> tupl
     for path in paths:
         if os.path.isdir(path):
             dataset = build_eval_dataset(path, cfg)
+            rows = RowNames(dataset, path)
             for i in range(len(dataset)):
                 sample = dataset[i]
                 if isinstance(sample, Sample):
-                    names.append(dataset.index.paths[i])  # type: ignore[attr-defined]
+                    names.append(rows.paths[i])
                     views.append(sample.view)
             skips.extend(dataset.skips)  # type: ignore[attr-defined]
         elif os.path.isfile(path):
