@@ -192,7 +192,8 @@ def format_embed(result: dict) -> str:
 
 
 def _outputs(out: Path, fmt: str) -> list[Path]:
-    """The files an output consists of; the main file last, so it appears only when all are whole."""
+    """The files an output consists of, the main file first: ``_staged`` renames it last, so it
+    appears only when the others are in place."""
     return [out] if fmt == "parquet" else [out, sidecar_path(out)]
 
 
@@ -206,11 +207,20 @@ def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     try:
         yield tmps
         for tmp, path in reversed(list(zip(tmps, paths))):
+            _fsync(tmp)  # the data on disk before the name: a crash cannot leave a renamed, empty file
             os.replace(tmp, path)
         fsync_folder(paths[0].parent)
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _collate_rows(items: list[Sample | Skip]) -> tuple[torch.Tensor, list[int], tuple[Skip, ...]]:
