@@ -141,6 +141,12 @@ def test_an_interrupted_embed_leaves_no_file(
             run_embed(request(tiny_run, image_folder, out_dir / name, force=True, chunk_rows=4, batch_size=4))
     assert sorted(p.name for p in out_dir.iterdir()) == ["emb.npy"]  # no temporary file, no sidecar
     assert (out_dir / "emb.npy").read_bytes() == b"old"
+    # A killed writer (SIGKILL: no cleanup) leaves its temporary file; the next run removes it.
+    debris = out_dir / ".emb.npy.999999999.tmp"
+    debris.write_bytes(b"half")
+    monkeypatch.setattr(embed_module, "embed_images", real)
+    run_embed(request(tiny_run, image_folder, out_dir / "emb.npy", force=True))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["emb.npy", "emb.paths.tsv"]
 
 
 def test_a_missing_extra_is_named(

@@ -22,6 +22,7 @@ summarised in one line and listed in ``FILE.skipped.tsv`` (the stem: ``emb.parqu
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import time
@@ -203,6 +204,7 @@ def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     removed on any exception, Ctrl-C included."""
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(p)
     tmps = [p.with_name(f".{p.name}.{os.getpid()}{TMP_SUFFIX}") for p in paths]
     try:
         yield tmps
@@ -213,6 +215,24 @@ def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete the temporary files of ``path`` whose writer is gone (killed: no ``finally`` ran)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"):
+        pid = tmp.name[len(path.name) + 2 : -len(TMP_SUFFIX)]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:
