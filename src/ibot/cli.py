@@ -143,6 +143,73 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ibot embed / ibot retrieve / ibot eval retrieval -----------------------------------------------
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from ibot.eval.embed import EmbedRequest, format_embed, run_embed
+
+    request = EmbedRequest(
+        args.weights,
+        args.images,
+        args.out,
+        pool=args.pool,
+        batch_size=args.batch_size,
+        force=args.force,
+        random_init=args.random_init,
+        overrides=tuple(args.overrides),
+        progress=not args.no_progress,
+    )
+    print(format_embed(run_embed(request)))
+    return 0
+
+
+def _cmd_retrieve(args: argparse.Namespace) -> int:
+    from ibot.eval.retrieve import RetrieveRequest, format_retrieve, run_retrieve
+
+    # --query takes every word after it: dotted overrides there (key=value, not a file) are overrides.
+    overrides = [q for q in args.query if "=" in q and not Path(q).exists()]
+    request = RetrieveRequest(
+        args.weights,
+        args.index,
+        tuple(q for q in args.query if q not in overrides),
+        k=args.k,
+        out_dir=args.out,
+        overrides=(*args.overrides, *overrides),
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    print(format_retrieve(run_retrieve(request)))
+    return 0
+
+
+def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
+    """``ibot embed`` and ``ibot retrieve``."""
+    m = sub.add_parser("embed", help="one embedding per image of a folder, to .parquet or .npy")
+    m.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+    m.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
+    m.add_argument("--out", required=True, help="FILE.parquet (pip install 'ibot[embed]') or FILE.npy")
+    m.add_argument("--pool", choices=("cls", "mean"), default="cls", help="[cls] or the mean of the patch tokens")
+    m.add_argument("--batch-size", type=int, default=0, help="images per forward (default: eval.batch_size)")
+    m.add_argument("--force", action="store_true", help="overwrite an existing output")
+    m.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.device=cpu")
+    m.set_defaults(func=_cmd_embed)
+
+    q = sub.add_parser("retrieve", help="the top-k images of an index folder for query images, and a contact sheet")
+    q.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+    q.add_argument("--index", required=True, help="image folder to search (its features are cached)")
+    q.add_argument("--query", required=True, nargs="+", help="query image files or folders")
+    q.add_argument("--k", type=int, default=5, help="results per query")
+    q.add_argument("--out", default="", help="folder of retrieval.html / .json (default: RUN/retrieval)")
+    q.add_argument("--cache-dir", default="", help="feature cache of the index folder (default: RUN/features)")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.retrieval_flat_max=0")
+    q.set_defaults(func=_cmd_retrieve)
+
+
+# --- end of ibot embed / retrieve --------------------------------------------------------------------
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from ibot.report import write_report
 
@@ -270,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="eval_command", required=True)
     for name, help_text in (
         ("knn", "weighted k-NN on [cls] features (DINO protocol)"),
+        ("retrieval", "test images query the train images (faiss): mAP@R, recall@1, recall@5"),
         ("probe", "linear probes and patch-token pooling probes (Beyond [cls])"),
         ("robustness", "a clean-trained probe under 15 CIFAR-10-C corruptions x 5 severities"),
         ("dense", "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]"),
@@ -285,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--no-progress", action="store_true")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
         cmd.set_defaults(func=_cmd_eval)
+
+    _add_embed_commands(sub)
 
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")

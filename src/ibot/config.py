@@ -297,6 +297,10 @@ class EvalConfig:
     knn_k: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
     batch_size: int = 256
+    # Retrieval (``ibot retrieve``, ``ibot eval retrieval``): exact inner-product search up to this
+    # many database images, an IVF index (4 sqrt(N) cells, nprobe visited per query) above.
+    retrieval_flat_max: int = 100_000
+    retrieval_nprobe: int = 32
     # k-NN monitor during pre-training: a fixed subset of train_path / test_path, scored on the
     # teacher every so many minutes of training (monitor time is not counted as training time).
     monitor_every_minutes: float = 0.0  # 0 disables
@@ -331,6 +335,8 @@ class EvalConfig:
         _check(len(self.knn_k) > 0, "eval.knn_k", "needs at least one k")
         _check(all(k >= 1 for k in self.knn_k), "eval.knn_k", "every k must be >= 1")
         _check(self.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+        _check(self.retrieval_flat_max >= 0, "eval.retrieval_flat_max", "must be >= 0")
+        _check(self.retrieval_nprobe >= 1, "eval.retrieval_nprobe", "must be >= 1")
         _check(len(self.probes) > 0, "eval.probes", "needs at least one probe")
         _check(len(self.probe_lrs) > 0, "eval.probe_lrs", "needs at least one lr")
         _check(all(lr > 0 for lr in self.probe_lrs), "eval.probe_lrs", "every lr must be > 0")

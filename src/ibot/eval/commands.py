@@ -306,3 +306,37 @@ def format_knn(*results: dict) -> str:
         for r in results
     ]
     return "\n".join([head, rule, *rows])
+
+
+# --- ibot eval retrieval ------------------------------------------------------------------------------
+def run_retrieval(request: EvalRequest) -> dict:
+    """Every test image queries the train images (faiss, L2-normalised [cls]): mAP@R, recall@1, recall@5."""
+    from ibot.eval.retrieval import index_settings, normalize, retrieval_metrics
+
+    setup = eval_setup(request, "retrieval")
+    cache = request.feature_cache()
+    train_f, test_f = (setup.features(request, folder, cache_dir=cache) for folder in (setup.train_dir, setup.test_dir))
+    scores, index = retrieval_metrics(
+        normalize(train_f.last_cls),
+        train_f.labels.numpy(),
+        normalize(test_f.last_cls),
+        test_f.labels.numpy(),
+        index_settings(setup.cfg),
+    )
+    return {
+        "weights": request.label,
+        "train_images": int(train_f.labels.numel()),
+        "test_images": int(test_f.labels.numel()),
+        "index": index,
+        **scores.as_dict(),
+        **report_eval_skips(request, "retrieval", train_f.skips, test_f.skips),
+    }
+
+
+def format_retrieval(*results: dict) -> str:
+    head = "| weights | index | mAP@R | recall@1 | recall@5 |"
+    rows = [
+        f"| {r['weights']} | {r['index']} | {r['map_at_r']:.2f} | {r['recall_at_1']:.2f} | {r['recall_at_5']:.2f} |"
+        for r in results
+    ]
+    return "\n".join([head, "|---|---|---|---|---|", *rows])
