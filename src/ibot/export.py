@@ -9,7 +9,6 @@ is renamed to ``--out``. The weights are the backbone alone: no [mask] token, no
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from ibot.config import Config
 from ibot.errors import ExportError
 from ibot.eval.features import load_frozen_backbone
+from ibot.extras import require
 from ibot.models.vit import MaskedViT
 
 FORMATS = ("timm", "hf", "onnx")
@@ -55,10 +55,7 @@ class Exported:
 def require_extra(fmt: str) -> None:
     """One line naming the missing package and the extra that installs it."""
     for module in EXTRAS[fmt]:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise ExportError(f"ibot export --format {fmt} needs {module}: pip install 'ibot[{fmt}]'") from None
+        require(module, fmt, f"ibot export --format {fmt}")
 
 
 def refuse_unexpressible(cfg: Config, fmt: str) -> None:

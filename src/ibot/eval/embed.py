@@ -40,8 +40,8 @@ from ibot.data.collate import skips_of
 from ibot.data.datasets import Sample
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
-from ibot.eval.extras import require
 from ibot.eval.features import build_eval_dataset, dataset_skips, encode, frozen_backbone
+from ibot.extras import require
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 from ibot.storage import TMP_SUFFIX, fsync_folder, load_backbone

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ibot.errors import IBOTError
-from ibot.eval.extras import require
+from ibot.extras import require
 
 
 @dataclass(frozen=True)
