@@ -28,13 +28,18 @@ TEACHER_NAME = "teacher.safetensors"
 TMP_SUFFIX = ".tmp"
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (the folder's entry, not only the file's data)."""
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    """fsync a file (its data on disk before a rename names it) or a folder (a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the folder's entry, not only the file's data)."""
+    fsync_path(folder)
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -48,11 +53,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
@@ -114,15 +115,20 @@ def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
                 "save the model's state_dict alone"
             ) from None
         return import_vit(unwrap(loaded, str(path)), str(path))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
+    tensors, metadata = read_safetensors(path)
     if "config" not in metadata:
         return import_vit(tensors, str(path))
     return tensors, json.loads(metadata["config"])
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A .safetensors file's tensors and metadata; one line when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

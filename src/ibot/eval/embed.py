@@ -44,7 +44,7 @@ from ibot.eval.features import build_eval_dataset, dataset_skips, encode, frozen
 from ibot.extras import require
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
-from ibot.storage import TMP_SUFFIX, fsync_folder, load_backbone
+from ibot.storage import TMP_SUFFIX, fsync_folder, fsync_path, load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     try:
         yield tmps
         for tmp, path in reversed(list(zip(tmps, paths))):
-            _fsync(tmp)  # the data on disk before the name: a crash cannot leave a renamed, empty file
+            fsync_path(tmp)  # the data on disk before the name: a crash cannot leave a renamed, empty file
             os.replace(tmp, path)
         fsync_folder(paths[0].parent)
     finally:
@@ -233,14 +233,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _collate_rows(items: list[Sample | Skip]) -> tuple[torch.Tensor, list[int], tuple[Skip, ...]]:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -38,7 +37,7 @@ from ibot.errors import ConfigError, DataError
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, sub_state_dict
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]
 
@@ -155,12 +154,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_safetensors(path: Path) -> _Source:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: unreadable safetensors file ({type(exc).__name__})") from None
+    tensors, metadata = read_safetensors(path)
     if "config" not in metadata:
         return _from_backbone(tensors, str(path))
     patch_size = json.loads(metadata["config"]).get("model", {}).get("patch_size")
