@@ -19,6 +19,7 @@ def test_a_permutation_of_the_labels_scores_perfectly() -> None:
     labels = np.array([0, 0, 1, 1, 2, 2, 2])
     scores = cluster_scores(labels, np.array([2, 2, 0, 0, 1, 1, 1]))
     assert scores.accuracy == 100.0 and scores.nmi == pytest.approx(1.0) and scores.ari == pytest.approx(1.0)
+    assert scores.fmi == pytest.approx(1.0)
 
 
 def test_scores_match_hand_computed_values() -> None:
@@ -29,6 +30,7 @@ def test_scores_match_hand_computed_values() -> None:
     # ARI: pairs within cells 1 + 3 = 4, within clusters 1 + 6 = 7, within classes 3 + 3 = 6, all 15.
     expected = 7 * 6 / 15
     assert scores.ari == pytest.approx((4 - expected) / ((7 + 6) / 2 - expected))
+    assert scores.fmi == pytest.approx(4 / math.sqrt(7 * 6))  # same-cell pairs / sqrt(cluster x class pairs)
     mutual = math.log(2) / 6 + math.log(1.5) / 2  # sum of p_ij log(p_ij / (p_i p_j)) over the 3 cells
     h_clusters = -(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3)
     assert scores.nmi == pytest.approx(mutual / ((math.log(2) + h_clusters) / 2))
@@ -43,7 +45,7 @@ def test_random_assignments_score_near_chance() -> None:
     labels, clusters = rng.integers(0, 10, 5000), rng.integers(0, 10, 5000)
     scores = cluster_scores(labels, clusters)
     assert 10.0 <= scores.accuracy < 13.0  # the best matching of noise beats 10 % a little
-    assert scores.nmi < 0.01 and abs(scores.ari) < 0.01
+    assert scores.nmi < 0.01 and abs(scores.ari) < 0.01 and scores.fmi < 0.11  # chance FMI ~ 1 / 10
 
 
 def planted(classes: int = 4, per_class: int = 50, dim: int = 16, noise: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]

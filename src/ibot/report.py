@@ -131,12 +131,13 @@ def _cluster_lowshot_tables(run_dir: Path) -> list[str]:
     """Tables of ``ibot eval cluster`` (k-means scores) and ``ibot eval lowshot`` (mean ± std over draws)."""
     lines: list[str] = []
     cluster_rows = [
-        [r["weights"], r["split"], str(r["clusters"]), f"{r['accuracy']:.2f}", f"{r['nmi']:.3f}", f"{r['ari']:.3f}"]
+        [r["weights"], r["split"], str(r["clusters"]), f"{r['accuracy']:.2f}"]
+        + [f"{r[m]:.3f}" for m in ("nmi", "ari", "fmi")]
         for r in _saved_results(run_dir, "cluster")
     ]
     if cluster_rows:
         lines += ["### Unsupervised classification: k-means on [cls]\n"]
-        lines += _table(["weights", "split", "k", "accuracy (Hungarian)", "NMI", "ARI"], cluster_rows) + [""]
+        lines += _table(["weights", "split", "k", "accuracy (Hungarian)", "NMI", "ARI", "FMI"], cluster_rows) + [""]
     lowshot_rows = [
         [r["weights"], s["setting"], str(s["labelled"])]
         + [f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}" for m in ("knn", "logreg")]

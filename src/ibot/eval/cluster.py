@@ -3,8 +3,9 @@
 The features are L2-normalised (k-means in Euclidean space then clusters by cosine, as the
 k-NN protocol compares them); k is the number of classes; k-means runs from several seeded
 starts and keeps the one of lowest inertia (its own objective, never the labels). The
-clusters are scored with NMI and ARI (scikit-learn) and with the accuracy of the best
-one-to-one mapping of clusters to classes (the Hungarian algorithm on the confusion matrix).
+clusters are scored as the official iBOT evaluation scores them: NMI, ARI and FMI (scikit-learn) and the
+accuracy of the best one-to-one mapping of clusters to classes (the Hungarian algorithm on the
+confusion matrix).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ def sklearn_module(name: str):  # type: ignore[no-untyped-def]
 
 @dataclass(frozen=True)
 class ClusterScores:
-    """Agreement of cluster assignments with the labels: accuracy (%), NMI and ARI."""
+    """Agreement of cluster assignments with the labels: accuracy (%), NMI, ARI and FMI."""
 
     accuracy: float
     nmi: float
     ari: float
+    fmi: float  # Fowlkes-Mallows: geometric mean of pair precision and recall
 
     def as_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "nmi": self.nmi, "ari": self.ari}
+        return {"accuracy": self.accuracy, "nmi": self.nmi, "ari": self.ari, "fmi": self.fmi}
 
 
 def hungarian_accuracy(labels: np.ndarray, assignments: np.ndarray) -> float:
@@ -56,12 +58,13 @@ def hungarian_accuracy(labels: np.ndarray, assignments: np.ndarray) -> float:
 
 
 def cluster_scores(labels: np.ndarray, assignments: np.ndarray) -> ClusterScores:
-    """Hungarian accuracy, NMI (arithmetic normalisation) and ARI of ``assignments``."""
+    """Hungarian accuracy, NMI (arithmetic normalisation), ARI and FMI of ``assignments``."""
     metrics = sklearn_module("metrics")
     return ClusterScores(
         hungarian_accuracy(labels, assignments),
         float(metrics.normalized_mutual_info_score(labels, assignments)),
         float(metrics.adjusted_rand_score(labels, assignments)),
+        float(metrics.fowlkes_mallows_score(labels, assignments)),
     )
 
 

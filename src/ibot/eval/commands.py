@@ -309,7 +309,7 @@ def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Fe
 
 
 def run_cluster(request: EvalRequest) -> dict:
-    """k-means (k = classes) on one folder's [cls]: {"weights", "split", "accuracy", "nmi", "ari", ...}."""
+    """k-means (k = classes) on one folder's [cls]: {"weights", "split", "accuracy", "nmi", "ari", "fmi", ...}."""
     from ibot.eval.cluster import evaluate_clustering
 
     setup = eval_setup(request, "cluster")
@@ -325,9 +325,10 @@ def run_cluster(request: EvalRequest) -> dict:
 
 
 def format_cluster(result: dict) -> str:
-    head = f"| k-means on [cls] ({result['weights']}, {result['split']} split) | k | accuracy (Hungarian) | NMI | ARI |"
-    row = f"| {result['images']} images | {result['clusters']} | {result['accuracy']:.2f} | "
-    return "\n".join([head, "|---|---|---|---|---|", row + f"{result['nmi']:.3f} | {result['ari']:.3f} |"])
+    head = f"| k-means on [cls] ({result['weights']}, {result['split']} split) | k | accuracy (Hungarian) |"
+    scores = " | ".join(f"{result[m]:.3f}" for m in ("nmi", "ari", "fmi"))
+    row = f"| {result['images']} images | {result['clusters']} | {result['accuracy']:.2f} | {scores} |"
+    return "\n".join([head + " NMI | ARI | FMI |", "|---|---|---|---|---|---|", row])
 
 
 def run_lowshot(request: EvalRequest) -> dict:
