@@ -138,3 +138,22 @@ def test_a_folder_without_classes_is_one_line(tiny_run, tmp_path: Path, capsys) 
         assert main([*args, "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(flat) in err and "one sub-folder per class" in err, err
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("eval.lowshot_fractions=[1.5]", "eval.lowshot_fractions"),
+        ("eval.lowshot_shots=[0]", "eval.lowshot_shots"),
+        ("eval.lowshot_draws=[1,1]", "eval.lowshot_draws"),
+        ("eval.lowshot_draws=[]", "eval.lowshot_draws"),
+        ("eval.lowshot_logreg_c=0", "eval.lowshot_logreg_c"),
+        ("eval.cluster_restarts=0", "eval.cluster_restarts"),
+    ],
+)
+def test_bad_settings_are_one_line_config_errors(override: str, key: str) -> None:
+    from ibot.config import load_config
+    from ibot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        load_config(None, [override])
