@@ -1,5 +1,5 @@
-"""The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune), ablate, visualize,
-report, demo, export.
+"""The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune, retrieval, cluster,
+lowshot), embed, retrieve, export, ablate, visualize, report, demo.
 
 Config path + dotted overrides, few flags.
 """
@@ -342,13 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("robustness", "a clean-trained probe under 15 CIFAR-10-C corruptions x 5 severities"),
         ("dense", "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]"),
         ("finetune", "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"),
+        ("cluster", "unsupervised classification: k-means on [cls], Hungarian accuracy, NMI, ARI"),
+        ("lowshot", "k-NN and logistic regression on 1/5/10 labels per class and 1 %/10 % of the labels"),
     ):
         cmd = esub.add_parser(name, help=help_text)
         cmd.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
         cmd.add_argument("--train-dir", default="", help="labelled image folder to fit on")
         cmd.add_argument("--test-dir", default="", help="labelled image folder to classify")
         cmd.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
-        cmd.add_argument("--cache-dir", default="", help="feature cache of probe/robustness (default: RUN/features)")
+        cmd.add_argument(
+            "--cache-dir",
+            default="",
+            help="feature cache of probe/robustness/cluster/lowshot (default: RUN/features)",
+        )
         cmd.add_argument("--json", help="also write the results here")
         cmd.add_argument("--no-progress", action="store_true")
         cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")

@@ -325,8 +325,20 @@ class EvalConfig:
     # many test images under each CIFAR-10-C corruption and severity (15 x 5 sets).
     robustness_probe: str = "cls"
     robustness_images: int = 1000
+    # Unsupervised classification (``ibot eval cluster``): k-means (k = classes) on the last
+    # block's L2-normalised [cls] of one folder ("test" or "train"), best inertia of the restarts.
+    cluster_split: str = "test"
+    cluster_restarts: int = 5
+    # Low-shot (``ibot eval lowshot``): k-NN and logistic regression on n labelled images per
+    # class and on fractions of the training labels, each drawn once per seed of lowshot_draws.
+    lowshot_shots: tuple[int, ...] = (1, 5, 10)
+    lowshot_fractions: tuple[float, ...] = (0.01, 0.1)
+    lowshot_draws: tuple[int, ...] = (0, 1, 2, 3, 4)
+    lowshot_knn_k: int = 20
+    lowshot_logreg_c: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_cluster_lowshot()
         _check(self.monitor_every_minutes >= 0, "eval.monitor_every_minutes", "must be >= 0")
         for key in ("monitor_train_images", "monitor_test_images", "monitor_k"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
@@ -346,6 +358,17 @@ class EvalConfig:
         _check(0 < self.probe_val_fraction < 1, "eval.probe_val_fraction", "must be in (0, 1)")
         for key in ("dense_grid", "dense_train_mosaics", "dense_test_mosaics", "robustness_images"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
+
+    def _check_cluster_lowshot(self) -> None:
+        _check(self.cluster_split in ("test", "train"), "eval.cluster_split", "must be test or train")
+        for key in ("cluster_restarts", "lowshot_knn_k"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
+        _check(len(self.lowshot_shots) + len(self.lowshot_fractions) > 0, "eval.lowshot_shots", "no setting left")
+        _check(all(n >= 1 for n in self.lowshot_shots), "eval.lowshot_shots", "every count must be >= 1")
+        _check(all(0 < f < 1 for f in self.lowshot_fractions), "eval.lowshot_fractions", "must be in (0, 1)")
+        _check(len(self.lowshot_draws) > 0, "eval.lowshot_draws", "needs at least one seed")
+        _check(len(set(self.lowshot_draws)) == len(self.lowshot_draws), "eval.lowshot_draws", "seeds must differ")
+        _check(self.lowshot_logreg_c > 0, "eval.lowshot_logreg_c", "must be > 0")
 
 
 @dataclass(frozen=True)

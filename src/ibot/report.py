@@ -123,6 +123,36 @@ def _eval_tables(run_dir: Path) -> list[str]:
     return lines
 
 
+def _saved_results(run_dir: Path, command: str) -> list[dict]:
+    """The saved results of ``ibot eval <command>``: trained weights first, then random init."""
+    paths = [eval_result_path(run_dir, command, random_init) for random_init in (False, True)]
+    return [json.loads(p.read_text()) for p in paths if p.is_file()]
+
+
+def _cluster_lowshot_tables(run_dir: Path) -> list[str]:
+    """Tables of ``ibot eval cluster`` (k-means scores) and ``ibot eval lowshot`` (mean ± std over draws)."""
+    lines: list[str] = []
+    cluster_rows = [
+        [r["weights"], r["split"], str(r["clusters"]), f"{r['accuracy']:.2f}"]
+        + [f"{r[m]:.3f}" for m in ("nmi", "ari", "fmi")]
+        for r in _saved_results(run_dir, "cluster")
+    ]
+    if cluster_rows:
+        lines += ["### Unsupervised classification: k-means on [cls]\n"]
+        lines += _table(["weights", "split", "k", "accuracy (Hungarian)", "NMI", "ARI", "FMI"], cluster_rows) + [""]
+    lowshot_rows = [
+        [r["weights"], s["setting"], str(s["labelled"])]
+        + [f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}" for m in ("knn", "logreg")]
+        for r in _saved_results(run_dir, "lowshot")
+        for s in r["lowshot"]
+    ]
+    if lowshot_rows:
+        lines += ["### Low-shot: test top-1 %, mean ± std over draws of the labelled images\n"]
+        head = ["weights", "labels", "labelled images", "k-NN top-1", "logistic regression top-1"]
+        lines += _table(head, lowshot_rows) + [""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
@@ -201,6 +231,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             summary.append(["k-NN monitor, last", f"{monitor_rows[-1]['knn_top1']:.2f} %"])
         md += _table(["", "value"], summary) + [""]
     md += _eval_tables(run_dir)
+    md += _cluster_lowshot_tables(run_dir)
     for title, path in images:
         md += [f"## {title}\n", f"![{title}]({path})\n"]
     md_path = run_dir / "report.md"

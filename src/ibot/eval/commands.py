@@ -308,14 +308,17 @@ def format_knn(*results: dict) -> str:
     return "\n".join([head, rule, *rows])
 
 
-# --- ibot eval retrieval ------------------------------------------------------------------------------
+def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Features:
+    """The last block's [cls] of ``folder`` through the cache (shared by retrieval, cluster and lowshot)."""
+    return setup.features(request, folder, cache_dir=request.feature_cache())
+
+
 def run_retrieval(request: EvalRequest) -> dict:
     """Every test image queries the train images (faiss, L2-normalised [cls]): mAP@R, recall@1, recall@5."""
     from ibot.eval.retrieval import index_settings, normalize, retrieval_metrics
 
     setup = eval_setup(request, "retrieval")
-    cache = request.feature_cache()
-    train_f, test_f = (setup.features(request, folder, cache_dir=cache) for folder in (setup.train_dir, setup.test_dir))
+    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
     scores, index = retrieval_metrics(
         normalize(train_f.last_cls),
         train_f.labels.numpy(),
@@ -340,3 +343,60 @@ def format_retrieval(*results: dict) -> str:
         for r in results
     ]
     return "\n".join([head, "|---|---|---|---|---|", *rows])
+
+
+def run_cluster(request: EvalRequest) -> dict:
+    """k-means (k = classes) on one folder's [cls]: {"weights", "split", "accuracy", "nmi", "ari", "fmi", ...}."""
+    from ibot.eval.cluster import evaluate_clustering
+
+    setup = eval_setup(request, "cluster")
+    e = setup.cfg.eval
+    folder = setup.test_dir if e.cluster_split == "test" else setup.train_dir
+    feats = last_cls_features(setup, request, folder)
+    return {
+        "weights": request.label,
+        "split": e.cluster_split,
+        **evaluate_clustering(feats.last_cls, feats.labels, e.cluster_restarts, setup.cfg.train.seed),
+        **report_eval_skips(request, "cluster", feats.skips),
+    }
+
+
+def format_cluster(result: dict) -> str:
+    head = f"| k-means on [cls] ({result['weights']}, {result['split']} split) | k | accuracy (Hungarian) |"
+    scores = " | ".join(f"{result[m]:.3f}" for m in ("nmi", "ari", "fmi"))
+    row = f"| {result['images']} images | {result['clusters']} | {result['accuracy']:.2f} | {scores} |"
+    return "\n".join([head + " NMI | ARI | FMI |", "|---|---|---|---|---|---|", row])
+
+
+def run_lowshot(request: EvalRequest) -> dict:
+    """k-NN and logistic regression on few labels: {"weights", ..., "lowshot": [{setting, knn, logreg}]}."""
+    from ibot.eval.lowshot import LowshotProtocol, Setting, Split, evaluate_lowshot
+
+    setup = eval_setup(request, "lowshot")
+    e = setup.cfg.eval
+    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
+    settings = (*(Setting(shots=n) for n in e.lowshot_shots), *(Setting(fraction=f) for f in e.lowshot_fractions))
+    protocol = LowshotProtocol(settings, e.lowshot_draws, e.lowshot_knn_k, e.knn_temperature, e.lowshot_logreg_c)
+    data = Split(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels)
+    return {
+        "weights": request.label,
+        "train_images": int(train_f.labels.numel()),
+        "test_images": int(test_f.labels.numel()),
+        "draws": list(e.lowshot_draws),
+        "knn_k": e.lowshot_knn_k,
+        "logreg_c": e.lowshot_logreg_c,
+        **report_eval_skips(request, "lowshot", train_f.skips, test_f.skips),
+        "lowshot": evaluate_lowshot(data, protocol),
+    }
+
+
+def format_lowshot(result: dict) -> str:
+    def cell(scores: dict) -> str:
+        return f"{scores['mean']:.2f} ± {scores['std']:.2f}"
+
+    head = (
+        f"| labels ({result['weights']}, {len(result['draws'])} draws) | labelled images "
+        f"| k-NN (k<={result['knn_k']}) top-1 | logistic regression top-1 |"
+    )
+    rows = [f"| {r['setting']} | {r['labelled']} | {cell(r['knn'])} | {cell(r['logreg'])} |" for r in result["lowshot"]]
+    return "\n".join([head, "|---|---|---|---|", *rows])
