@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--cache-dir",
             default="",
-            help="feature cache of probe/robustness/cluster/lowshot (default: RUN/features)",
+            help="feature cache of every command but dense and finetune (default: RUN/features)",
         )
         cmd.add_argument("--json", help="also write the results here")
         cmd.add_argument("--no-progress", action="store_true")

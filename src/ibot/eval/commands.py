@@ -113,7 +113,7 @@ def run_knn(request: EvalRequest) -> dict:
     from ibot.eval.knn import knn_classify
 
     setup = eval_setup(request, "knn")
-    train_f, test_f = (setup.features(request, folder) for folder in (setup.train_dir, setup.test_dir))
+    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
     e = setup.cfg.eval
     results = knn_classify(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, e.knn_k, e.knn_temperature)
     return {
@@ -309,7 +309,7 @@ def format_knn(*results: dict) -> str:
 
 
 def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Features:
-    """The last block's [cls] of ``folder`` through the cache (shared by retrieval, cluster and lowshot)."""
+    """The last block's [cls] of ``folder`` through the cache (shared by knn, retrieval, cluster and lowshot)."""
     return setup.features(request, folder, cache_dir=request.feature_cache())
 
 
