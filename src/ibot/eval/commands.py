@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ibot.config import Config, config_from_dict
+from ibot.config import Config
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
-from ibot.eval.features import Features, extract_features, frozen_backbone, require_labels
+from ibot.eval.features import Features, extract_features, load_frozen, require_labels
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
-from ibot.storage import load_backbone
 
 
 @dataclass(frozen=True)
@@ -74,17 +71,13 @@ class EvalSetup:
 
 def eval_setup(request: EvalRequest, command: str) -> EvalSetup:
     """The frozen backbone of ``request`` (fine-tuning: with ``finetune.drop_path``) and its folders."""
-    tensors, config_dict = load_backbone(request.weights)  # read once: weights and config
-    cfg = config_from_dict(config_dict, list(request.overrides))  # before building: they may set drop path
-    drop_path = cfg.finetune.drop_path if command == "finetune" else 0.0
-    backbone = frozen_backbone(request.weights, tensors, cfg, request.random_init, seed=0, drop_path_rate=drop_path)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    frozen = load_frozen(request.weights, request.overrides, request.random_init, finetune=command == "finetune")
+    cfg = frozen.cfg
     train_dir = request.train_dir or cfg.eval.train_path
     test_dir = request.test_dir or cfg.eval.test_path
     if not train_dir or not test_dir:
         raise IBOTError(f"eval {command}: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
-    return EvalSetup(backbone, cfg, Runtime.resolve(cfg.train), train_dir, test_dir, command)
+    return EvalSetup(frozen.backbone, cfg, frozen.runtime, train_dir, test_dir, command)
 
 
 def run_dir(weights: str) -> Path:

@@ -35,16 +35,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ibot.config import Config, config_from_dict
 from ibot.data.collate import skips_of
 from ibot.data.datasets import Sample
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, dataset_skips, encode, frozen_backbone
+from ibot.eval.features import Frozen, build_eval_dataset, dataset_skips, encode, load_frozen
 from ibot.extras import require
-from ibot.models.vit import MaskedViT
-from ibot.runtime import Runtime
-from ibot.storage import TMP_SUFFIX, fsync_folder, fsync_path, load_backbone
+from ibot.storage import TMP_SUFFIX, fsync_folder, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -72,26 +69,6 @@ class EmbedRequest:
     num_workers: int = 2
     chunk_rows: int = 4096
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class Frozen:
-    """A frozen backbone with its config (overrides applied) and runtime."""
-
-    backbone: MaskedViT
-    cfg: Config
-    runtime: Runtime
-
-
-def load_frozen(weights: str, overrides: tuple[str, ...] = (), random_init: bool = False) -> Frozen:
-    """The backbone at ``weights`` in eval mode, on its runtime's device, with ``train.threads`` applied."""
-    tensors, config_dict = load_backbone(weights)
-    cfg = config_from_dict(config_dict, list(overrides))
-    backbone = frozen_backbone(weights, tensors, cfg, random_init, seed=0, drop_path_rate=0.0)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    runtime = Runtime.resolve(cfg.train)
-    return Frozen(backbone.to(runtime.device), cfg, runtime)
 
 
 def embed_images(frozen: Frozen, images: torch.Tensor, pool: str = "cls", batch_size: int = 0) -> torch.Tensor:

@@ -57,6 +57,33 @@ def load_frozen_backbone(
     return frozen_backbone(path, tensors, cfg, random_init, seed, drop_path_rate), cfg
 
 
+@dataclass(frozen=True)
+class Frozen:
+    """A frozen backbone with its config (overrides applied) and runtime."""
+
+    backbone: MaskedViT
+    cfg: Config
+    runtime: Runtime
+
+
+def load_frozen(
+    weights: str, overrides: tuple[str, ...] = (), random_init: bool = False, finetune: bool = False
+) -> Frozen:
+    """The backbone at ``weights`` in eval mode, on its runtime's device, with ``train.threads`` applied.
+
+    The weights file is read once for weights and config; the ``overrides`` apply before the
+    backbone is built (``finetune``: with ``finetune.drop_path``).
+    """
+    tensors, config_dict = load_backbone(weights)
+    cfg = config_from_dict(config_dict, list(overrides))
+    drop_path = cfg.finetune.drop_path if finetune else 0.0
+    backbone = frozen_backbone(weights, tensors, cfg, random_init, seed=0, drop_path_rate=drop_path)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    runtime = Runtime.resolve(cfg.train)
+    return Frozen(backbone.to(runtime.device), cfg, runtime)
+
+
 def frozen_backbone(
     path: str, tensors: dict[str, torch.Tensor], cfg: Config, random_init: bool, seed: int, drop_path_rate: float
 ) -> MaskedViT:

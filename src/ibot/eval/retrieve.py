@@ -24,8 +24,8 @@ from ibot.data.decode import decode_rgb, load_rgb
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
-from ibot.eval.embed import Frozen, RowNames, embed_images, load_frozen
-from ibot.eval.features import build_eval_dataset, extract_features
+from ibot.eval.embed import RowNames, embed_images
+from ibot.eval.features import Frozen, build_eval_dataset, extract_features, load_frozen
 from ibot.eval.retrieval import build_index, describe_index, index_settings, normalize, search
 
 THUMBNAIL = 96  # longest side of a contact-sheet picture, in pixels
