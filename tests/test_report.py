@@ -40,6 +40,17 @@ def _fake_run(run: Path) -> None:
         path = eval_result_path(run, "knn", random_init)
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"weights": weights, "knn": {"20": {"top1": top1, "top5": 80.0}}}))
+    eval_result_path(run, "retrieval", True).write_text(
+        json.dumps(
+            {
+                "weights": "random-init",
+                "index": "flat (exact)",
+                "map_at_r": 2.5,
+                "recall_at_1": 26.125,
+                "recall_at_5": 64.5,
+            }
+        )
+    )
     eval_result_path(run, "probe", False).write_text(
         json.dumps(
             {
@@ -55,7 +66,7 @@ def test_report_has_plots_and_every_saved_result(tmp_path: Path) -> None:
     _fake_run(run)
     md, page = write_report(run)
     text = md.read_text()
-    needles = ("41.25", "30.50", "52.75", "attention-pool", "report/losses.png", "report/knn.png", "| 38 % |")
+    needles = ("41.25", "30.50", "52.75", "attention-pool", "report/losses.png", "report/knn.png", "| 38 % |", "26.12")
     for needle in needles:
         assert needle in text, needle
     for png in ("losses.png", "schedules.png", "knn.png"):

@@ -129,9 +129,17 @@ def _saved_results(run_dir: Path, command: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
-def _cluster_lowshot_tables(run_dir: Path) -> list[str]:
-    """Tables of ``ibot eval cluster`` (k-means scores) and ``ibot eval lowshot`` (mean ± std over draws)."""
+def _retrieval_cluster_lowshot_tables(run_dir: Path) -> list[str]:
+    """Tables of ``ibot eval retrieval`` (mAP@R, recall@k), ``ibot eval cluster`` (k-means scores) and
+    ``ibot eval lowshot`` (mean ± std over draws)."""
     lines: list[str] = []
+    retrieval_rows = [
+        [r["weights"], r["index"], f"{r['map_at_r']:.2f}", f"{r['recall_at_1']:.2f}", f"{r['recall_at_5']:.2f}"]
+        for r in _saved_results(run_dir, "retrieval")
+    ]
+    if retrieval_rows:
+        lines += ["### Retrieval: test images query the train images\n"]
+        lines += _table(["weights", "index", "mAP@R", "recall@1", "recall@5"], retrieval_rows) + [""]
     cluster_rows = [
         [r["weights"], r["split"], str(r["clusters"]), f"{r['accuracy']:.2f}"]
         + [f"{r[m]:.3f}" for m in ("nmi", "ari", "fmi")]
@@ -231,7 +239,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             summary.append(["k-NN monitor, last", f"{monitor_rows[-1]['knn_top1']:.2f} %"])
         md += _table(["", "value"], summary) + [""]
     md += _eval_tables(run_dir)
-    md += _cluster_lowshot_tables(run_dir)
+    md += _retrieval_cluster_lowshot_tables(run_dir)
     for title, path in images:
         md += [f"## {title}\n", f"![{title}]({path})\n"]
     md_path = run_dir / "report.md"
