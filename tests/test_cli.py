@@ -70,7 +70,8 @@ def test_pretrain_then_knn_through_the_console_script(image_folder: Path, tmp_pa
     result = json.loads((tmp_path / "probe.json").read_text())
     names = ["cls", "cls4", "cls+avg", "cls4+avg", "mean-pool", "attention-pool", "attentive"]
     assert [r["probe"] for r in result["probes"]] == names
-    assert len(list((run / "features").glob("*.safetensors"))) == 1  # one folder, one cache entry
+    # One folder as train and test: one entry for knn's last [cls], one for the probes' tokens.
+    assert len(list((run / "features").glob("*.safetensors"))) == 2
     assert main([*probe_args, "eval.probes=[bogus]"]) == 2
     dense_args = ["eval", "dense", str(run), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]
     dense_args += ["--no-progress", "--json", str(tmp_path / "dense.json"), "eval.probe_epochs=1"]
