@@ -126,22 +126,17 @@ def test_draw_pca_writes_a_png_of_the_layout_size(tmp_path: Path) -> None:
         draw_pca(PlantedBackbone(), images, Config(), tmp_path / "x.png", threshold=1.5)  # type: ignore[arg-type]
 
 
-def test_visualize_commands_write_pngs(tmp_path: Path) -> None:
+def _one_step_run(tmp_path: Path) -> tuple[Path, Path]:
+    """An image folder and a run folder pre-trained one step on it through the CLI."""
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
     run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                "configs/demo.yaml",
-                "--no-progress",
-                *tiny_overrides(folder, run),
-                "train.max_steps=1",
-            ]
-        )
-        == 0
-    )
+    args = ["pretrain", "--config", "configs/demo.yaml", "--no-progress", *tiny_overrides(folder, run)]
+    assert main([*args, "train.max_steps=1"]) == 0
+    return folder, run
+
+
+def test_visualize_commands_write_pngs(tmp_path: Path) -> None:
+    folder, run = _one_step_run(tmp_path)
     for kind in ("attention", "clusters", "correspondences"):
         out = tmp_path / f"{kind}.png"
         extra = ["--clusters", "3"] if kind == "clusters" else []
@@ -154,21 +149,7 @@ def test_visualize_commands_write_pngs(tmp_path: Path) -> None:
 
 
 def test_visualize_pca_at_a_larger_size_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--config",
-                "configs/demo.yaml",
-                "--no-progress",
-                *tiny_overrides(folder, run),
-                "train.max_steps=1",
-            ]
-        )
-        == 0
-    )
+    folder, run = _one_step_run(tmp_path)
     base = ["visualize", "pca", str(run), "--images", str(folder), "--count", "4"]
     for extra in ([], ["--size", "32", "--threshold", "0.3"]):
         out = tmp_path / f"pca{len(extra)}.png"
