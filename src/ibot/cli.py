@@ -207,9 +207,6 @@ def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
     q.set_defaults(func=_cmd_retrieve)
 
 
-# --- end of ibot embed / retrieve --------------------------------------------------------------------
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from ibot.report import write_report
 

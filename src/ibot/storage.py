@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"  # a run folder's link to its newest step checkpoint
 TEACHER_NAME = "teacher.safetensors"
 TMP_SUFFIX = ".tmp"
+_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of a run folder's step checkpoints (``checkpoint-00000500.pt``), newest first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*.pt") if (m := _STEP_FILE.fullmatch(p.name))]
+    return sorted(found, reverse=True)
 
 
 def fsync_path(path: str | Path) -> None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ibot.config import EvalConfig
 from ibot.eval.features import Features
 from ibot.optim import cosine_schedule
 
@@ -45,7 +46,7 @@ LINEAR_INPUTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 POOLING_PROBES = ("attention-pool", "attentive")
 PROBES = (*LINEAR_INPUTS, *POOLING_PROBES)  # the default of eval.probes
-LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the default of eval.probe_lrs
+LRS = EvalConfig.probe_lrs  # the config default: one grid for callers with and without a config
 
 
 class LinearProbe(nn.Module):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,10 @@ from ibot.errors import ConfigError, DataError
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, sub_state_dict
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, step_checkpoints, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]
 
-_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt")
 _WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
 
 
@@ -132,9 +130,9 @@ def _run_file(folder: Path) -> Path:
     """A run folder's newest checkpoint (``checkpoint.pt`` links it), else its ``teacher.safetensors``."""
     if (folder / CHECKPOINT_NAME).is_file():
         return folder / CHECKPOINT_NAME
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*.pt") if (m := _STEP_FILE.fullmatch(p.name)))
+    steps = step_checkpoints(folder)
     if steps:
-        return steps[-1][1]
+        return steps[0][1]
     if (folder / TEACHER_NAME).is_file():
         return folder / TEACHER_NAME
     raise ConfigError(f"model.init_from: {folder}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")

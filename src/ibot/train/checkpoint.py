@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,18 @@ from typing import Any
 import torch
 
 from ibot.errors import DataError
-from ibot.storage import CHECKPOINT_NAME, TMP_SUFFIX, atomic_write, fsync_folder, load_checkpoint, write_error
+from ibot.storage import (
+    CHECKPOINT_NAME,
+    TMP_SUFFIX,
+    atomic_write,
+    fsync_folder,
+    load_checkpoint,
+    step_checkpoints,
+    write_error,
+)
 
 logger = logging.getLogger(__name__)
 
-_STEP_FILE = re.compile(r"checkpoint-(\d+)\.pt")
 _NEARLY_FULL = 16 * 2**20  # bytes free below which a failed write is taken for a full disk
 
 
@@ -62,10 +68,7 @@ class CheckpointStore:
 
     def step_paths(self) -> list[tuple[int, Path]]:
         """(step, path) of the step checkpoints, newest first."""
-        found = [
-            (int(m.group(1)), p) for p in self.folder.glob("checkpoint-*.pt") if (m := _STEP_FILE.fullmatch(p.name))
-        ]
-        return sorted(found, reverse=True)
+        return step_checkpoints(self.folder)
 
     def paths(self) -> list[Path]:
         """Checkpoints to resume from, newest first; a plain ``checkpoint.pt`` file (older runs) comes last."""
