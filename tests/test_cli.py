@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ibot.cli import main, parse_args
+from ibot.cli import build_parser, main, parse_args
 
 from conftest import tiny_overrides
 
@@ -120,3 +120,18 @@ def test_bad_budget_is_refused(text: str, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):
         parse_args(["pretrain", "--config", "c.yaml", "--budget", text])
     assert "--budget" in capsys.readouterr().err
+
+
+def test_eval_subcommands_are_the_registry_and_their_help_renders() -> None:
+    import argparse
+
+    from ibot.eval.commands import COMMANDS
+
+    parser = build_parser()
+    eval_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    (sub,) = [a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert list(sub.choices) == list(COMMANDS)
+    for name, command_parser in sub.choices.items():
+        assert f"ibot eval {name}" in command_parser.format_help()
+    # the sub-commands' help lines, a literal % among them (argparse formats help with %)
+    assert "1 %/10 %" in " ".join(eval_parser.format_help().split())

@@ -52,11 +52,11 @@ def test_extract_and_knn_on_a_trained_run(tiny_config, image_folder: Path, tmp_p
     # feature/label misalignment or a collapsed backbone lands there.
     held_out = make_image_folder(tmp_path / "held_out", noise_seed=1)
     out = run_knn(EvalRequest(tiny_config.train.output_dir, str(image_folder), str(held_out), progress=False))
-    assert out["train_images"] == out["test_images"] == 16
-    assert out["weights"] != "random-init"
+    assert out.train_images == out.test_images == 16
+    assert out.weights != "random-init"
     for k in tiny_config.eval.knn_k:
-        assert out["knn"][k]["top1"] >= 90.0, (k, out["knn"][k])
+        assert out.knn[k].top1 >= 90.0, (k, out.knn[k])
     baseline = run_knn(
         EvalRequest(tiny_config.train.output_dir, str(image_folder), str(held_out), random_init=True, progress=False)
     )
-    assert baseline["weights"] == "random-init"
+    assert baseline.weights == "random-init"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from ibot.config import Config
-from ibot.eval.commands import format_dense, format_probe
+from ibot.eval.dense import DenseResult
 from ibot.eval.features import Features, extract_features
 from ibot.eval.probes import PROBES, beyond, build_probe, sweep, train_probes
+from ibot.eval.results import DenseReport, ProbeReport, format_dense, format_lr, format_probe
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -126,34 +128,32 @@ def test_probes_extend_a_grid_that_is_too_low_and_mark_it() -> None:
     assert result.lr >= 0.1 and result.extended >= 4 and result.lr_edge is None and result.test_top1 > 80
     row = result.as_dict()
     assert row["extended"] == result.extended and row["lr_edge"] is None
-    table = format_probe({"weights": "w", "probes": [row]})
+    table = format_probe(ProbeReport("w", {}, train_images=0, test_images=0, probes=[result]))
     assert f"| cls | {result.lr:g} (extended {result.extended}x) |" in table
 
 
 def test_tables_mark_extended_and_edge_picks() -> None:
+    assert format_lr(0.3, extended=1) == "0.3 (extended 1x)"
+    assert format_lr(1.0, extended=3, lr_edge="upper") == "1 (extended 3x, upper edge)"
+    assert format_lr(0.01) == "0.01"  # a result from before the marks
+    dense = DenseResult("patch tokens", 1e-4, 1.0, 1.0, 2.0, lr_edge="lower", extended=0)
+    table = format_dense(DenseReport("w", {}, mosaics="2x2", dense=[dense]))
+    assert "| patch tokens | 0.0001 (lower edge) | 1.00 | 2.00 |" in table
+
+
+def test_report_reads_probe_rows_saved_before_the_marks(tmp_path: Path) -> None:
+    from ibot.report import _eval_tables
+
     rows = [
         {"probe": "cls", "lr": 0.3, "val_top1": 50.0, "test_top1": 49.0, "lr_edge": None, "extended": 1},
         {"probe": "cls4", "lr": 1.0, "val_top1": 51.0, "test_top1": 50.0, "lr_edge": "upper", "extended": 3},
-        {"probe": "old", "lr": 0.01, "val_top1": 51.0, "test_top1": 50.0},  # a result from before the marks
+        {"probe": "old", "lr": 0.01, "val_top1": 51.0, "test_top1": 50.0},
     ]
-    table = format_probe({"weights": "w", "probes": rows})
-    assert "| cls | 0.3 (extended 1x) |" in table and "| cls4 | 1 (extended 3x, upper edge) |" in table
-    assert "| old | 0.01 |" in table
-    dense = {
-        "weights": "w",
-        "mosaics": "2x2",
-        "dense": [
-            {
-                "features": "patch tokens",
-                "lr": 1e-4,
-                "lr_edge": "lower",
-                "extended": 0,
-                "test_miou": 1.0,
-                "test_pixel_accuracy": 2.0,
-            }
-        ],
-    }
-    assert "| patch tokens | 0.0001 (lower edge) |" in format_dense(dense)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "probe.json").write_text(json.dumps({"weights": "w", "probes": rows}))
+    table = "\n".join(_eval_tables(tmp_path))
+    assert "| w | cls | 0.3 (extended 1x) |" in table and "| w | cls4 | 1 (extended 3x, upper edge) |" in table
+    assert "| w | old | 0.01 |" in table
 
 
 @pytest.mark.parametrize("name", PROBES)

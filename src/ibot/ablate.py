@@ -83,8 +83,8 @@ def score_run(cfg: Config, run_dir: Path, knn_monitor, patch_probe: bool, progre
     backbone, _ = load_frozen_backbone(str(run_dir))
     scores: dict[str, Any] = {"knn_top1": knn_monitor(backbone)["knn_top1"]}
     if patch_probe:
-        dense = run_dense(EvalRequest(str(run_dir), progress=progress))["dense"]
-        scores["patch_miou"] = next(r["test_miou"] for r in dense if r["features"] == "patch tokens")
+        dense = run_dense(EvalRequest(str(run_dir), progress=progress)).dense
+        scores["patch_miou"] = next(r.test_miou for r in dense if r.features == "patch tokens")
     return {**scores, **final_monitors(run_dir)}
 
 

@@ -125,10 +125,11 @@ def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    """``ibot eval <command>``: ``commands.run_<command>``, its table, its JSON in the run folder."""
-    from ibot.eval import commands
+    """``ibot eval <command>``: the registry's run, its table, its JSON in the run folder."""
+    from ibot.eval.commands import COMMANDS, EvalRequest
 
-    request = commands.EvalRequest(
+    command = COMMANDS[args.eval_command]
+    request = EvalRequest(
         args.weights,
         args.train_dir,
         args.test_dir,
@@ -137,9 +138,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.cache_dir,
         progress=not args.no_progress,
     )
-    result = getattr(commands, f"run_{args.eval_command}")(request)
-    print(getattr(commands, f"format_{args.eval_command}")(result))
-    _save_result(args, args.eval_command, result)
+    report = command.run(request)
+    print(command.format(report))
+    _save_result(args, command.name, report.as_dict())
     return 0
 
 
@@ -179,6 +180,29 @@ def _cmd_retrieve(args: argparse.Namespace) -> int:
     )
     print(format_retrieve(run_retrieve(request)))
     return 0
+
+
+def _add_eval_commands(sub) -> None:  # type: ignore[no-untyped-def]
+    """``ibot eval <command>``, one sub-command per entry of the registry (``ibot.eval.commands.COMMANDS``)."""
+    from ibot.eval.commands import COMMANDS
+
+    e = sub.add_parser("eval", help="evaluate frozen features")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    for command in COMMANDS.values():
+        cmd = esub.add_parser(command.name, help=command.help)
+        cmd.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
+        cmd.add_argument("--train-dir", default="", help="labelled image folder to fit on")
+        cmd.add_argument("--test-dir", default="", help="labelled image folder to classify")
+        cmd.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+        cmd.add_argument(
+            "--cache-dir",
+            default="",
+            help="feature cache of every command but dense and finetune (default: RUN/features)",
+        )
+        cmd.add_argument("--json", help="also write the results here")
+        cmd.add_argument("--no-progress", action="store_true")
+        cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
+        cmd.set_defaults(func=_cmd_eval)
 
 
 def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
@@ -330,34 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     s.set_defaults(func=_cmd_submit)
 
-    e = sub.add_parser("eval", help="evaluate frozen features")
-    esub = e.add_subparsers(dest="eval_command", required=True)
-    for name, help_text in (
-        ("knn", "weighted k-NN on [cls] features (DINO protocol)"),
-        ("retrieval", "test images query the train images (faiss): mAP@R, recall@1, recall@5"),
-        ("probe", "linear probes and patch-token pooling probes (Beyond [cls])"),
-        ("robustness", "a clean-trained probe under 15 CIFAR-10-C corruptions x 5 severities"),
-        ("dense", "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]"),
-        ("finetune", "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"),
-        ("cluster", "unsupervised classification: k-means on [cls], Hungarian accuracy, NMI, ARI"),
-        ("lowshot", "k-NN and logistic regression on 1/5/10 labels per class and 1 %/10 % of the labels"),
-    ):
-        cmd = esub.add_parser(name, help=help_text)
-        cmd.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
-        cmd.add_argument("--train-dir", default="", help="labelled image folder to fit on")
-        cmd.add_argument("--test-dir", default="", help="labelled image folder to classify")
-        cmd.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
-        cmd.add_argument(
-            "--cache-dir",
-            default="",
-            help="feature cache of every command but dense and finetune (default: RUN/features)",
-        )
-        cmd.add_argument("--json", help="also write the results here")
-        cmd.add_argument("--no-progress", action="store_true")
-        cmd.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. eval.batch_size=512")
-        cmd.set_defaults(func=_cmd_eval)
-
+    _add_eval_commands(sub)
     _add_embed_commands(sub)
+
 
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")

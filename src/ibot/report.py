@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ibot.errors import DataError
+from ibot.eval.results import format_lr
 from ibot.train.metrics import read_metrics
 
 EVAL_DIR = "eval"
@@ -58,6 +59,11 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _lr_cell(row: dict[str, Any]) -> str:
+    """A saved probe row's lr with its marks (results written before the marks have none)."""
+    return format_lr(row["lr"], row.get("extended", 0), row.get("lr_edge"))
+
+
 def _eval_tables(run_dir: Path) -> list[str]:
     """Markdown tables of whatever evaluations were saved, trained weights next to random init."""
     lines: list[str] = []
@@ -75,14 +81,12 @@ def _eval_tables(run_dir: Path) -> list[str]:
             ks = list(knn["knn"])
             cells = [f"{knn['knn'][k]['top1']:.2f}" for k in ks]
             lines += _table(["k-NN top-1 (" + knn["weights"] + ")", *(f"k={k}" for k in ks)], [["", *cells]]) + [""]
-    from ibot.eval.commands import format_lr
-
     probe_rows = []
     for random_init in (False, True):
         probe = loaded.get(("probe", random_init))
         if probe:
             probe_rows += [
-                [probe["weights"], r["probe"], format_lr(r), f"{r['test_top1']:.2f}"] for r in probe["probes"]
+                [probe["weights"], r["probe"], _lr_cell(r), f"{r['test_top1']:.2f}"] for r in probe["probes"]
             ]
     if probe_rows:
         lines += ["### Probes (test top-1 %, lr picked on a validation split)\n"]

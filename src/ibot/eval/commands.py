@@ -1,24 +1,29 @@
 """What each ``ibot eval`` command computes: weights + folders -> a JSON-able result, and its table.
 
-The command line (``ibot.cli``) parses arguments into an ``EvalRequest``, calls one ``run_*``
-here with it, prints its ``format_*`` table and keeps the result in the run folder for
+``COMMANDS`` is the registry: name -> its ``run_*`` (an ``EvalRequest`` in, a typed report of
+``ibot.eval.results`` out), its table and its help line. The command line (``ibot.cli``) builds
+its sub-commands from it, prints the table and keeps ``report.as_dict()`` in the run folder for
 ``ibot report``. Each ``run_*`` reports the files it skipped itself (one line,
 ``RUN/eval/skipped-<command>.tsv``), so every caller of it (``ibot eval``, ``ibot ablate``) does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ibot.config import Config
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
-from ibot.eval.features import Features, extract_features, load_frozen, require_labels
-from ibot.models.vit import MaskedViT
-from ibot.runtime import Runtime
+from ibot.eval import results as r
+from ibot.eval.results import EvalReport
+
+if TYPE_CHECKING:  # the registry is read to build the CLI's parser: the models load when a command runs
+    from ibot.eval.features import Features
+    from ibot.models.vit import MaskedViT
+    from ibot.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class EvalSetup:
 
     def features(self, request: EvalRequest, folder: str, **options: Any) -> Features:
         """``extract_features`` of ``folder`` (labelled: one line otherwise) with ``options``."""
+        from ibot.eval.features import extract_features, require_labels
+
         feats = extract_features(self.backbone, folder, self.cfg, self.runtime, progress=request.progress, **options)
         require_labels(feats.labels, folder, f"eval {self.command}")
         return feats
@@ -71,6 +78,8 @@ class EvalSetup:
 
 def eval_setup(request: EvalRequest, command: str) -> EvalSetup:
     """The frozen backbone of ``request`` (fine-tuning: with ``finetune.drop_path``) and its folders."""
+    from ibot.eval.features import load_frozen
+
     frozen = load_frozen(request.weights, request.overrides, request.random_init, finetune=command == "finetune")
     cfg = frozen.cfg
     train_dir = request.train_dir or cfg.eval.train_path
@@ -94,28 +103,28 @@ def skipped_list_path(request: EvalRequest, command: str) -> Path:
     return result.with_name(f"skipped-{result.stem}.tsv")
 
 
-def report_eval_skips(request: EvalRequest, command: str, *sources: Iterable[Skip]) -> dict:
+def report_eval_skips(request: EvalRequest, command: str, *sources: Iterable[Skip]) -> dict[str, Any]:
     """One summary line and the full list of what ``sources`` left out; the counts for the result JSON."""
     log = SkipLog(s for source in sources for s in source)
     report_skips(log, f"eval {command}", skipped_list_path(request, command))
     return log.as_counts()
 
 
-def run_knn(request: EvalRequest) -> dict:
-    """k-NN of the frozen backbone: {"weights", "train_images", ..., "knn": {k: {"top1", "top5"}}}."""
+def run_knn(request: EvalRequest) -> r.KnnReport:
+    """Weighted k-NN of the frozen backbone's [cls]: top-1 / top-5 at each k of ``eval.knn_k``."""
     from ibot.eval.knn import knn_classify
 
     setup = eval_setup(request, "knn")
     train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
     e = setup.cfg.eval
     results = knn_classify(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, e.knn_k, e.knn_temperature)
-    return {
-        "weights": request.label,
-        "train_images": int(train_f.labels.numel()),
-        "test_images": int(test_f.labels.numel()),
-        **report_eval_skips(request, "knn", train_f.skips, test_f.skips),
-        "knn": {k: {"top1": t1, "top5": t5} for k, (t1, t5) in results.items()},
-    }
+    return r.KnnReport(
+        request.label,
+        report_eval_skips(request, "knn", train_f.skips, test_f.skips),
+        train_images=int(train_f.labels.numel()),
+        test_images=int(test_f.labels.numel()),
+        knn={k: r.TopK(t1, t5) for k, (t1, t5) in results.items()},
+    )
 
 
 def probe_features(setup: EvalSetup, request: EvalRequest) -> list[Features]:
@@ -151,7 +160,7 @@ def probe_sweep(cfg: Config, progress: bool) -> dict:
     }
 
 
-def run_robustness(request: EvalRequest) -> dict:
+def run_robustness(request: EvalRequest) -> r.RobustnessReport:
     """A probe trained on clean features, scored under the 15 CIFAR-10-C corruptions x 5 severities."""
     from ibot.eval.robustness import corruption_benchmark
 
@@ -169,18 +178,18 @@ def run_robustness(request: EvalRequest) -> dict:
         cfg.train.seed,
         request.progress,
     )
-    return {
-        "weights": request.label,
-        "probe": probe.probe,
-        "lr": probe.lr,
-        "test_top1_all_clean": probe.test_top1,
-        **result.as_dict(),
+    return r.RobustnessReport(
+        request.label,
         # The corrupted subset is drawn from the test folder, whose every file the features covered.
-        **report_eval_skips(request, "robustness", feats[0].skips, feats[1].skips),
-    }
+        report_eval_skips(request, "robustness", feats[0].skips, feats[1].skips),
+        probe=probe.probe,
+        lr=probe.lr,
+        test_top1_all_clean=probe.test_top1,
+        benchmark=result,
+    )
 
 
-def run_finetune(request: EvalRequest) -> dict:
+def run_finetune(request: EvalRequest) -> r.FinetuneReport:
     """Full fine-tuning with layer-wise lr decay, mixup/cutmix and drop path; test top-1."""
     from ibot.eval.finetune import finetune
 
@@ -189,39 +198,19 @@ def run_finetune(request: EvalRequest) -> dict:
     result = finetune(
         setup.backbone, setup.cfg, setup.train_dir, setup.test_dir, setup.runtime, request.progress, skips
     )
-    return {
-        "weights": request.label,
-        "settings": setup.cfg.to_dict()["finetune"],
+    return r.FinetuneReport(
+        request.label,
+        report_eval_skips(request, "finetune", skips),
+        settings=setup.cfg.to_dict()["finetune"],
         **result,
-        **report_eval_skips(request, "finetune", skips),
-    }
-
-
-def format_finetune(result: dict) -> str:
-    return "\n".join(
-        [
-            f"| fine-tuning ({result['weights']}, {result['epochs']:g} epochs) | test top-1 |",
-            "|---|---|",
-            f"| | {result['test_top1']:.2f} |",
-        ]
     )
 
 
-def format_robustness(result: dict) -> str:
-    rows = [f"| {name} | {top1:.2f} |" for name, top1 in result["per_corruption"].items()]
-    head = f"| corruption ({result['weights']}, probe {result['probe']}) | top-1, mean of severities 1-5 |"
-    tail = [
-        f"| clean (same images) | {result['clean_top1']:.2f} |",
-        f"| **mean corrupted** | **{result['mean_corrupted_top1']:.2f}** |",
-    ]
-    return "\n".join([head, "|---|---|", *rows, *tail])
-
-
-def run_probe(request: EvalRequest) -> dict:
-    """Linear and patch-pooling probes of the frozen backbone: {"weights", ..., "probes": [{probe, lr, ...}]}."""
+def run_probe(request: EvalRequest) -> r.ProbeReport:
+    """Linear and patch-pooling probes of the frozen backbone, each at the lr picked on validation."""
     setup = eval_setup(request, "probe")
     feats, results = trained_probes(setup, request, setup.cfg.eval.probes, "eval.probes")
-    pooled = [r for r in results if r.probe == "attention-pool"]
+    pooled = [p for p in results if p.probe == "attention-pool"]
     if pooled:
         from ibot.eval.attention_maps import save_attention_pool_maps
         from ibot.eval.features import build_eval_dataset
@@ -237,17 +226,17 @@ def run_probe(request: EvalRequest) -> dict:
             setup.cfg.data.std,
             request.run_dir / EVAL_DIR / name,
         )
-    return {
-        "weights": request.label,
-        "train_images": int(feats[0].labels.numel()),
-        "test_images": int(feats[1].labels.numel()),
-        **report_eval_skips(request, "probe", feats[0].skips, feats[1].skips),
-        "probes": [r.as_dict() for r in results],
-    }
+    return r.ProbeReport(
+        request.label,
+        report_eval_skips(request, "probe", feats[0].skips, feats[1].skips),
+        train_images=int(feats[0].labels.numel()),
+        test_images=int(feats[1].labels.numel()),
+        probes=list(results),
+    )
 
 
-def run_dense(request: EvalRequest) -> dict:
-    """Mosaic segmentation probe: patch tokens vs. broadcast [cls] -> {"weights", "dense": [...]}."""
+def run_dense(request: EvalRequest) -> r.DenseReport:
+    """Mosaic segmentation probe: patch tokens vs. broadcast [cls]."""
     from ibot.eval.dense import mosaic_tokens, train_dense_probes
     from ibot.eval.features import build_eval_dataset, dataset_skips
 
@@ -259,46 +248,13 @@ def run_dense(request: EvalRequest) -> dict:
         for dataset, count, seed in ((datasets[0], e.dense_train_mosaics, 0), (datasets[1], e.dense_test_mosaics, 1))
     ]
     results = train_dense_probes(tokens[0], tokens[1], **probe_sweep(cfg, request.progress))
-    return {
-        "weights": request.label,
-        "mosaics": f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",
-        "dense": [r.as_dict() for r in results],
+    return r.DenseReport(
+        request.label,
         # Mosaics decode the images they draw: the scan's skips and those drawn ones.
-        **report_eval_skips(request, "dense", *(dataset_skips(d) for d in datasets)),
-    }
-
-
-def format_lr(row: dict) -> str:
-    """The picked lr, with how often its grid was extended and whether it is still on an edge."""
-    notes = [f"extended {row['extended']}x"] if row.get("extended") else []
-    notes += [f"{row['lr_edge']} edge"] if row.get("lr_edge") else []
-    return f"{row['lr']:g}" + (f" ({', '.join(notes)})" if notes else "")
-
-
-def format_dense(result: dict) -> str:
-    rows = [
-        f"| {r['features']} | {format_lr(r)} | {r['test_miou']:.2f} | {r['test_pixel_accuracy']:.2f} |"
-        for r in result["dense"]
-    ]
-    head = f"| features ({result['weights']}, mosaics {result['mosaics']}) | lr | test mIoU | pixel accuracy |"
-    return "\n".join([head, "|---|---|---|---|", *rows])
-
-
-def format_probe(result: dict) -> str:
-    rows = [f"| {r['probe']} | {format_lr(r)} | {r['val_top1']:.2f} | {r['test_top1']:.2f} |" for r in result["probes"]]
-    head = f"| probe ({result['weights']}) | lr (picked on val) | val top-1 | test top-1 |"
-    return "\n".join([head, "|---|---|---|---|", *rows])
-
-
-def format_knn(*results: dict) -> str:
-    ks = list(results[0]["knn"])
-    head = "| weights | " + " | ".join(f"k={k} top-1 / top-5" for k in ks) + " |"
-    rule = "|---|" + "---|" * len(ks)
-    rows = [
-        f"| {r['weights']} | " + " | ".join(f"{r['knn'][k]['top1']:.2f} / {r['knn'][k]['top5']:.2f}" for k in ks) + " |"
-        for r in results
-    ]
-    return "\n".join([head, rule, *rows])
+        report_eval_skips(request, "dense", *(dataset_skips(d) for d in datasets)),
+        mosaics=f"{e.dense_grid}x{e.dense_grid}, {e.dense_train_mosaics} train / {e.dense_test_mosaics} test",
+        dense=list(results),
+    )
 
 
 def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Features:
@@ -306,7 +262,7 @@ def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Fe
     return setup.features(request, folder, cache_dir=request.feature_cache())
 
 
-def run_retrieval(request: EvalRequest) -> dict:
+def run_retrieval(request: EvalRequest) -> r.RetrievalReport:
     """Every test image queries the train images (faiss, L2-normalised [cls]): mAP@R, recall@1, recall@5."""
     from ibot.eval.retrieval import index_settings, normalize, retrieval_metrics
 
@@ -319,50 +275,34 @@ def run_retrieval(request: EvalRequest) -> dict:
         test_f.labels.numpy(),
         index_settings(setup.cfg),
     )
-    return {
-        "weights": request.label,
-        "train_images": int(train_f.labels.numel()),
-        "test_images": int(test_f.labels.numel()),
-        "index": index,
-        **scores.as_dict(),
-        **report_eval_skips(request, "retrieval", train_f.skips, test_f.skips),
-    }
+    return r.RetrievalReport(
+        request.label,
+        report_eval_skips(request, "retrieval", train_f.skips, test_f.skips),
+        train_images=int(train_f.labels.numel()),
+        test_images=int(test_f.labels.numel()),
+        index=index,
+        scores=scores,
+    )
 
 
-def format_retrieval(*results: dict) -> str:
-    head = "| weights | index | mAP@R | recall@1 | recall@5 |"
-    rows = [
-        f"| {r['weights']} | {r['index']} | {r['map_at_r']:.2f} | {r['recall_at_1']:.2f} | {r['recall_at_5']:.2f} |"
-        for r in results
-    ]
-    return "\n".join([head, "|---|---|---|---|---|", *rows])
-
-
-def run_cluster(request: EvalRequest) -> dict:
-    """k-means (k = classes) on one folder's [cls]: {"weights", "split", "accuracy", "nmi", "ari", "fmi", ...}."""
+def run_cluster(request: EvalRequest) -> r.ClusterReport:
+    """k-means (k = classes) on one folder's [cls]: Hungarian accuracy, NMI, ARI, FMI."""
     from ibot.eval.cluster import evaluate_clustering
 
     setup = eval_setup(request, "cluster")
     e = setup.cfg.eval
     folder = setup.test_dir if e.cluster_split == "test" else setup.train_dir
     feats = last_cls_features(setup, request, folder)
-    return {
-        "weights": request.label,
-        "split": e.cluster_split,
+    return r.ClusterReport(
+        request.label,
+        report_eval_skips(request, "cluster", feats.skips),
+        split=e.cluster_split,
         **evaluate_clustering(feats.last_cls, feats.labels, e.cluster_restarts, setup.cfg.train.seed),
-        **report_eval_skips(request, "cluster", feats.skips),
-    }
+    )
 
 
-def format_cluster(result: dict) -> str:
-    head = f"| k-means on [cls] ({result['weights']}, {result['split']} split) | k | accuracy (Hungarian) |"
-    scores = " | ".join(f"{result[m]:.3f}" for m in ("nmi", "ari", "fmi"))
-    row = f"| {result['images']} images | {result['clusters']} | {result['accuracy']:.2f} | {scores} |"
-    return "\n".join([head + " NMI | ARI | FMI |", "|---|---|---|---|---|---|", row])
-
-
-def run_lowshot(request: EvalRequest) -> dict:
-    """k-NN and logistic regression on few labels: {"weights", ..., "lowshot": [{setting, knn, logreg}]}."""
+def run_lowshot(request: EvalRequest) -> r.LowshotReport:
+    """k-NN and logistic regression on few labels, mean and std over seeded draws per setting."""
     from ibot.eval.lowshot import LowshotProtocol, Setting, Split, evaluate_lowshot
 
     setup = eval_setup(request, "lowshot")
@@ -371,25 +311,65 @@ def run_lowshot(request: EvalRequest) -> dict:
     settings = (*(Setting(shots=n) for n in e.lowshot_shots), *(Setting(fraction=f) for f in e.lowshot_fractions))
     protocol = LowshotProtocol(settings, e.lowshot_draws, e.lowshot_knn_k, e.knn_temperature, e.lowshot_logreg_c)
     data = Split(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels)
-    return {
-        "weights": request.label,
-        "train_images": int(train_f.labels.numel()),
-        "test_images": int(test_f.labels.numel()),
-        "draws": list(e.lowshot_draws),
-        "knn_k": e.lowshot_knn_k,
-        "logreg_c": e.lowshot_logreg_c,
-        **report_eval_skips(request, "lowshot", train_f.skips, test_f.skips),
-        "lowshot": evaluate_lowshot(data, protocol),
-    }
-
-
-def format_lowshot(result: dict) -> str:
-    def cell(scores: dict) -> str:
-        return f"{scores['mean']:.2f} ± {scores['std']:.2f}"
-
-    head = (
-        f"| labels ({result['weights']}, {len(result['draws'])} draws) | labelled images "
-        f"| k-NN (k<={result['knn_k']}) top-1 | logistic regression top-1 |"
+    return r.LowshotReport(
+        request.label,
+        report_eval_skips(request, "lowshot", train_f.skips, test_f.skips),
+        train_images=int(train_f.labels.numel()),
+        test_images=int(test_f.labels.numel()),
+        draws=list(e.lowshot_draws),
+        knn_k=e.lowshot_knn_k,
+        logreg_c=e.lowshot_logreg_c,
+        lowshot=evaluate_lowshot(data, protocol),
     )
-    rows = [f"| {r['setting']} | {r['labelled']} | {cell(r['knn'])} | {cell(r['logreg'])} |" for r in result["lowshot"]]
-    return "\n".join([head, "|---|---|---|---|", *rows])
+
+
+@dataclass(frozen=True)
+class EvalCommand:
+    """One ``ibot eval`` sub-command: what it runs, how its report prints, its help line."""
+
+    name: str
+    run: Callable[[EvalRequest], EvalReport]
+    format: Callable[..., str]
+    help: str
+
+
+COMMANDS: dict[str, EvalCommand] = {
+    c.name: c
+    for c in (
+        EvalCommand("knn", run_knn, r.format_knn, "weighted k-NN on [cls] features (DINO protocol)"),
+        EvalCommand(
+            "retrieval",
+            run_retrieval,
+            r.format_retrieval,
+            "test images query the train images (faiss): mAP@R, recall@1, recall@5",
+        ),
+        EvalCommand("probe", run_probe, r.format_probe, "linear probes and patch-token pooling probes (Beyond [cls])"),
+        EvalCommand(
+            "robustness",
+            run_robustness,
+            r.format_robustness,
+            "a clean-trained probe under 15 CIFAR-10-C corruptions x 5 severities",
+        ),
+        EvalCommand(
+            "dense",
+            run_dense,
+            r.format_dense,
+            "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]",
+        ),
+        EvalCommand(
+            "finetune", run_finetune, r.format_finetune, "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"
+        ),
+        EvalCommand(
+            "cluster",
+            run_cluster,
+            r.format_cluster,
+            "unsupervised classification: k-means on [cls], Hungarian accuracy, NMI, ARI",
+        ),
+        EvalCommand(
+            "lowshot",
+            run_lowshot,
+            r.format_lowshot,
+            "k-NN and logistic regression on 1/5/10 labels per class and 1 %%/10 %% of the labels",
+        ),
+    )
+}
