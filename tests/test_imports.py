@@ -71,3 +71,53 @@ def test_the_layer_check_sees_lazy_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from ibot.train.loop import train\n    import ibot.eval.knn\n")
     assert {"ibot.train.loop", "ibot.eval.knn"} <= _imported_modules(module)
+
+
+def _import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (lazy imports too), for every module under ``root``."""
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = (package, *path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return {name: (_imported_modules(path) & modules.keys()) - {name} for name, path in modules.items()}
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each cycle of ``graph`` as one of its paths back to its start (a module reached from itself)."""
+    cycles = []
+    for start in sorted(graph):
+        paths, seen = [[start]], {start}
+        while paths:  # breadth first: the shortest way back
+            path = paths.pop(0)
+            for nxt in sorted(graph[path[-1]]):
+                if nxt == start:
+                    cycles.append([*path, start])
+                    paths = []
+                    break
+                if nxt not in seen:
+                    seen.add(nxt)
+                    paths.append([*path, nxt])
+    return cycles
+
+
+def test_no_import_cycles() -> None:
+    # A cycle ties the layers together (ibot.report <-> ibot.eval.commands was one): each module's
+    # imports, lazy ones included, must lead down and never back to it.
+    graph = _import_graph(Path(ibot.__file__).parent, "ibot")
+    assert {"ibot.report", "ibot.eval.commands", "ibot.run_folder"} <= graph.keys()
+    assert "ibot.run_folder" in graph["ibot.eval.commands"]  # the graph holds the edges it should
+    cycles = _import_cycles(graph)
+    assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def test_the_cycle_check_sees_lazy_cycles(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    (package / "eval").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "eval" / "__init__.py").write_text("")
+    (package / "report.py").write_text("def f():\n    from pkg.eval.commands import format_lr\n")
+    (package / "eval" / "commands.py").write_text("from pkg import report\n")
+    (package / "leaf.py").write_text("import pkg.report\n")
+    cycles = _import_cycles(_import_graph(package, "pkg"))
+    assert ["pkg.report", "pkg.eval.commands", "pkg.report"] in cycles
+    assert not any(c[0] == "pkg.leaf" for c in cycles)  # importing a cycle is not being in one

@@ -143,6 +143,7 @@ def test_tables_mark_extended_and_edge_picks() -> None:
 
 def test_report_reads_probe_rows_saved_before_the_marks(tmp_path: Path) -> None:
     from ibot.report import _eval_tables
+    from ibot.run_folder import RunFolder
 
     rows = [
         {"probe": "cls", "lr": 0.3, "val_top1": 50.0, "test_top1": 49.0, "lr_edge": None, "extended": 1},
@@ -151,7 +152,7 @@ def test_report_reads_probe_rows_saved_before_the_marks(tmp_path: Path) -> None:
     ]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "probe.json").write_text(json.dumps({"weights": "w", "probes": rows}))
-    table = "\n".join(_eval_tables(tmp_path))
+    table = "\n".join(_eval_tables(RunFolder(tmp_path)))
     assert "| w | cls | 0.3 (extended 1x) |" in table and "| w | cls4 | 1 (extended 3x, upper edge) |" in table
     assert "| w | old | 0.01 |" in table
 

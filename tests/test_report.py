@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ibot.errors import DataError
-from ibot.report import eval_result_path, write_report
+from ibot.report import write_report
+from ibot.run_folder import RunFolder
 from ibot.train.metrics import MetricsLogger, read_metrics
 
 
@@ -37,10 +38,10 @@ def _fake_run(run: Path) -> None:
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     for random_init, top1 in ((False, 41.25), (True, 30.5)):
         weights = "random-init" if random_init else str(run)
-        path = eval_result_path(run, "knn", random_init)
+        path = RunFolder(run).eval_result("knn", random_init)
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"weights": weights, "knn": {"20": {"top1": top1, "top5": 80.0}}}))
-    eval_result_path(run, "retrieval", True).write_text(
+    RunFolder(run).eval_result("retrieval", True).write_text(
         json.dumps(
             {
                 "weights": "random-init",
@@ -51,7 +52,7 @@ def _fake_run(run: Path) -> None:
             }
         )
     )
-    eval_result_path(run, "probe", False).write_text(
+    RunFolder(run).eval_result("probe", False).write_text(
         json.dumps(
             {
                 "weights": str(run),

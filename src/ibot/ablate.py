@@ -21,6 +21,7 @@ import yaml
 
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
+from ibot.run_folder import RunFolder
 from ibot.storage import atomic_write
 from ibot.train.checkpoint import CheckpointStore
 
@@ -69,7 +70,7 @@ def final_monitors(run_dir: Path) -> dict[str, float]:
     from ibot.train.metrics import read_metrics
 
     found: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     for row in read_metrics(path) if path.is_file() else []:
         found.update({k: float(row[k]) for k in MONITOR_KEYS if k in row})
     return found
@@ -117,17 +118,18 @@ def run_ablation(
         if result_path.is_file():
             rows.append(json.loads(result_path.read_text()))
             continue
-        result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress, monitor=KNNMonitor)
-        if monitor is None:  # decoded once, shared by every run (same eval.* for all)
-            monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
-        row = {
-            "variant": name,
-            "seed": seed,
-            "steps": result.step,
-            "train_minutes": result.train_minutes,
-            **score_run(cfg, run_dir, monitor, patch_probe, progress),
-        }
-        atomic_write(result_path, lambda tmp, row=row: Path(tmp).write_text(json.dumps(row, indent=2)))
+        with RunFolder(run_dir).lock("ibot ablate"):  # pre-trained, scored and its result kept by this process alone
+            result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress, monitor=KNNMonitor)
+            if monitor is None:  # decoded once, shared by every run (same eval.* for all)
+                monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
+            row = {
+                "variant": name,
+                "seed": seed,
+                "steps": result.step,
+                "train_minutes": result.train_minutes,
+                **score_run(cfg, run_dir, monitor, patch_probe, progress),
+            }
+            atomic_write(result_path, lambda tmp, row=row: Path(tmp).write_text(json.dumps(row, indent=2)))
         rows.append(row)
     table = format_ablation(rows, list(variants))
     atomic_write(output / "ablation.md", lambda tmp: Path(tmp).write_text(table + "\n"))

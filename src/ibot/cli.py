@@ -7,6 +7,7 @@ Config path + dotted overrides, few flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
@@ -113,11 +114,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
     """Keep ``result`` in the run's eval folder (for ``ibot report``), and at ``--json`` if given."""
-    from ibot.eval.commands import run_dir
-    from ibot.report import eval_result_path
+    from ibot.run_folder import RunFolder
 
     text = json.dumps(result, indent=2)
-    path = eval_result_path(run_dir(args.weights), command, args.random_init)
+    path = RunFolder.of(args.weights).eval_result(command, args.random_init)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     if args.json:
@@ -125,8 +125,10 @@ def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    """``ibot eval <command>``: the registry's run, its table, its JSON in the run folder."""
+    """``ibot eval <command>``: the registry's run, its table, its JSON in the run folder
+    (whose lock it holds: it writes RUN/eval and RUN/features)."""
     from ibot.eval.commands import COMMANDS, EvalRequest
+    from ibot.run_folder import RunFolder
 
     command = COMMANDS[args.eval_command]
     request = EvalRequest(
@@ -138,9 +140,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.cache_dir,
         progress=not args.no_progress,
     )
-    report = command.run(request)
-    print(command.format(report))
-    _save_result(args, command.name, report.as_dict())
+    with RunFolder.of(args.weights).lock(f"ibot eval {command.name}"):
+        report = command.run(request)
+        print(command.format(report))
+        _save_result(args, command.name, report.as_dict())
     return 0
 
 
@@ -258,9 +261,19 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    """``ibot visualize KIND``: holds the run folder's lock when the picture goes into it (the default)."""
+    from ibot.run_folder import RunFolder
+
+    run = RunFolder.of(args.weights)
+    path = Path(args.output or run.picture(args.kind))
+    with run.lock(f"ibot visualize {args.kind}") if run.contains(path.parent) else contextlib.nullcontext():
+        _visualize(args, path)
+    return 0
+
+
+def _visualize(args: argparse.Namespace, path: Path) -> None:
     from ibot import visualize
     from ibot.data.skips import SkipLog, report_skips
-    from ibot.eval.commands import run_dir
     from ibot.eval.features import load_frozen_backbone
 
     backbone, cfg = load_frozen_backbone(args.weights)
@@ -268,12 +281,11 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     folder = args.images or cfg.eval.test_path
     if not folder:
         raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
-    path = args.output or str(run_dir(args.weights) / "pictures" / f"{args.kind}.png")
     skips = SkipLog()
     try:
         images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
     finally:  # also when no image was readable: the list says why
-        report_skips(skips, f"visualize {args.kind}", Path(path).parent / f"skipped-{args.kind}.tsv")
+        report_skips(skips, f"visualize {args.kind}", path.parent / f"skipped-{args.kind}.tsv")
     if args.kind == "attention":
         written = visualize.draw_attention(backbone, images, cfg, path)
     elif args.kind == "clusters":
@@ -283,7 +295,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     else:
         written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs)
     logger.info("wrote %s", written)
-    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -407,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
     x.add_argument("--format", required=True, choices=("timm", "hf", "onnx"), help="see docs/export.md")
     x.add_argument("--out", required=True, help="folder to write (new or empty)")
-    x.add_argument("--force", action="store_true", help="replace --out even if it holds files")
+    x.add_argument("--force", action="store_true", help="replace --out when an earlier ibot export wrote it")
     x.set_defaults(func=_cmd_export)
     return parser
 

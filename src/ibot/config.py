@@ -19,8 +19,11 @@ from typing import Any
 import yaml
 
 from ibot.errors import ConfigError
-from ibot.losses.centering import CENTERINGS
-from ibot.losses.patch_targets import MIM_TARGETS
+
+# The choices of loss.*_centering and mim.target (``ibot.losses`` builds them): named here so
+# that the config, at the bottom of the package, imports nothing above it.
+CENTERINGS = ("ema", "sinkhorn_knopp", "none")
+MIM_TARGETS = ("online", "none", "random", "frozen", "vq")
 
 ARCHS: dict[str, dict[str, int]] = {
     "vit_pico": dict(embed_dim=48, depth=2, num_heads=2),  # for tests and smoke runs

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ibot.config import Config
+from ibot.run_folder import RunFolder
 
 logger = logging.getLogger("ibot")
 
@@ -113,10 +114,8 @@ def _knn(backbone, cfg: Config, train_dir: str, test_dir: str, progress: bool) -
     return {k: top1 for k, (top1, _) in results.items()}
 
 
-def _save_eval(run_dir: Path, scores: Scores, random_init: bool, train_dir: str, test_dir: str) -> None:
+def _save_eval(run: RunFolder, scores: Scores, random_init: bool, train_dir: str, test_dir: str) -> None:
     """The seeds' mean in ``ibot eval knn``'s JSON shape, where ``ibot report`` looks for it."""
-    from ibot.report import eval_result_path
-
     result = {
         "weights": f"{scores.label}, mean of seeds {', '.join(map(str, scores.seeds))}",
         "train_dir": train_dir,
@@ -124,21 +123,18 @@ def _save_eval(run_dir: Path, scores: Scores, random_init: bool, train_dir: str,
         "seeds": list(scores.seeds),
         "knn": {k: {"top1": scores.mean(k), "top1_per_seed": scores.top1[k]} for k in scores.top1},
     }
-    path = eval_result_path(run_dir, "knn", random_init)
+    path = run.eval_result("knn", random_init)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
 
 
 def _clear_earlier_demo(out: Path) -> None:
-    """A demo run is a fresh run: the checkpoints of an earlier ``ibot demo`` in its folder go first
-    (a new run refuses a folder that holds checkpoints, to keep a real run from being overwritten)."""
-    from ibot.storage import CHECKPOINT_NAME
-    from ibot.train.checkpoint import CheckpointStore
-
-    stale = CheckpointStore(out).paths()
+    """A demo run is a fresh run: the run files of an earlier ``ibot demo`` in its folder go first
+    (a new run refuses a folder that holds any, to keep a real run from being overwritten)."""
+    stale = RunFolder(out).artefacts()
     if stale:
         logger.info("demo: replacing the earlier demo run in %s", out)
-    for path in [*stale, out / CHECKPOINT_NAME]:
+    for path in stale:
         path.unlink(missing_ok=True)
 
 
@@ -146,8 +142,13 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
     """Pre-train ``seeds`` runs (train.seed, +1, ...), then k-NN of their teachers and of ``init_seeds`` random inits.
 
     Writes ``knn.md``, ``eval/knn*.json``, the report and ``pictures/attention.png`` into the
-    first seed's run folder (``train.output_dir``).
+    first seed's run folder (``train.output_dir``), whose lock it holds throughout.
     """
+    with RunFolder(seed_run_dir(cfg.train.output_dir, cfg.train.seed, cfg.train.seed)).lock("ibot demo"):
+        return _run_demo(cfg, seeds, init_seeds, progress)
+
+
+def _run_demo(cfg: Config, seeds: int, init_seeds: int, progress: bool) -> DemoResult:
     from ibot import visualize
     from ibot.eval.features import frozen_backbone, load_frozen_backbone
     from ibot.eval.monitor import KNNMonitor
@@ -157,6 +158,7 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
     base = cfg.train.seed
     train_dir, test_dir = cfg.eval.train_path or cfg.data.path, cfg.eval.test_path
     run_dir = seed_run_dir(cfg.train.output_dir, base, base)
+    run = RunFolder(run_dir)
 
     t0 = time.monotonic()
     runs = []
@@ -164,8 +166,9 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
         out = seed_run_dir(cfg.train.output_dir, base, seed)
         seed_cfg = replace(cfg, train=replace(cfg.train, seed=seed, output_dir=str(out)))
         logger.info("demo: pre-training seed %d on %s for %s epochs -> %s", seed, cfg.data.path, cfg.optim.epochs, out)
-        _clear_earlier_demo(out)
-        result = train(seed_cfg, resume=False, progress=progress, monitor=KNNMonitor)
+        with RunFolder(out).lock("ibot demo"):  # cleared and re-run by this process alone
+            _clear_earlier_demo(out)
+            result = train(seed_cfg, resume=False, progress=progress, monitor=KNNMonitor)
         logger.info("pre-training: %d steps, %.1f images/s", result.step, result.images_per_second)
         runs.append(out)
     t1 = time.monotonic()
@@ -192,12 +195,12 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
         f"k-NN on [cls] (T = {cfg.eval.knn_temperature}), train {train_dir}, test {test_dir}\n\n"
         f"{table}\n\n{verdict(teacher, random_init, k)}\n"
     )
-    _save_eval(run_dir, teacher, False, train_dir, test_dir)
-    _save_eval(run_dir, random_init, True, train_dir, test_dir)
+    _save_eval(run, teacher, False, train_dir, test_dir)
+    _save_eval(run, random_init, True, train_dir, test_dir)
     report = write_report(run_dir)
     backbone, run_cfg = load_frozen_backbone(str(run_dir))
     images = visualize.spread_images(test_dir, run_cfg, 8)
-    attention = visualize.draw_attention(backbone, images, run_cfg, run_dir / "pictures" / "attention.png")
+    attention = visualize.draw_attention(backbone, images, run_cfg, run.picture("attention"))
     return DemoResult(
         run_dir=run_dir,
         teacher=teacher,

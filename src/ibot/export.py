@@ -29,6 +29,7 @@ from ibot.errors import ExportError
 from ibot.eval.features import load_frozen_backbone
 from ibot.extras import require
 from ibot.models.vit import MaskedViT
+from ibot.run_folder import RunFolder
 
 FORMATS = ("timm", "hf", "onnx")
 # Largest max abs difference between the exported copy and ``MaskedViT`` that passes the check.
@@ -38,6 +39,7 @@ EXTRAS = {"timm": (), "hf": ("transformers",), "onnx": ("onnx", "onnxscript", "o
 # timm has every arch of ibot.config.ARCHS but vit_pico, exported as a narrower, shallower vit_tiny.
 TIMM_FAMILIES = {"vit_pico": "vit_tiny"}
 EXPORT_BATCH, CHECK_BATCH = 2, 3  # the ONNX check runs another batch size than the trace saw
+MARKER = ".ibot-export.json"  # in every export: the folder ``--force`` may replace
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,37 @@ def refuse_unexpressible(cfg: Config, fmt: str) -> None:
         raise ExportError(f"model.mlp_dwconv=true: --format {fmt} has no depthwise convolution in the MLP; use onnx")
 
 
-def check_out(out: Path, force: bool) -> None:
-    """``out`` must be new, an empty folder, or (with ``force``) any folder."""
+def check_out(out: Path, force: bool, weights: str | Path) -> None:
+    """``out`` must be new, an empty folder, or (with ``force``) a folder an earlier export wrote
+    (it holds ``MARKER``); never the run folder (the weights file's folder), a folder above it or
+    inside it, nor the working directory or a folder above it: replacing them would lose a run."""
+    run = RunFolder.of(weights).root
+    if _within(out, run) or _within(run, out):
+        raise ExportError(f"--out {out}: is, holds or lies inside the run folder {run}; choose a folder outside it")
+    if _within(Path.cwd(), out):
+        raise ExportError(f"--out {out}: is or holds the working directory; choose another folder")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out}: folder exists and is not empty (--force replaces it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"--out {out}: folder exists and is not empty (--force replaces an earlier export)")
+        if not (out / MARKER).is_file():
+            raise ExportError(
+                f"--out {out}: holds files that ibot export did not write (no {MARKER}); "
+                "--force replaces only an earlier export: choose another folder"
+            )
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, links and ``..`` resolved."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def write_marker(folder: Path, fmt: str, weights: str | Path, diff: float) -> None:
+    """``MARKER``: this folder is an export (what ``--force`` may replace), of what, checked how closely."""
+    source = {"format": fmt, "source": str(Path(weights).resolve()), "max_abs_diff": diff}
+    (folder / MARKER).write_text(json.dumps(source, indent=2) + "\n")
 
 
 def tokens(backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
@@ -403,11 +430,14 @@ def export(weights: str | Path, fmt: str, out: str | Path, force: bool = False) 
     start = time.monotonic()
     require_extra(fmt)
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, weights)
     backbone, cfg = load_frozen_backbone(str(weights))
     refuse_unexpressible(cfg, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write beside it ({exc.strerror or type(exc).__name__})") from None
     try:
         diff, note = write_and_check(backbone, cfg, fmt, tmp)
         if not diff <= TOLERANCES[fmt]:  # also catches NaN
@@ -416,6 +446,7 @@ def export(weights: str | Path, fmt: str, out: str | Path, force: bool = False) 
                 f"(> {TOLERANCES[fmt]:.0e}); nothing written"
             )
         files = tuple(sorted(p.name for p in tmp.iterdir()))
+        write_marker(tmp, fmt, weights, diff)
         apply_umask(tmp)
         move_into_place(tmp, out)
     finally:

@@ -14,15 +14,8 @@ from typing import Any
 
 from ibot.errors import DataError
 from ibot.eval.results import format_lr
+from ibot.run_folder import RunFolder
 from ibot.train.metrics import read_metrics
-
-EVAL_DIR = "eval"
-ATTENTION_PNG = "attention_pool.png"
-
-
-def eval_result_path(run_dir: Path, command: str, random_init: bool) -> Path:
-    """Where ``ibot eval <command>`` keeps its result for a run: ``eval/<command>[-random-init].json``."""
-    return run_dir / EVAL_DIR / f"{command}{'-random-init' if random_init else ''}.json"
 
 
 def _plot(path: Path, panels: list[tuple[str, str, list[tuple[str, list[float], list[float]]]]]) -> None:
@@ -64,13 +57,13 @@ def _lr_cell(row: dict[str, Any]) -> str:
     return format_lr(row["lr"], row.get("extended", 0), row.get("lr_edge"))
 
 
-def _eval_tables(run_dir: Path) -> list[str]:
+def _eval_tables(run: RunFolder) -> list[str]:
     """Markdown tables of whatever evaluations were saved, trained weights next to random init."""
     lines: list[str] = []
     loaded = {}
     for command in ("knn", "probe", "robustness", "finetune", "dense"):
         for random_init in (False, True):
-            path = eval_result_path(run_dir, command, random_init)
+            path = run.eval_result(command, random_init)
             if path.is_file():
                 loaded[command, random_init] = json.loads(path.read_text())
     for random_init in (False, True):
@@ -127,19 +120,19 @@ def _eval_tables(run_dir: Path) -> list[str]:
     return lines
 
 
-def _saved_results(run_dir: Path, command: str) -> list[dict]:
+def _saved_results(run: RunFolder, command: str) -> list[dict]:
     """The saved results of ``ibot eval <command>``: trained weights first, then random init."""
-    paths = [eval_result_path(run_dir, command, random_init) for random_init in (False, True)]
+    paths = [run.eval_result(command, random_init) for random_init in (False, True)]
     return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
-def _retrieval_cluster_lowshot_tables(run_dir: Path) -> list[str]:
+def _retrieval_cluster_lowshot_tables(run: RunFolder) -> list[str]:
     """Tables of ``ibot eval retrieval`` (mAP@R, recall@k), ``ibot eval cluster`` (k-means scores) and
     ``ibot eval lowshot`` (mean ± std over draws)."""
     lines: list[str] = []
     retrieval_rows = [
         [r["weights"], r["index"], f"{r['map_at_r']:.2f}", f"{r['recall_at_1']:.2f}", f"{r['recall_at_5']:.2f}"]
-        for r in _saved_results(run_dir, "retrieval")
+        for r in _saved_results(run, "retrieval")
     ]
     if retrieval_rows:
         lines += ["### Retrieval: test images query the train images\n"]
@@ -147,7 +140,7 @@ def _retrieval_cluster_lowshot_tables(run_dir: Path) -> list[str]:
     cluster_rows = [
         [r["weights"], r["split"], str(r["clusters"]), f"{r['accuracy']:.2f}"]
         + [f"{r[m]:.3f}" for m in ("nmi", "ari", "fmi")]
-        for r in _saved_results(run_dir, "cluster")
+        for r in _saved_results(run, "cluster")
     ]
     if cluster_rows:
         lines += ["### Unsupervised classification: k-means on [cls]\n"]
@@ -155,7 +148,7 @@ def _retrieval_cluster_lowshot_tables(run_dir: Path) -> list[str]:
     lowshot_rows = [
         [r["weights"], s["setting"], str(s["labelled"])]
         + [f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}" for m in ("knn", "logreg")]
-        for r in _saved_results(run_dir, "lowshot")
+        for r in _saved_results(run, "lowshot")
         for s in r["lowshot"]
     ]
     if lowshot_rows:
@@ -167,14 +160,18 @@ def _retrieval_cluster_lowshot_tables(run_dir: Path) -> list[str]:
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir``; returns their paths."""
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise DataError(f"{metrics_path}: no metrics to report (is {run_dir} a pre-training run folder?)")
-    rows = read_metrics(metrics_path)
+    run = RunFolder(Path(run_dir))
+    if not run.metrics.is_file():
+        raise DataError(f"{run.metrics}: no metrics to report (is {run.root} a pre-training run folder?)")
+    with run.lock("report"):
+        return _write_report(run)
+
+
+def _write_report(run: RunFolder) -> tuple[Path, Path]:
+    rows = read_metrics(run.metrics)
     train_rows = [r for r in rows if "loss" in r]
     monitor_rows = [r for r in rows if "knn_top1" in r]
-    figures = run_dir / "report"
+    figures = run.report_figures
     figures.mkdir(exist_ok=True)
     images: list[tuple[str, str]] = []
     if train_rows:
@@ -194,7 +191,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                 for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp")
             ],
         )
-        images += [("Training losses", "report/losses.png"), ("Schedules", "report/schedules.png")]
+        images += [("Training losses", run.relative(figures / "losses.png")), ("Schedules", run.relative(figures / "schedules.png"))]
         if any("cls_teacher_entropy" in r for r in train_rows):
             _plot(
                 figures / "collapse.png",
@@ -212,7 +209,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                     ),
                 ],
             )
-            images.append(("Collapse monitors", "report/collapse.png"))
+            images.append(("Collapse monitors", run.relative(figures / "collapse.png")))
     if monitor_rows:
         _plot(
             figures / "knn.png",
@@ -224,11 +221,11 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                 )
             ],
         )
-        images.append(("k-NN during pre-training", "report/knn.png"))
-    if (run_dir / EVAL_DIR / ATTENTION_PNG).is_file():
-        images.append(("Attention-pooling weights over test images", f"{EVAL_DIR}/{ATTENTION_PNG}"))
+        images.append(("k-NN during pre-training", run.relative(figures / "knn.png")))
+    if run.attention_pool(False).is_file():
+        images.append(("Attention-pooling weights over test images", run.relative(run.attention_pool(False))))
 
-    md = [f"# iBOT run `{run_dir.name}`\n"]
+    md = [f"# iBOT run `{run.root.name}`\n"]
     if train_rows:
         last = train_rows[-1]
         summary = [
@@ -242,15 +239,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         if monitor_rows:
             summary.append(["k-NN monitor, last", f"{monitor_rows[-1]['knn_top1']:.2f} %"])
         md += _table(["", "value"], summary) + [""]
-    md += _eval_tables(run_dir)
-    md += _retrieval_cluster_lowshot_tables(run_dir)
+    md += _eval_tables(run)
+    md += _retrieval_cluster_lowshot_tables(run)
     for title, path in images:
         md += [f"## {title}\n", f"![{title}]({path})\n"]
-    md_path = run_dir / "report.md"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path = run_dir / "report.html"
-    html_path.write_text(_markdown_to_html(md, run_dir.name))
-    return md_path, html_path
+    run.report_md.write_text("\n".join(md) + "\n")
+    run.report_html.write_text(_markdown_to_html(md, run.root.name))
+    return run.report_md, run.report_html
 
 
 def _markdown_to_html(lines: list[str], title: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ibot.config import Config
@@ -19,6 +18,7 @@ from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.errors import IBOTError
 from ibot.eval import results as r
 from ibot.eval.results import EvalReport
+from ibot.run_folder import RunFolder
 
 if TYPE_CHECKING:  # the registry is read to build the CLI's parser: the models load when a command runs
     from ibot.eval.features import Features
@@ -42,9 +42,9 @@ class EvalRequest:
     progress: bool = True
 
     @property
-    def run_dir(self) -> Path:
+    def folder(self) -> RunFolder:
         """The folder results go to: the run folder, or the folder of a weights file."""
-        return run_dir(self.weights)
+        return RunFolder.of(self.weights)
 
     @property
     def label(self) -> str:
@@ -52,7 +52,7 @@ class EvalRequest:
         return "random-init" if self.random_init else str(self.weights)
 
     def feature_cache(self) -> str:
-        return self.cache_dir or str(self.run_dir / "features")
+        return self.cache_dir or str(self.folder.features)
 
 
 @dataclass(frozen=True)
@@ -89,24 +89,11 @@ def eval_setup(request: EvalRequest, command: str) -> EvalSetup:
     return EvalSetup(frozen.backbone, cfg, frozen.runtime, train_dir, test_dir, command)
 
 
-def run_dir(weights: str) -> Path:
-    """The folder evaluation results go to: the run folder, or the folder of a weights file."""
-    path = Path(weights)
-    return path if path.is_dir() else path.parent
-
-
-def skipped_list_path(request: EvalRequest, command: str) -> Path:
-    """``RUN/eval/skipped-<command>[-random-init].tsv``: next to the command's result JSON."""
-    from ibot.report import eval_result_path
-
-    result = eval_result_path(request.run_dir, command, request.random_init)
-    return result.with_name(f"skipped-{result.stem}.tsv")
-
-
 def report_eval_skips(request: EvalRequest, command: str, *sources: Iterable[Skip]) -> dict[str, Any]:
-    """One summary line and the full list of what ``sources`` left out; the counts for the result JSON."""
+    """One summary line and the full list of what ``sources`` left out (``RUN/eval/skipped-<command>.tsv``);
+    the counts for the result JSON."""
     log = SkipLog(s for source in sources for s in source)
-    report_skips(log, f"eval {command}", skipped_list_path(request, command))
+    report_skips(log, f"eval {command}", request.folder.eval_skips(command, request.random_init))
     return log.as_counts()
 
 
@@ -214,9 +201,7 @@ def run_probe(request: EvalRequest) -> r.ProbeReport:
     if pooled:
         from ibot.eval.attention_maps import save_attention_pool_maps
         from ibot.eval.features import build_eval_dataset
-        from ibot.report import ATTENTION_PNG, EVAL_DIR
 
-        name = ATTENTION_PNG.replace(".png", "-random-init.png") if request.random_init else ATTENTION_PNG
         save_attention_pool_maps(
             pooled[0],
             setup.backbone,
@@ -224,7 +209,7 @@ def run_probe(request: EvalRequest) -> r.ProbeReport:
             setup.runtime,
             setup.cfg.data.mean,
             setup.cfg.data.std,
-            request.run_dir / EVAL_DIR / name,
+            request.folder.attention_pool(request.random_init),
         )
     return r.ProbeReport(
         request.label,

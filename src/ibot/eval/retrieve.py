@@ -9,6 +9,7 @@ as base64, so the page can be moved or mailed without the image folders.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -27,6 +28,7 @@ from ibot.errors import DataError, IBOTError
 from ibot.eval.embed import RowNames, embed_images
 from ibot.eval.features import Frozen, build_eval_dataset, extract_features, load_frozen
 from ibot.eval.retrieval import build_index, describe_index, index_settings, normalize, search
+from ibot.run_folder import RunFolder
 
 THUMBNAIL = 96  # longest side of a contact-sheet picture, in pixels
 SHEET_NAME = "retrieval.html"
@@ -58,17 +60,24 @@ class Gallery:
 
 
 def run_retrieve(request: RetrieveRequest) -> dict:
-    """Top-k of every query: {"index": ..., "queries": [{"query", "results": [{"path", "score"}]}]}."""
-    from ibot.eval.commands import run_dir
+    """Top-k of every query: {"index": ..., "queries": [{"query", "results": [{"path", "score"}]}]}.
 
+    Holds the run folder's lock when the results or the feature cache go into it (the defaults)."""
     if request.k < 1:
         raise IBOTError("--k must be >= 1")
+    run = RunFolder.of(request.weights)
+    out_dir = Path(request.out_dir or run.retrieval)
+    cache_dir = Path(request.cache_dir or run.features)
+    writes_run = run.contains(out_dir) or run.contains(cache_dir)
+    with run.lock("ibot retrieve") if writes_run else contextlib.nullcontext():
+        return _retrieve(request, out_dir, cache_dir)
+
+
+def _retrieve(request: RetrieveRequest, out_dir: Path, cache_dir: Path) -> dict:
     frozen = load_frozen(request.weights, request.overrides)
-    run = run_dir(request.weights)
-    out_dir = Path(request.out_dir or run / "retrieval")
     skips = SkipLog()
     try:
-        gallery = index_gallery(frozen, request, str(request.cache_dir or run / "features"), skips)
+        gallery = index_gallery(frozen, request, str(cache_dir), skips)
         names, images = load_queries(request.queries, frozen, skips)
     finally:
         report_skips(skips, "retrieve", out_dir / "skipped.tsv")

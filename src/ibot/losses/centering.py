@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-CENTERINGS = ("ema", "sinkhorn_knopp", "none")
+from ibot.config import CENTERINGS
 
 
 def _distributed() -> bool:

@@ -25,10 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ibot.config import MIM_TARGETS
 from ibot.errors import DataError
 from ibot.losses.centering import _distributed
-
-MIM_TARGETS = ("online", "none", "random", "frozen", "vq")
 
 
 def gather_patches(patches: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ from ibot.errors import ConfigError, DataError
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, step_checkpoints, sub_state_dict
+from ibot.run_folder import RunFolder
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]
 
@@ -128,13 +129,14 @@ def _read_source(path: Path) -> _Source:
 
 def _run_file(folder: Path) -> Path:
     """A run folder's newest checkpoint (``checkpoint.pt`` links it), else its ``teacher.safetensors``."""
-    if (folder / CHECKPOINT_NAME).is_file():
-        return folder / CHECKPOINT_NAME
-    steps = step_checkpoints(folder)
+    run = RunFolder(folder)
+    if run.checkpoint_link.is_file():
+        return run.checkpoint_link
+    steps = run.step_checkpoints()
     if steps:
         return steps[0][1]
-    if (folder / TEACHER_NAME).is_file():
-        return folder / TEACHER_NAME
+    if run.teacher.is_file():
+        return run.teacher
     raise ConfigError(f"model.init_from: {folder}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
 
 

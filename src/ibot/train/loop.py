@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,11 +22,12 @@ from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader
 from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
-from ibot.errors import CheckpointWriteError, ConfigError, DataError, NonFiniteLossError
+from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
 from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
+from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
-from ibot.storage import TEACHER_NAME, remove_debris, save_backbone, sub_state_dict
+from ibot.storage import remove_debris, save_backbone, sub_state_dict
 from ibot.train.cadence import END, SIGNAL, Actions, Cadence
 from ibot.train.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ibot.train.distributed import (
@@ -143,9 +145,27 @@ def train(
     run = Runtime.resolve(cfg.train)
     env = init_distributed(run.device.type)
     try:
-        return _train(cfg, run, env, resume, progress, monitor)
+        with _run_folder_lock(RunFolder(Path(cfg.train.output_dir)), env):
+            return _train(cfg, run, env, resume, progress, monitor)
     finally:
         shutdown(env)
+
+
+@contextlib.contextmanager
+def _run_folder_lock(folder: RunFolder, env: DistEnv) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for the whole run, taken before anything is written; when
+    another process holds it, every rank stops (rank 0 with the line naming the holder)."""
+    with contextlib.ExitStack() as stack:
+        if env.is_main:
+            try:
+                stack.enter_context(folder.lock("ibot pretrain"))
+            except IBOTError:
+                broadcast_values([1.0], env)  # the other ranks stop with it
+                raise
+        (failed,) = broadcast_values([0.0], env)
+        if failed:
+            raise RunFolderLocked(f"{folder.root}: rank 0 could not lock the run folder (see its log)")
+        yield
 
 
 @dataclass
@@ -271,7 +291,7 @@ def _save(
         try:
             store.save(state, step)
             teacher = sub_state_dict(method_state, "teacher.backbone.")
-            save_backbone(store.folder / TEACHER_NAME, teacher, cfg.to_dict(), step)
+            save_backbone(RunFolder(store.folder).teacher, teacher, cfg.to_dict(), step)
         except CheckpointWriteError as exc:
             error = str(exc)
     (failed,) = broadcast_values([float(bool(error))], env)  # also the barrier after the write
@@ -476,7 +496,7 @@ class _Session:
         if self.monitor is not None:
             self.skipped_images.extend(self.monitor.skips)
         if self.env.is_main:
-            report_skips(self.skipped_images, "pretrain", self.store.folder / "skipped.tsv", merge=resumed)
+            report_skips(self.skipped_images, "pretrain", RunFolder(self.store.folder).skipped, merge=resumed)
         return RunResult(
             self.store.folder,
             self.step,
@@ -491,20 +511,37 @@ class _Session:
         )
 
 
+def _refuse_earlier_run(folder: RunFolder) -> None:
+    """A new run (no --resume) refuses a folder holding any file of a run: it would overwrite them."""
+    if folder.holds_run():
+        raise ConfigError(
+            f"train.output_dir: {folder.root} holds {folder.describe_run()}; "
+            "continue it with --resume or choose another folder"
+        )
+
+
+def _write_run_folder(folder: RunFolder, cfg: Config) -> None:
+    """The run folder, cleaned of a killed run's temporary files, and its ``config.yaml``."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    remove_debris(folder.root)
+    folder.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def _open_session(
     cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool, monitor: MonitorFactory | None
 ) -> _Session:
-    """Seeds, the run folder (cleaned of a killed run's temporary files), model, resumed state, data, plan."""
+    """Seeds, model, resumed state, data, plan; then the run folder. Every refusal (a folder holding
+    another run, ``model.init_from``, the checkpoint to resume, the data) comes before the first
+    write, so a refused run leaves the folder as it found it (``config.yaml`` included)."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     store = CheckpointStore(cfg.train.output_dir, cfg.train.keep_checkpoints)
+    folder = RunFolder(store.folder)
+    if not resume:
+        _refuse_earlier_run(folder)
     init = _read_init(cfg, store, resume, env)
-    if env.is_main:
-        store.folder.mkdir(parents=True, exist_ok=True)
-        remove_debris(store.folder)
-        (store.folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainee = _build(cfg, run, env, init)
     use_monitor = cfg.eval.monitor_every_minutes > 0
     if trainee.sharded and use_monitor:
@@ -514,6 +551,7 @@ def _open_session(
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     if env.is_main:
+        _write_run_folder(folder, cfg)
         logger.info(
             "%d images, %s, %d process(es), device %s, precision %s, attention %s, residual stream %s",
             len(dataset),

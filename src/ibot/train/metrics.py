@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ibot.errors import DataError
+from ibot.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: str | Path, tensorboard: bool = True, after_step: int | None = None) -> None:
-        self.path = Path(output_dir) / "metrics.jsonl"
+        run = RunFolder(Path(output_dir))
+        self.path = run.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if after_step is None:
             _drop_partial_last_line(self.path)
@@ -42,7 +44,7 @@ class MetricsLogger:
                 pass
             else:
                 # purge_step hides the events a killed run logged after its checkpoint.
-                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=after_step + 1)
+                self._writer = SummaryWriter(str(run.tensorboard), purge_step=after_step + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **values}) + "\n")
