@@ -32,6 +32,17 @@ def parse_duration_minutes(text: str) -> float:
     return minutes
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (``visualize --count``, ``--clusters``, ``--pairs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
 def _pretrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The Config of ``ibot pretrain`` / ``ibot submit``: file, overrides, then --output-dir and --budget."""
     from ibot.config import load_config
@@ -239,12 +250,10 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ibot.eval.commands import run_dir
     from ibot.eval.features import load_frozen_backbone
 
+    path = visualize.picture_path(args.output, args.kind, run_dir(args.weights) / "pictures")
     backbone, cfg = load_frozen_backbone(args.weights)
     cfg = visualize.at_size(cfg, args.size)
-    folder = args.images or cfg.eval.test_path
-    if not folder:
-        raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
-    path = args.output or str(run_dir(args.weights) / "pictures" / f"{args.kind}.png")
+    folder = visualize.image_folder(args.images, cfg)
     skips = SkipLog()
     try:
         images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
@@ -340,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("dense", "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]"),
         ("finetune", "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"),
         ("cluster", "unsupervised classification: k-means on [cls], Hungarian accuracy, NMI, ARI"),
-        ("lowshot", "k-NN and logistic regression on 1/5/10 labels per class and 1 %/10 % of the labels"),
+        ("lowshot", "k-NN and logistic regression on 1/5/10 labels per class and 1 %%/10 %% of the labels"),
     ):
         cmd = esub.add_parser(name, help=help_text)
         cmd.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
@@ -380,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("kind", choices=("attention", "clusters", "correspondences", "pca"))
     v.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
     v.add_argument("--images", default="", help="image folder (default: the run's eval.test_path)")
-    v.add_argument("--count", type=int, default=8, help="images to draw (spread over the folder)")
-    v.add_argument("--clusters", type=int, default=8, help="k of the patch-token k-means")
-    v.add_argument("--pairs", type=int, default=12, help="correspondence lines to draw")
+    v.add_argument("--count", type=positive_int, default=8, help="images to draw (spread over the folder)")
+    v.add_argument("--clusters", type=positive_int, default=8, help="k of the patch-token k-means")
+    v.add_argument("--pairs", type=positive_int, default=12, help="correspondence lines to draw")
     v.add_argument(
         "--threshold",
         type=float,
@@ -391,9 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         "components re-fitted on the foreground",
     )
     v.add_argument(
-        "--size", type=int, default=0, help="image side to draw at (a multiple of the patch size; default eval size)"
+        "--size",
+        type=int,
+        default=0,
+        help="image side to draw at (a multiple of the patch size, at most 64 patches; default eval size)",
     )
-    v.add_argument("--output", default="", help="PNG path (default: RUN/pictures/KIND.png)")
+    v.add_argument("--output", default="", help="PNG path, or a folder for KIND.png (default: RUN/pictures/KIND.png)")
     v.set_defaults(func=_cmd_visualize)
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")
