@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from ibot.cli import build_parser, main, parse_args
+from ibot.config import Config
+from ibot.models.vit import MaskedViT
+from ibot.storage import TEACHER_NAME, save_backbone
 
 from conftest import tiny_overrides
 
@@ -135,3 +140,78 @@ def test_eval_subcommands_are_the_registry_and_their_help_renders() -> None:
         assert f"ibot eval {name}" in command_parser.format_help()
     # the sub-commands' help lines, a literal % among them (argparse formats help with %)
     assert "1 %/10 %" in " ".join(eval_parser.format_help().split())
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every parser below it (``ibot eval knn`` ...)."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _subparsers(child)
+    return found
+
+
+def test_every_help_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    parsers = _subparsers(build_parser())
+    assert {p.prog for p in parsers} >= {"ibot eval lowshot", "ibot visualize", "ibot embed"}
+    for parser in parsers:
+        assert parser.format_help().startswith("usage: ")  # argparse %-formats each help string
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--help"])  # lists each command's help string
+    assert done.value.code == 0 and "1 %/10 % of the labels" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_override_error_names_the_override_not_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text("optim:\n  lr: 1.0e-3\n")
+    assert main(["pretrain", "--config", str(cfg), "data.batch_sise=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ibot: error: override data.batch_sise=4: unknown config key data.batch_sise")
+    assert "demo.yaml" not in err and "\n" not in err
+
+
+def test_a_binary_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(bytes(range(256)) * 16)
+    assert main(["pretrain", "--config", str(binary)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ibot: error: {binary}: not a YAML text file (not UTF-8 text)"
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--count", "-2"), ("--count", "0"), ("--clusters", "0"), ("--pairs", "0"), ("--count", "x")]
+)
+def test_visualize_counts_must_be_positive(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        parse_args(["visualize", "clusters", "run", option, value])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"argument {option}: " in err and "Traceback" not in err
+
+
+@pytest.fixture
+def tiny_run_with_eval_paths(tiny_config: Config, tmp_path: Path) -> Path:
+    """A run folder (untrained tiny backbone) whose config names eval folders that are gone."""
+    gone = tmp_path / "gone"
+    paths = replace(tiny_config.eval, train_path=str(gone / "train"), test_path=str(gone / "test"))
+    cfg = replace(tiny_config, eval=paths)
+    run = tmp_path / "run"
+    save_backbone(run / TEACHER_NAME, MaskedViT.from_config(cfg.model, 16).state_dict(), cfg.to_dict())
+    return run
+
+
+def test_a_missing_default_folder_names_its_config_key(
+    tiny_run_with_eval_paths: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tiny_run_with_eval_paths
+    assert main(["eval", "knn", str(run), "--test-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    missing = tmp_path / "gone" / "train"
+    assert err == f"ibot: error: eval.train_path={missing} (the run's config): path does not exist; give --train-dir"
+    assert main(["eval", "knn", str(run), "--train-dir", str(tmp_path), f"eval.test_path={missing}"]) == 2
+    assert f"eval.test_path={missing} (an override): path does not exist" in capsys.readouterr().err
+    assert main(["visualize", "pca", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ibot: error: eval.test_path={tmp_path / 'gone' / 'test'} (the run's config)")

@@ -163,3 +163,49 @@ def test_test_helpers_are_valid_and_stay_on_the_cpu(tiny_config: Config, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert tiny_config.train.device == "cpu"
     assert Runtime.resolve(tiny_config.train).device == torch.device("cpu")
+
+
+class TestErrorsNameTheirCause:
+    """With a config file, an error caused by a command-line override names the override, not the file."""
+
+    @pytest.fixture
+    def demo(self, tmp_path: Path) -> Path:
+        path = tmp_path / "demo.yaml"
+        path.write_text("optim:\n  lr: 1.0e-3\ndata:\n  batch_size: 8\n")
+        return path
+
+    @pytest.mark.parametrize(
+        "overrides, culprit, says",
+        [
+            (["data.batch_sise=4"], "data.batch_sise=4", "unknown config key data.batch_sise"),
+            (["train.seed=1", "optim.lr=abc"], "optim.lr=abc", "optim.lr: expected float"),
+            (["data.batch_size=0", "train.seed=1"], "data.batch_size=0", "data.batch_size: must be >= 1"),
+            # two wrong overrides: the first that breaks the config, with its own error
+            (["optim.lrr=1", "data.batch_sise=4"], "optim.lrr=1", "unknown config key optim.lrr"),
+        ],
+    )
+    def test_an_override_error_names_the_override(
+        self, demo: Path, overrides: list[str], culprit: str, says: str
+    ) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(demo, overrides)
+        message = str(info.value)
+        assert message.startswith(f"override {culprit}: {says}") and "demo.yaml" not in message
+        assert "\n" not in message
+
+    def test_a_file_error_still_names_the_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "bad.yaml"
+        path.write_text("data:\n  batch_size: 0\noptim:\n  lr: 1.0e-3\n")
+        # the override is fine, the file's own value is wrong
+        with pytest.raises(ConfigError, match=r"^\S*bad\.yaml: data\.batch_size: must be >= 1"):
+            load_config(path, ["train.seed=3"])
+        path.write_text("optim:\n  lr: 1.0e-3\n  lrr: 2\n")
+        with pytest.raises(ConfigError, match=r"^\S*bad\.yaml: unknown config key optim\.lrr"):
+            load_config(path, ["optim.lrrr=1"])  # both wrong: the override is not the only cause
+
+    def test_a_binary_config_file_is_one_line_naming_it(self, tmp_path: Path) -> None:
+        path = tmp_path / "weights.yaml"
+        path.write_bytes(bytes(range(256)) * 4)
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: not a YAML text file (not UTF-8 text)"

@@ -228,3 +228,28 @@ def test_device_pipeline_batches_are_uint8_until_the_device_finishes_them(image_
     assert (done.local_crops.amax(dim=(0, 2, 3)) <= (1 - mean) / std + 1e-5).all()
     assert (done.local_crops.amin(dim=(0, 2, 3)) >= -mean / std - 1e-5).all()
     assert DeviceAugment(replace(cfg.data, pipeline="pil"))(done) is done
+
+
+def test_jfif_avif_tga_and_other_pillow_formats_are_listed_and_read(tmp_path: Path) -> None:
+    from PIL import features
+
+    from ibot.data.decode import decode_rgb
+    from ibot.data.skips import UNSUPPORTED_FORMAT, Skip
+
+    colour = (200, 40, 90)
+    formats = {".jfif": "JPEG", ".jpe": "JPEG", ".tga": "TGA", ".pnm": "PPM", ".pbm": "PPM"}
+    if features.check("avif"):  # Pillow >= 11.3 wheels
+        formats[".avif"] = "AVIF"
+    for ext, fmt in formats.items():
+        Image.new("RGB", (24, 24), colour).save(tmp_path / f"x{ext}", format=fmt)
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    index = ImageFolderIndex.scan(tmp_path)
+    assert sorted(Path(p).name for p in index.paths) == sorted([*(f"x{e}" for e in formats), "phone.heic"])
+    for ext in formats:
+        image = decode_rgb(str(tmp_path / f"x{ext}"), f"x{ext}")
+        assert not isinstance(image, Skip) and image.size == (24, 24)
+        assert np.abs(np.asarray(image, dtype=float).mean((0, 1)) - colour).max() < 8, ext
+    if ".heic" not in Image.registered_extensions():  # no HEIF plugin: counted, with the reason
+        assert decode_rgb(str(tmp_path / "phone.heic"), "phone.heic") == Skip("phone.heic", UNSUPPORTED_FORMAT)
+    (tmp_path / "fake.png").write_bytes(b"not a png")  # a format Pillow has: just not an image
+    assert decode_rgb(str(tmp_path / "fake.png"), "fake.png").reason == "not an image"

@@ -75,7 +75,7 @@ def test_parquet_rows_equal_encode_in_row_groups(tiny_run: Path, messy_folder: P
     np.testing.assert_allclose(embeddings, expected_embeddings(tiny_run, messy_folder), rtol=1e-5, atol=1e-5)
     assert pq.ParquetFile(out).metadata.num_row_groups == 4  # 5 + 5 + 5 + 1 rows
     assert result["images"] == 16 and result["skipped_images"] == 2
-    listed = (tmp_path / "out" / "emb.skipped.tsv").read_text()
+    listed = (tmp_path / "out" / "emb.parquet.skipped.tsv").read_text()
     assert "broken.png\tunreadable or truncated" in listed and "fake.jpg\tnot an image" in listed
     assert "notes.txt" not in listed
     # One chunk for everything: one row group, the same rows.
@@ -93,10 +93,10 @@ def test_npy_rows_equal_encode_with_mean_pool(tiny_run: Path, messy_folder: Path
     assert array.shape == (16, DIM) and array.dtype == np.float32
     assert out.stat().st_size == 128 + 16 * DIM * 4
     np.testing.assert_allclose(array, expected_embeddings(tiny_run, messy_folder, "mean"), rtol=1e-5, atol=1e-5)
-    rows = read_sidecar(tmp_path / "emb.paths.tsv")
+    rows = read_sidecar(tmp_path / "emb.npy.paths.tsv")
     assert [r[0] for r in rows] == READABLE
     assert rows[0][1:] == ("class_0", 0) and rows[-1][1:] == ("class_1", 1)
-    assert (tmp_path / "emb.skipped.tsv").is_file()
+    assert (tmp_path / "emb.npy.skipped.tsv").is_file()
 
 
 def test_a_folder_without_classes_has_no_labels(tiny_run: Path, tmp_path: Path) -> None:
@@ -105,8 +105,8 @@ def test_a_folder_without_classes_has_no_labels(tiny_run: Path, tmp_path: Path) 
     (tmp_path / "made" / "class_0").rename(flat)
     out = tmp_path / "flat.npy"
     run_embed(request(tiny_run, flat, out))
-    assert read_sidecar(tmp_path / "flat.paths.tsv") == [(f"{i:03d}.png", None, -1) for i in range(3)]
-    assert not (tmp_path / "flat.skipped.tsv").exists()  # nothing skipped: no list
+    assert read_sidecar(tmp_path / "flat.npy.paths.tsv") == [(f"{i:03d}.png", None, -1) for i in range(3)]
+    assert not (tmp_path / "flat.npy.skipped.tsv").exists()  # nothing skipped: no list
 
 
 def test_an_existing_output_needs_force(tiny_run: Path, image_folder: Path, tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_an_interrupted_embed_leaves_no_file(
     debris.write_bytes(b"half")
     monkeypatch.setattr(embed_module, "embed_images", real)
     run_embed(request(tiny_run, image_folder, out_dir / "emb.npy", force=True))
-    assert sorted(p.name for p in out_dir.iterdir()) == ["emb.npy", "emb.paths.tsv"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["emb.npy", "emb.npy.paths.tsv"]
 
 
 def test_a_missing_extra_is_named(
@@ -174,3 +174,36 @@ def test_cli_round_trip(tiny_run: Path, messy_folder: Path, tmp_path: Path, caps
     assert "pool mean" in capsys.readouterr().out
     assert main([*argv[:-1], "--out", str(tmp_path / "emb.csv")]) == 2
     assert ".parquet or .npy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["emb.npy", "emb.parquet"])
+def test_an_existing_side_file_needs_force_and_nothing_is_written(
+    tiny_run: Path, messy_folder: Path, tmp_path: Path, name: str
+) -> None:
+    out = tmp_path / name
+    sides = [embed_module.skipped_path(out)] + ([embed_module.sidecar_path(out)] if name.endswith(".npy") else [])
+    for side in sides:
+        side.write_text("keep me")
+        with pytest.raises(IBOTError, match=f"{side.name}: already exists; pass --force") as info:
+            run_embed(request(tiny_run, messy_folder, out))
+        assert "\n" not in str(info.value)
+        assert side.read_text() == "keep me" and not out.exists()  # checked before anything is written
+        side.unlink()
+    run_embed(request(tiny_run, messy_folder, out))
+    assert out.is_file()
+
+
+def test_npy_and_parquet_outputs_keep_their_own_side_files(
+    tiny_run: Path, messy_folder: Path, tmp_path: Path
+) -> None:
+    run_embed(request(tiny_run, messy_folder, tmp_path / "emb.parquet"))
+    run_embed(request(tiny_run, messy_folder, tmp_path / "emb.npy"))  # no --force: it overwrites nothing
+    assert sorted(p.name for p in tmp_path.glob("emb*")) == [
+        "emb.npy",
+        "emb.npy.paths.tsv",
+        "emb.npy.skipped.tsv",
+        "emb.parquet",
+        "emb.parquet.skipped.tsv",
+    ]
+    for out in ("emb.npy", "emb.parquet"):
+        assert "fake.jpg\tnot an image" in (tmp_path / f"{out}.skipped.tsv").read_text()

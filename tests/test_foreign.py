@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,38 @@ def test_not_a_vit(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "linear.pt")
     with pytest.raises(DataError, match="no 'cls_token'"):
         load_frozen_backbone(str(tmp_path / "linear.pt"))
+
+
+def _garbage_files(folder: Path) -> dict[str, str]:
+    """Files that are no usable checkpoint, each with the start of the one line it must give."""
+    torch.save(_timm_vit().state_dict(), folder / "vit.pth")
+    whole = (folder / "vit.pth").read_bytes()
+    torch.save(_timm_vit().state_dict(), folder / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = (folder / "legacy.pth").read_bytes()
+    files = {
+        "notes.pt": (b"model weights: see the README\n", "not a PyTorch checkpoint"),
+        "random.pt": (bytes(range(256)) * 64, "not a PyTorch checkpoint"),
+        "empty.pth": (b"", "not a PyTorch checkpoint (an empty file)"),
+        "pictures.pt": (None, "not a PyTorch checkpoint (a zip archive without data.pkl)"),
+        "cut.pth": (whole[: len(whole) // 2], "damaged or truncated PyTorch checkpoint"),
+        "cut-legacy.pth": (legacy[: len(legacy) // 2], "damaged or truncated PyTorch checkpoint"),
+    }
+    for name, (data, _) in files.items():
+        if data is None:
+            with zipfile.ZipFile(folder / name, "w") as archive:
+                archive.writestr("a.txt", "a zip, not a checkpoint")
+        else:
+            (folder / name).write_bytes(data)
+    return {name: says for name, (_, says) in files.items()}
+
+
+def test_garbage_weights_are_not_called_a_pickle_problem(tmp_path: Path) -> None:
+    for name, says in _garbage_files(tmp_path).items():
+        with pytest.raises(DataError) as info:
+            load_frozen_backbone(str(tmp_path / name))
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: {says}"), message
+        assert "unpickling" not in message and "\n" not in message
+    torch.save({"teacher": _timm_vit().state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
+    with pytest.raises(DataError, match=r"without unpickling argparse\.Namespace, which can run arbitrary code"):
+        load_frozen_backbone(str(tmp_path / "full.pth"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ibot.cli import main
-from ibot.config import Config
+from ibot.config import Config, load_config
+from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
+from ibot.eval.features import build_eval_dataset
 from ibot.models.vit import MaskedViT
-from ibot.visualize import cls_attention, draw_pca, kmeans, mutual_neighbours, pca_colours
+from ibot.visualize import at_size, cls_attention, draw_pca, kmeans, mutual_neighbours, pca_colours, spread_images
 
 from conftest import make_image_folder, tiny_overrides
 
@@ -163,3 +166,58 @@ def test_visualize_pca_at_a_larger_size_and_its_errors(tmp_path: Path, capsys: p
         assert main([*base, "--output", str(tmp_path / "bad.png"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err
+
+
+def test_spread_images_replace_an_unreadable_pick_with_the_next_readable_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)  # 8 files, sorted
+    cfg = load_config(None, tiny_overrides(folder, tmp_path / "run"))
+    # --count 4 picks sorted indices 0, 2, 5, 7: break the 2nd and 3rd pick
+    for name in ("class_0/002.png", "class_1/001.png"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    dataset = build_eval_dataset(str(folder), cfg)
+    skips = SkipLog()
+    images = spread_images(str(folder), cfg, 4, skips)
+    expected = torch.stack([dataset[i].view for i in (0, 3, 6, 7)])  # each broken pick -> the next file
+    assert torch.equal(images, expected)
+    assert sorted(Path(s.path).name for s in skips) == ["001.png", "002.png"]
+    # 6 readable of the 8 asked for: all 6, and one line saying so
+    with caplog.at_level(logging.WARNING, logger="ibot"):
+        assert len(spread_images(str(folder), cfg, 8)) == 6
+    assert [r.getMessage() for r in caplog.records if "asked for" in r.getMessage()] == [
+        f"{folder}: 6 readable images, fewer than the 8 asked for: drawing those"
+    ]
+
+
+def test_visualize_output_folder_broken_picks_and_size_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, run = _one_step_run(tmp_path)
+    (folder / "class_1" / "003.png").write_bytes(b"broken")  # the last file: correspondences' second pick
+    monkeypatch.chdir(tmp_path)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    base = [str(run), "--images", str(folder)]
+    assert main(["visualize", "correspondences", *base, "--output", "pictures"]) == 0
+    assert (pictures / "correspondences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "pictures.png").exists()
+    capsys.readouterr()
+    for extra, message in (
+        (["--output", "picture.jpg"], "--output picture.jpg: must be a .png file or a folder"),
+        (["--size", "4096"], "--size 4096: 1024 x 1024 patches of 4 px; at most 64 x 64 (--size 256)"),
+    ):
+        assert main(["visualize", "attention", *base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    assert main(["visualize", "attention", *base, "--size", "256", "--count", "1", "--output", "big.png"]) == 0
+    assert (tmp_path / "big.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the largest size allowed draws
+
+
+def test_size_is_bounded_by_the_patch_grid() -> None:
+    cfg = Config()
+    patch = cfg.model.patch_size
+    assert at_size(cfg, 64 * patch).eval.image_size == 64 * patch
+    with pytest.raises(IBOTError) as info:
+        at_size(cfg, 65 * patch)
+    assert str(info.value).startswith(f"--size {65 * patch}: 65 x 65 patches of {patch} px; at most 64 x 64")

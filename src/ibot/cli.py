@@ -33,6 +33,17 @@ def parse_duration_minutes(text: str) -> float:
     return minutes
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (``visualize --count``, ``--clusters``, ``--pairs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
 def _pretrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The Config of ``ibot pretrain`` / ``ibot submit``: file, overrides, then --output-dir and --budget."""
     from ibot.config import load_config
@@ -265,7 +276,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     from ibot.run_folder import RunFolder
 
     run = RunFolder.of(args.weights)
-    path = Path(args.output or run.picture(args.kind))
+    path = visualize.picture_path(args.output, args.kind, run.pictures)
     with run.lock(f"ibot visualize {args.kind}") if run.contains(path.parent) else contextlib.nullcontext():
         _visualize(args, path)
     return 0
@@ -278,9 +289,7 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
 
     backbone, cfg = load_frozen_backbone(args.weights)
     cfg = visualize.at_size(cfg, args.size)
-    folder = args.images or cfg.eval.test_path
-    if not folder:
-        raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
+    folder = visualize.image_folder(args.images, cfg)
     skips = SkipLog()
     try:
         images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
@@ -390,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("kind", choices=("attention", "clusters", "correspondences", "pca"))
     v.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
     v.add_argument("--images", default="", help="image folder (default: the run's eval.test_path)")
-    v.add_argument("--count", type=int, default=8, help="images to draw (spread over the folder)")
-    v.add_argument("--clusters", type=int, default=8, help="k of the patch-token k-means")
-    v.add_argument("--pairs", type=int, default=12, help="correspondence lines to draw")
+    v.add_argument("--count", type=positive_int, default=8, help="images to draw (spread over the folder)")
+    v.add_argument("--clusters", type=positive_int, default=8, help="k of the patch-token k-means")
+    v.add_argument("--pairs", type=positive_int, default=12, help="correspondence lines to draw")
     v.add_argument(
         "--threshold",
         type=float,
@@ -401,9 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         "components re-fitted on the foreground",
     )
     v.add_argument(
-        "--size", type=int, default=0, help="image side to draw at (a multiple of the patch size; default eval size)"
+        "--size",
+        type=int,
+        default=0,
+        help="image side to draw at (a multiple of the patch size, at most 64 patches; default eval size)",
     )
-    v.add_argument("--output", default="", help="PNG path (default: RUN/pictures/KIND.png)")
+    v.add_argument("--output", default="", help="PNG path, or a folder for KIND.png (default: RUN/pictures/KIND.png)")
     v.set_defaults(func=_cmd_visualize)
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")

@@ -559,7 +559,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -583,17 +589,51 @@ def _overrides_to_dict(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file's deltas, then ``dotted.key=value`` overrides."""
+    """Defaults, then the YAML file's deltas, then ``dotted.key=value`` overrides.
+
+    An error is prefixed with what caused it: the file, or the override without which the
+    config loads (``override data.batch_sise=4: unknown config key ...``).
+    """
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    values = _merge(values, _overrides_to_dict(overrides))
+    delta = _overrides_to_dict(overrides)
     try:
-        cfg = _build(Config, values, "")
-        _check_paths(cfg)
+        return _build_checked(_merge(values, delta))
     except ConfigError as exc:
-        if path is not None:
-            raise ConfigError(f"{path}: {exc}") from None
-        raise
+        if path is None:
+            raise
+        raise ConfigError(_blame(path, values, list(overrides), exc)) from None
+
+
+def _build_checked(values: dict[str, Any]) -> Config:
+    cfg = _build(Config, values, "")
+    _check_paths(cfg)
     return cfg
+
+
+def _loads(values: dict[str, Any]) -> ConfigError | None:
+    """The error building ``values`` raises, None when they make a valid config."""
+    try:
+        _build_checked(values)
+    except ConfigError as exc:
+        return exc
+    return None
+
+
+def _blame(path: str | Path, values: dict[str, Any], overrides: list[str], exc: ConfigError) -> str:
+    """``exc`` of file ``path`` (``values``) plus ``overrides``, prefixed with its cause: the one
+    override that the config loads without; else the file with its own error when it fails
+    alone; else the first override that makes it fail, with that failure."""
+    for i, text in enumerate(overrides):
+        if _loads(_merge(values, _overrides_to_dict(overrides[:i] + overrides[i + 1 :]))) is None:
+            return f"override {text}: {exc}"
+    alone = _loads(values)
+    if alone is not None:
+        return f"{path}: {alone}"
+    for i, text in enumerate(overrides):
+        first = _loads(_merge(values, _overrides_to_dict(overrides[: i + 1])))
+        if first is not None:
+            return f"override {text}: {first}"
+    return f"{path}: {exc}"  # unreachable: the file and all overrides failed together
 
 
 def _check_paths(cfg: Config) -> None:

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -115,18 +117,67 @@ def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if not path.is_file():
         raise DataError(f"{path}: backbone weights not found")
     if path.suffix != ".safetensors":
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(
-                f"{path}: unreadable without unpickling arbitrary objects ({type(exc).__name__}); "
-                "save the model's state_dict alone"
-            ) from None
-        return import_vit(unwrap(loaded, str(path)), str(path))
+        return import_vit(unwrap(_torch_load_weights(path), str(path)), str(path))
     tensors, metadata = read_safetensors(path)
     if "config" not in metadata:
         return import_vit(tensors, str(path))
     return tensors, json.loads(metadata["config"])
+
+
+# How a ``torch.save`` file begins: a zip archive (PyTorch >= 1.6), or the legacy format, a
+# protocol-2 pickle of torch's magic number 0x1950a86a20f9469cfc6c (a 10-byte LONG1).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _torch_load_weights(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``; one line telling a file that is not a PyTorch
+    checkpoint, a damaged one, and one that only loads by unpickling arbitrary objects apart."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the weights ({exc.strerror or type(exc).__name__})") from None
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
+        what = "an empty file" if not head else "neither a torch.save zip archive nor its legacy pickle"
+        raise DataError(f"{path}: not a PyTorch checkpoint ({what})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
+        unsafe = _UNSAFE_GLOBAL.search(str(exc))
+        if unsafe is not None and _may_exist(unsafe.group(1)):
+            raise DataError(
+                f"{path}: unreadable without unpickling {unsafe.group(1)}, which can run arbitrary code; "
+                "save the model's state_dict alone"
+            ) from None
+        if head.startswith(_ZIP_MAGIC) and not _holds_pickle(path):
+            raise DataError(f"{path}: not a PyTorch checkpoint (a zip archive without data.pkl)") from None
+        raise DataError(f"{path}: damaged or truncated PyTorch checkpoint ({type(exc).__name__})") from None
+
+
+def _holds_pickle(path: Path) -> bool:
+    """Whether the zip archive at ``path`` has torch.save's ``<name>/data.pkl`` (True if unreadable)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[-1] == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return True  # a damaged archive: the caller says so
+
+
+def _may_exist(name: str) -> bool:
+    """False when ``name`` (``module.attr...``) is missing from a module already imported: a name
+    cut short by a truncated legacy file (``torch._utils._rebuild_tens``), not a real class."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is not None:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+                if obj is None:
+                    return False
+            return True
+    return True  # a module not imported here: nothing says the name is not real
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

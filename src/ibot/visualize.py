@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +26,13 @@ from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, dataset_skips
 from ibot.models.vit import MaskedViT
 
+logger = logging.getLogger(__name__)
+
+# Patches per side a picture may have: 4,096 tokens (DINO's attention figures: 480 px at patch
+# 8, 60 x 60). Attention costs grow with the square of the token count: --size 4096 at patch 8
+# (262,144 tokens) would need a 275 GB attention matrix per head and image.
+MAX_GRID = 64
+
 
 def at_size(cfg: Config, size: int) -> Config:
     """``cfg`` with evaluation images of side ``size`` (0: unchanged).
@@ -36,22 +45,82 @@ def at_size(cfg: Config, size: int) -> Config:
         return cfg
     if size < patch or size % patch:
         raise IBOTError(f"--size {size}: must be a positive multiple of the patch size {patch}")
+    if size // patch > MAX_GRID:
+        raise IBOTError(
+            f"--size {size}: {size // patch} x {size // patch} patches of {patch} px; at most {MAX_GRID} x {MAX_GRID} "
+            f"(--size {MAX_GRID * patch}): attention time and memory grow with the square of the patch count"
+        )
     return replace(cfg, eval=replace(cfg.eval, image_size=size))
+
+
+def picture_path(output: str, kind: str, default_folder: Path) -> Path:
+    """Where ``ibot visualize KIND`` writes: ``--output`` as a .png file, ``KIND.png`` in the folder
+    it names (an existing one, or a path ending in a separator), or ``default_folder/KIND.png``."""
+    if not output:
+        return default_folder / f"{kind}.png"
+    path = Path(output)
+    if path.is_dir() or output.endswith(("/", os.sep)):
+        return path / f"{kind}.png"
+    if path.suffix.lower() != ".png":  # matplotlib would add ".png" itself, or write another format
+        raise IBOTError(f"--output {output}: must be a .png file or a folder")
+    return path
+
+
+def image_folder(images: str, cfg: Config) -> str:
+    """``--images``, else the run's ``eval.test_path``, named as such when it is missing."""
+    if images:
+        return images
+    folder = cfg.eval.test_path
+    if not folder:
+        raise IBOTError("--images: no folder given and the run's config has no eval.test_path")
+    if not Path(folder).exists():
+        raise IBOTError(f"eval.test_path={folder} (the run's config): path does not exist; give --images")
+    return folder
 
 
 def spread_images(folder: str, cfg: Config, count: int, skips: SkipLog | None = None) -> torch.Tensor:
     """``count`` readable images spread evenly over ``folder``'s sorted list (so over its classes).
 
-    What the scan and the picked images' decoding left out goes into ``skips``.
+    A pick that does not decode is replaced by the next readable image after it (wrapping
+    around), so ``count`` images are drawn whenever the folder has that many; fewer is said in
+    one line. What the scan and the decoding left out goes into ``skips``.
     """
     dataset = build_eval_dataset(folder, cfg)
-    picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
-    samples = [s for s in (dataset[i] for i in picks) if isinstance(s, Sample)]
+    n = len(dataset)
+    picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
+    tried: set[int] = set()
+    samples: list[Sample] = []
+    for pick in picks:
+        sample = _next_readable(dataset, pick, tried)
+        if sample is None:  # every file tried
+            break
+        samples.append(sample)
     if skips is not None:
         skips.extend(dataset_skips(dataset))
     if not samples:
         raise IBOTError(f"{folder}: no readable images to draw")
+    if len(samples) < count:
+        logger.warning(
+            "%s: %d readable images, fewer than the %d asked for: drawing those",
+            folder,
+            len(samples),
+            count,
+        )
+    samples.sort(key=lambda s: s.index)  # the folder's order, substitutes included
     return torch.stack([s.view for s in samples])
+
+
+def _next_readable(dataset, start: int, tried: set[int]) -> Sample | None:  # type: ignore[no-untyped-def]
+    """The first readable image of ``dataset`` from index ``start`` on (then from 0) not in ``tried``."""
+    n = len(dataset)
+    for i in (j % n for j in range(start, start + n)):
+        if i in tried:
+            continue
+        tried.add(i)
+        sample = dataset[i]
+        if isinstance(sample, Sample):
+            return sample
+    return None
 
 
 def to_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from ibot.data.skips import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE, Skip
+from ibot.data.skips import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE, UNSUPPORTED_FORMAT, Skip
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS: about a 9,459 x 9,459 image
 
@@ -65,9 +65,14 @@ def decode_rgb(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Skip(name, TOO_MANY_PIXELS)
     except UnidentifiedImageError:
-        return Skip(name, NOT_AN_IMAGE)
+        return Skip(name, NOT_AN_IMAGE if _pillow_reads(name) else UNSUPPORTED_FORMAT)
     except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
         return Skip(name, UNREADABLE)
+
+
+def _pillow_reads(name: str) -> bool:
+    """Whether the installed Pillow (with its plugins) has a decoder for ``name``'s extension."""
+    return os.path.splitext(name)[1].lower() in Image.registered_extensions()  # loads every plugin once
 
 
 _TURBO_COLOURS = ("YCbCr", "Gray", "RGB")  # what libjpeg-turbo converts to RGB itself (not CMYK / YCCK)

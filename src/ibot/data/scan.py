@@ -15,7 +15,12 @@ from pathlib import Path
 
 from ibot.data.skips import DANGLING_LINK, IMAGE_NAMED_DIR, UNREADABLE_DIR, VISITED, Skip
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Listed by name; a file whose format the installed Pillow cannot decode (AVIF before Pillow
+# 11.3, HEIC without a plugin) is still listed and skipped with that reason, never ignored.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".heic", ".heif",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ UNREADABLE = "unreadable or truncated"
 EMPTY = "empty file"
 NOT_AN_IMAGE = "not an image"
 TOO_MANY_PIXELS = "too many pixels"
+UNSUPPORTED_FORMAT = "format the installed Pillow cannot decode"
 
 TSV_HEADER = "path\treason"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ibot.config import Config
@@ -86,7 +87,19 @@ def eval_setup(request: EvalRequest, command: str) -> EvalSetup:
     test_dir = request.test_dir or cfg.eval.test_path
     if not train_dir or not test_dir:
         raise IBOTError(f"eval {command}: give --train-dir and --test-dir (or eval.train_path / eval.test_path)")
+    reads = (cfg.eval.cluster_split,) if command == "cluster" else ("train", "test")  # cluster reads one
+    if not request.train_dir and "train" in reads:
+        _check_default_folder(request, "eval.train_path", train_dir, "--train-dir")
+    if not request.test_dir and "test" in reads:
+        _check_default_folder(request, "eval.test_path", test_dir, "--test-dir")
     return EvalSetup(frozen.backbone, cfg, frozen.runtime, train_dir, test_dir, command)
+
+
+def _check_default_folder(request: EvalRequest, key: str, folder: str, option: str) -> None:
+    """A folder taken from the config, missing: named with its key, so the user sees where it came from."""
+    if not Path(folder).exists():
+        source = "an override" if any(o.startswith(f"{key}=") for o in request.overrides) else "the run's config"
+        raise IBOTError(f"{key}={folder} ({source}): path does not exist; give {option}")
 
 
 def report_eval_skips(request: EvalRequest, command: str, *sources: Iterable[Skip]) -> dict[str, Any]:

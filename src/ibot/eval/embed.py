@@ -6,7 +6,7 @@ Outputs (one row per readable image, in the folder's sorted order):
   the folder), ``label`` (string: the class folder's name; null without class folders),
   ``label_index`` (int32; -1 without class folders) and ``embedding`` (fixed-size list of D
   float32). Each chunk of rows is one row group.
-* ``FILE.npy``: an (N, D) float32 array, with ``FILE.paths.tsv`` beside it: a header
+* ``FILE.npy``: an (N, D) float32 array, with ``FILE.npy.paths.tsv`` beside it: a header
   ``path<TAB>label<TAB>label_index`` and one line per row of the array, in the same order (an
   empty label without class folders; tabs and newlines in names written as ``\\t`` / ``\\n``).
   The array is preallocated for every file of the folder through ``np.lib.format.open_memmap``
@@ -15,8 +15,9 @@ Outputs (one row per readable image, in the folder's sorted order):
 Memory stays bounded by one chunk of rows (plus the memory map's reclaimable page cache),
 whatever the folder's size. Every file is written under a temporary name in its folder and
 renamed at the end, so a failure or Ctrl-C leaves no half-written output. Skipped files are
-summarised in one line and listed in ``FILE.skipped.tsv`` (the stem: ``emb.parquet`` ->
-``emb.skipped.tsv``).
+summarised in one line and listed in ``FILE.skipped.tsv`` (the full name: ``emb.parquet`` ->
+``emb.parquet.skipped.tsv``, so ``emb.npy`` and ``emb.parquet`` keep their own lists). Without
+``force`` nothing is written while any of these files exists.
 """
 
 from __future__ import annotations
@@ -110,13 +111,13 @@ def output_format(out: Path) -> str:
 
 
 def sidecar_path(out: Path) -> Path:
-    """``emb.npy`` -> ``emb.paths.tsv``: the paths and labels of the rows of an .npy output."""
-    return out.with_name(f"{out.stem}.paths.tsv")
+    """``emb.npy`` -> ``emb.npy.paths.tsv``: the paths and labels of the rows of an .npy output."""
+    return out.with_name(f"{out.name}.paths.tsv")
 
 
 def skipped_path(out: Path) -> Path:
-    """``emb.parquet`` -> ``emb.skipped.tsv``: the files ``ibot embed`` left out, and why."""
-    return out.with_name(f"{out.stem}.skipped.tsv")
+    """``emb.parquet`` -> ``emb.parquet.skipped.tsv``: the files ``ibot embed`` left out, and why."""
+    return out.with_name(f"{out.name}.skipped.tsv")
 
 
 def _check_request(request: EmbedRequest) -> tuple[Path, str]:
@@ -128,8 +129,12 @@ def _check_request(request: EmbedRequest) -> tuple[Path, str]:
         raise IBOTError("embed: chunk rows must be >= 1 and --batch-size >= 0")
     if fmt == "parquet":
         require("pyarrow.parquet", "embed", "ibot embed to .parquet")  # before minutes of encoding
-    if out.exists() and not request.force:
-        raise IBOTError(f"{out}: already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise IBOTError(f"{out}: is a folder; --out names the file to write")
+    existing = [str(p) for p in (*_outputs(out, fmt), skipped_path(out)) if p.exists()]
+    if existing and not request.force:  # every file embed may write: it overwrites none of them unasked
+        also = f" and {', '.join(existing[1:])}" if len(existing) > 1 else ""
+        raise IBOTError(f"{existing[0]}: already exists; pass --force to overwrite it{also}")
     return out, fmt
 
 
