@@ -273,6 +273,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
     """``ibot visualize KIND``: holds the run folder's lock when the picture goes into it (the default)."""
+    from ibot import visualize
     from ibot.run_folder import RunFolder
 
     run = RunFolder.of(args.weights)

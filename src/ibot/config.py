@@ -293,6 +293,9 @@ class EvalConfig:
 
     train_path: str = ""  # labelled image folders for ``ibot eval`` (command-line paths win)
     test_path: str = ""
+    # Test classes map to the train folder's by name; one the train folder lacks is an error,
+    # or with "skip" its images are left out and counted as skipped.
+    unknown_test_classes: str = "error"
     crop_ratio: float = 0.875  # resize to size / crop_ratio, centre-crop size (1.0: plain resize)
     # Side of the evaluation images; 0 = data.global_crop_size. A model pre-trained on smaller
     # global crops than the images it will see (more steps per hour) is evaluated at full size.
@@ -342,6 +345,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self._check_cluster_lowshot()
+        _check(self.unknown_test_classes in ("error", "skip"), "eval.unknown_test_classes", "must be error or skip")
         _check(self.monitor_every_minutes >= 0, "eval.monitor_every_minutes", "must be >= 0")
         for key in ("monitor_train_images", "monitor_test_images", "monitor_k"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")

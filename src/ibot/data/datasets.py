@@ -8,10 +8,11 @@ failed to decode.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_jpeg_scaled, decode_rgb, load_rgb
-from ibot.data.index_cache import cache_path, read_cache, write_cache
+from ibot.data.index_cache import cache_path, read_entry, write_cache
 from ibot.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_folder
 from ibot.data.skips import Skip, SkipLog
 from ibot.errors import DataError
@@ -35,6 +36,7 @@ __all__ = [
     "ImageFolderIndex",
     "Sample",
     "decode_view",
+    "files_digest",
     "load_rgb",
     "transform_seeded",
 ]
@@ -92,33 +94,70 @@ def _read(source: str | bytes) -> bytes:
         return b""
 
 
-def _fingerprint(root: Path) -> list[list]:
-    """Modification times of ``root`` and its direct sub-folders: what adding a class or file changes."""
-    entries = [["", root.stat().st_mtime_ns]]
-    with os.scandir(root) as it:
-        for entry in it:
-            try:
-                if entry.is_dir():
-                    entries.append([entry.name, entry.stat().st_mtime_ns])
-            except OSError:  # a link to itself: the scan reports it
-                entries.append([entry.name, -1])
-    return sorted(entries)
+INDEX_CACHE_KIND = "index-v3"  # v3: every walked folder's mtime (v2: the root and its children; v1: no skips)
+
+
+def _fingerprint(root: Path, folders: Iterable[str] = ("",)) -> list[list]:
+    """[folder, modification time] of each of ``folders`` (relative to ``root``; -1 for one gone).
+
+    A file added, removed or renamed changes its folder's time, at whatever depth.
+    """
+    stamps = []
+    for rel in folders:
+        try:
+            stamps.append([rel, os.stat(os.path.join(root, rel)).st_mtime_ns])
+        except OSError:
+            stamps.append([rel, -1])
+    return stamps
 
 
 def _cached_scan(root: Path, cache_dir: str | Path | None) -> FolderScan:
-    """``scan_folder(root)``, read from / written to the index cache when there is one."""
+    """``scan_folder(root)``, read from / written to the index cache when there is one.
+
+    The cache holds the folders the walk listed with their times; it is used only while every
+    one of them still has that time.
+    """
     if not cache_dir:
         return scan_folder(root)
-    # v2: the payload holds the scan's skips too (v1 held the paths alone).
-    cache_file = cache_path(cache_dir, "index-v2", str(root.resolve()))
-    fingerprint = _fingerprint(root)
-    cached = read_cache(cache_file, fingerprint)
-    if isinstance(cached, dict) and {"paths", "skipped"} <= cached.keys():
-        return FolderScan(tuple(cached["paths"]), tuple(Skip(*s) for s in cached["skipped"]))
+    cache_file = cache_path(cache_dir, INDEX_CACHE_KIND, str(root.resolve()))
+    entry = read_entry(cache_file)
+    cached = _fresh_scan(root, *entry) if entry is not None else None
+    if cached is not None:
+        return cached
     scan = scan_folder(root)
     if scan.paths:
-        write_cache(cache_file, fingerprint, {"paths": list(scan.paths), "skipped": [list(s) for s in scan.skipped]})
+        payload = {"paths": list(scan.paths), "skipped": [list(s) for s in scan.skipped]}
+        write_cache(cache_file, [list(f) for f in scan.folders], payload)
     return scan
+
+
+def _fresh_scan(root: Path, fingerprint: Any, payload: Any) -> FolderScan | None:
+    """The cached scan while its folders are unchanged; None when stale or not a v3 entry."""
+    try:
+        folders = tuple((str(rel), int(mtime)) for rel, mtime in fingerprint)
+        if not folders or _fingerprint(root, [rel for rel, _ in folders]) != [list(f) for f in folders]:
+            return None
+        paths = tuple(str(p) for p in payload["paths"])
+        skipped = tuple(Skip(str(path), str(reason)) for path, reason in payload["skipped"])
+    except (TypeError, ValueError, KeyError):  # a hand-edited or foreign file: scan again
+        return None
+    return FolderScan(paths, skipped, folders)
+
+
+def files_digest(paths: Iterable[str]) -> str:
+    """A hash of each file's path, size and modification time (one ``stat`` per file).
+
+    What tells a file rewritten under the same name from the one a cache was made of.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{path}\0{stamp}\0".encode(errors="surrogateescape"))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -139,8 +178,8 @@ class ImageFolderIndex:
         """Index ``root``; with ``cache_dir`` the file list is reused while the folder is unchanged.
 
         The cache is keyed by the absolute path and checked against the modification times of
-        the folder and its direct sub-folders (class folders), so a start over millions of
-        files does not re-list them.
+        every folder the scan walked, so a start over millions of files does not re-list them
+        and a change at any depth is seen.
         """
         root = Path(root)
         if not root.exists():
@@ -198,6 +237,15 @@ class ImageFolder(Dataset):
     @property
     def classes(self) -> tuple[str, ...]:
         return self.index.classes
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files the images are read from (what a cache of their features depends on)."""
+        return self.index.paths
+
+    def item_path(self, i: int) -> str:
+        """The file of image ``i``, as skip lists name it."""
+        return self.index.paths[i]
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample | Skip:
         """``key`` is an index, or (index, seed) from ``InfiniteSampler`` for seeded augmentation."""

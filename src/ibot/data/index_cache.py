@@ -22,15 +22,26 @@ def cache_path(cache_dir: str | Path, kind: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / f"{kind}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
-def read_cache(path: Path, fingerprint: Any) -> Any | None:
-    """The cached payload, or None when missing, unreadable or stale."""
+def read_entry(path: Path) -> tuple[Any, Any] | None:
+    """(fingerprint, payload) as written, or None when missing or unreadable (garbage, truncated).
+
+    For a fingerprint that can only be checked once read (the folders an index walked).
+    """
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError: binary garbage too
         return None
-    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+    if not isinstance(data, dict) or "fingerprint" not in data:
         return None
-    return data.get("payload")
+    return data["fingerprint"], data.get("payload")
+
+
+def read_cache(path: Path, fingerprint: Any) -> Any | None:
+    """The cached payload, or None when missing, unreadable or stale."""
+    entry = read_entry(path)
+    if entry is None or entry[0] != fingerprint:
+        return None
+    return entry[1]
 
 
 def write_cache(path: Path, fingerprint: Any, payload: Any) -> None:

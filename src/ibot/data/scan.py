@@ -25,10 +25,15 @@ IMAGE_EXTENSIONS = (
 
 @dataclass(frozen=True)
 class FolderScan:
-    """Image paths relative to the root (sorted) and what the walk left out (paths relative too)."""
+    """Image paths relative to the root (sorted) and what the walk left out (paths relative too).
+
+    ``folders``: every folder the walk listed (or tried to), relative ("" is the root), with its
+    modification time taken before listing it: what an index cache checks, at any depth.
+    """
 
     paths: tuple[str, ...]
     skipped: tuple[Skip, ...]
+    folders: tuple[tuple[str, int], ...] = ()
 
 
 def scan_folder(root: str | Path) -> FolderScan:
@@ -36,19 +41,22 @@ def scan_folder(root: str | Path) -> FolderScan:
     seen = _ancestor_keys(root)  # a link up to the root's parent would walk the root again, and more
     found: list[str] = []
     skipped: list[Skip] = []
+    folders: list[tuple[str, int]] = []
     real: list[tuple[str, str]] = [(str(root), "")]  # (absolute, relative) folders still to list
     linked: list[tuple[str, str]] = []
     while real or linked:
         folder, rel = real.pop() if real else linked.pop(0)
         try:
-            key = _dir_key(folder)
+            st = os.stat(folder)
         except OSError:  # a loop of links (ELOOP) or a link that vanished meanwhile
             skipped.append(Skip(rel, VISITED))
             continue
+        key = (st.st_dev, st.st_ino)
         if key in seen and rel:
             skipped.append(Skip(rel, VISITED))
             continue
         seen.add(key)
+        folders.append((rel, st.st_mtime_ns))  # before listing: a change made meanwhile shows next time
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError:
@@ -56,7 +64,7 @@ def scan_folder(root: str | Path) -> FolderScan:
             continue
         for entry in entries:
             _visit(entry, os.path.join(rel, entry.name) if rel else entry.name, found, skipped, real, linked)
-    return FolderScan(tuple(sorted(found)), tuple(sorted(skipped)))
+    return FolderScan(tuple(sorted(found)), tuple(sorted(skipped)), tuple(sorted(folders)))
 
 
 def _visit(

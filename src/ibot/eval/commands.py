@@ -76,6 +76,14 @@ class EvalSetup:
         require_labels(feats.labels, folder, f"eval {self.command}")
         return feats
 
+    def feature_pair(self, request: EvalRequest, **options: Any) -> tuple[Features, Features]:
+        """The train folder's features, then the test folder's labelled by the train classes' names."""
+        from ibot.eval.features import train_classes
+
+        train = self.features(request, self.train_dir, **options)
+        classes = train_classes(train, self.train_dir, self.cfg, f"eval {self.command}")
+        return train, self.features(request, self.test_dir, train=classes, **options)
+
 
 def eval_setup(request: EvalRequest, command: str) -> EvalSetup:
     """The frozen backbone of ``request`` (fine-tuning: with ``finetune.drop_path``) and its folders."""
@@ -115,7 +123,7 @@ def run_knn(request: EvalRequest) -> r.KnnReport:
     from ibot.eval.knn import knn_classify
 
     setup = eval_setup(request, "knn")
-    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
+    train_f, test_f = setup.feature_pair(request, cache_dir=request.feature_cache())
     e = setup.cfg.eval
     results = knn_classify(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, e.knn_k, e.knn_temperature)
     return r.KnnReport(
@@ -129,10 +137,7 @@ def run_knn(request: EvalRequest) -> r.KnnReport:
 
 def probe_features(setup: EvalSetup, request: EvalRequest) -> list[Features]:
     """[cls] of the last 4 blocks and the last patch tokens of train and test, through the cache."""
-    return [
-        setup.features(request, folder, n_last=4, patches=True, cache_dir=request.feature_cache())
-        for folder in (setup.train_dir, setup.test_dir)
-    ]
+    return list(setup.feature_pair(request, n_last=4, patches=True, cache_dir=request.feature_cache()))
 
 
 def trained_probes(setup: EvalSetup, request: EvalRequest, names, key: str):  # type: ignore[no-untyped-def]
@@ -162,6 +167,7 @@ def probe_sweep(cfg: Config, progress: bool) -> dict:
 
 def run_robustness(request: EvalRequest) -> r.RobustnessReport:
     """A probe trained on clean features, scored under the 15 CIFAR-10-C corruptions x 5 severities."""
+    from ibot.eval.features import train_classes
     from ibot.eval.robustness import corruption_benchmark
 
     setup = eval_setup(request, "robustness")
@@ -177,6 +183,7 @@ def run_robustness(request: EvalRequest) -> r.RobustnessReport:
         feats[0].cls.shape[1],
         cfg.train.seed,
         request.progress,
+        train_classes(feats[0], setup.train_dir, cfg, "eval robustness"),
     )
     return r.RobustnessReport(
         request.label,
@@ -236,11 +243,11 @@ def run_probe(request: EvalRequest) -> r.ProbeReport:
 def run_dense(request: EvalRequest) -> r.DenseReport:
     """Mosaic segmentation probe: patch tokens vs. broadcast [cls]."""
     from ibot.eval.dense import mosaic_tokens, train_dense_probes
-    from ibot.eval.features import build_eval_dataset, dataset_skips
+    from ibot.eval.features import dataset_skips, eval_dataset_pair
 
     setup = eval_setup(request, "dense")
     cfg, e = setup.cfg, setup.cfg.eval
-    datasets = [build_eval_dataset(folder, cfg) for folder in (setup.train_dir, setup.test_dir)]
+    datasets = eval_dataset_pair(setup.train_dir, setup.test_dir, cfg, "eval dense")
     tokens = [
         mosaic_tokens(setup.backbone, dataset, count, e.dense_grid, setup.runtime, seed, e.batch_size, request.progress)
         for dataset, count, seed in ((datasets[0], e.dense_train_mosaics, 0), (datasets[1], e.dense_test_mosaics, 1))
@@ -256,7 +263,7 @@ def run_dense(request: EvalRequest) -> r.DenseReport:
 
 
 def last_cls_features(setup: EvalSetup, request: EvalRequest, folder: str) -> Features:
-    """The last block's [cls] of ``folder`` through the cache (shared by knn, retrieval, cluster and lowshot)."""
+    """The last block's [cls] of one ``folder`` through the cache (cluster; pairs: ``feature_pair``)."""
     return setup.features(request, folder, cache_dir=request.feature_cache())
 
 
@@ -265,7 +272,7 @@ def run_retrieval(request: EvalRequest) -> r.RetrievalReport:
     from ibot.eval.retrieval import index_settings, normalize, retrieval_metrics
 
     setup = eval_setup(request, "retrieval")
-    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
+    train_f, test_f = setup.feature_pair(request, cache_dir=request.feature_cache())
     scores, index = retrieval_metrics(
         normalize(train_f.last_cls),
         train_f.labels.numpy(),
@@ -305,7 +312,7 @@ def run_lowshot(request: EvalRequest) -> r.LowshotReport:
 
     setup = eval_setup(request, "lowshot")
     e = setup.cfg.eval
-    train_f, test_f = (last_cls_features(setup, request, folder) for folder in (setup.train_dir, setup.test_dir))
+    train_f, test_f = setup.feature_pair(request, cache_dir=request.feature_cache())
     settings = (*(Setting(shots=n) for n in e.lowshot_shots), *(Setting(fraction=f) for f in e.lowshot_fractions))
     protocol = LowshotProtocol(settings, e.lowshot_draws, e.lowshot_knn_k, e.knn_temperature, e.lowshot_logreg_c)
     data = Split(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels)

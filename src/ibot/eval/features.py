@@ -1,9 +1,15 @@
-"""Frozen backbones and the one feature-extraction pass every probe uses (cached on disk)."""
+"""Frozen backbones and the one feature-extraction pass every probe uses (cached on disk).
+
+Every evaluation reads its labelled folders here: a test folder through ``build_eval_dataset``
+/ ``extract_features`` with the train folder's ``TrainClasses``, so its labels are the train
+folder's class indices by name (``ibot.data.labels``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +20,8 @@ from tqdm import tqdm
 
 from ibot.config import Config, config_from_dict
 from ibot.data.collate import skips_of
-from ibot.data.datasets import Sample
+from ibot.data.datasets import Sample, files_digest
+from ibot.data.labels import TrainClasses, align_to, dataset_classes, dataset_files
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
@@ -23,20 +30,24 @@ from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 from ibot.storage import atomic_write, load_backbone
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Features:
     """Frozen tokens of a labelled folder, after the final norm.
 
     ``cls`` (X, L, D) fp32: [cls] of the last L blocks, the last block last; ``patches``
-    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,); ``skips``: the
-    files left out, and why (scan and decoding).
+    (X, N, D) fp16 or None: the last block's patch tokens; ``labels`` (X,), indices into
+    ``classes`` (the train folder's, for a test folder read with them); ``skips``: the files
+    left out, and why (scan, label mapping and decoding).
     """
 
     cls: torch.Tensor
     labels: torch.Tensor
     patches: torch.Tensor | None = None
     skips: tuple[Skip, ...] = ()
+    classes: tuple[str, ...] = ()
 
     @property
     def skipped(self) -> int:
@@ -125,10 +136,33 @@ def collate_eval(items: list[Sample | Skip]) -> tuple[torch.Tensor, torch.Tensor
     return images, labels, skips_of(items)
 
 
-def build_eval_dataset(folder: str, cfg: Config) -> Dataset:
-    """``folder`` (or shards) under the DINO evaluation transform of ``cfg``."""
+def build_eval_dataset(folder: str, cfg: Config, train: TrainClasses | None = None) -> Dataset:
+    """``folder`` (or shards) under the DINO evaluation transform of ``cfg``.
+
+    With ``train`` (a test folder): labelled by the train folder's class indices (``align_to``).
+    """
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
-    return dataset_from_config(folder, transform, cfg.data)
+    return aligned_dataset(dataset_from_config(folder, transform, cfg.data), folder, train)
+
+
+def aligned_dataset(dataset: Dataset, folder: str, train: TrainClasses | None) -> Dataset:
+    """``dataset`` of ``folder``, labelled by ``train``'s class indices when given (as it is)."""
+    return dataset if train is None else align_to(dataset, folder, train)
+
+
+def train_classes(source: object, folder: str, cfg: Config, purpose: str) -> TrainClasses:
+    """The classes of the train folder ``folder`` (its dataset or features) for its test folder.
+
+    One line when it has fewer than 2 classes; ``eval.unknown_test_classes`` says what a test
+    class it lacks does.
+    """
+    return TrainClasses.of(source, folder, cfg.eval.unknown_test_classes, purpose)
+
+
+def eval_dataset_pair(train_dir: str, test_dir: str, cfg: Config, purpose: str) -> list[Dataset]:
+    """Both folders under the evaluation transform, the test one labelled by the train classes."""
+    train = build_eval_dataset(train_dir, cfg)
+    return [train, build_eval_dataset(test_dir, cfg, train_classes(train, train_dir, cfg, purpose))]
 
 
 def dataset_skips(dataset: Dataset) -> SkipLog:
@@ -212,19 +246,24 @@ def extract_features(
     n_last: int = 1,
     patches: bool = False,
     cache_dir: str | Path | None = None,
+    train: TrainClasses | None = None,
 ) -> Features:
     """[cls] of the last ``n_last`` blocks (and the last block's patch tokens) for ``folder``.
 
-    With ``cache_dir`` the result is stored there under a key of the weights, the folder, the
-    transform and what was extracted, and later calls with the same key read it back.
+    With ``train`` (``folder`` is a test folder) the labels are ``train``'s class indices.
+    With ``cache_dir`` the result is stored there under a key of the weights, the files (each
+    one's path, size and time), the class names, the transform and what was extracted, and
+    later calls with the same key read it back; an entry that does not load is replaced.
     """
-    dataset = build_eval_dataset(folder, cfg)
+    dataset = build_eval_dataset(folder, cfg, train)
+    classes = dataset_classes(dataset)
     cache = None
     if cache_dir is not None:
-        key = _cache_key(backbone, folder, len(dataset), cfg, runtime, n_last, patches)
+        key = _cache_key(backbone, folder, dataset, classes, cfg, runtime, n_last, patches)
         cache = Path(cache_dir) / f"{key}.safetensors"
-        if cache.is_file():
-            return _read_cache(cache)
+        cached = _read_cache(cache) if cache.is_file() else None
+        if cached is not None:
+            return cached
     loader = DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=num_workers, collate_fn=collate_eval)
     backbone = backbone.to(runtime.device)
     cls_parts, patch_parts, labels = [], [], []
@@ -245,6 +284,7 @@ def extract_features(
         torch.cat(labels),
         torch.cat(patch_parts) if patches else None,
         tuple(skips.sorted()),
+        classes,
     )
     if cache is not None:
         _write_cache(cache, features)
@@ -252,18 +292,30 @@ def extract_features(
 
 
 def _cache_key(
-    backbone: MaskedViT, folder: str, size: int, cfg: Config, runtime: Runtime, n_last: int, patches: bool
+    backbone: MaskedViT,
+    folder: str,
+    dataset: Dataset,
+    classes: tuple[str, ...],
+    cfg: Config,
+    runtime: Runtime,
+    n_last: int,
+    patches: bool,
 ) -> str:
-    """Weights (by content), folder (path, size, mtime), eval transform, precision and outputs."""
+    """Weights (by content), files (path, size, time of each), class names, transform, outputs.
+
+    A file rewritten under the same name, a file added or removed at any depth, or another
+    class list all make another key: a cache never answers for data it was not made from.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    path = Path(folder).resolve()
     described = {
-        "folder": str(path),
-        "size": size,
-        "mtime": path.stat().st_mtime_ns,
+        "folder": str(Path(folder).resolve()),
+        "files": files_digest(dataset_files(dataset)),
+        "images": len(dataset),  # the label mapping may leave some out
+        "classes": list(classes),
+        "transform": repr(getattr(dataset, "transform", None)),
         "image_size": cfg.eval_image_size,
         "crop_ratio": cfg.eval.crop_ratio,
         "max_image_pixels": cfg.data.max_image_pixels,  # changes which images are skipped
@@ -281,15 +333,28 @@ def _write_cache(path: Path, features: Features) -> None:
     tensors = {"cls": features.cls, "labels": features.labels}
     if features.patches is not None:
         tensors["patches"] = features.patches
-    metadata = {"skips": json.dumps([list(s) for s in features.skips])}
+    metadata = {"skips": json.dumps([list(s) for s in features.skips]), "classes": json.dumps(list(features.classes))}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _read_cache(path: Path) -> Features:
+def _read_cache(path: Path) -> Features | None:
+    """The cached features; None, with one warning and the file removed, when it does not load."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    skips = tuple(Skip(*s) for s in json.loads(metadata.get("skips", "[]")))
-    tensors = load_file(str(path))
-    return Features(tensors["cls"], tensors["labels"], tensors.get("patches"), skips)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        skips = tuple(Skip(*s) for s in json.loads(metadata.get("skips", "[]")))
+        classes = tuple(str(c) for c in json.loads(metadata.get("classes", "[]")))
+        tensors = load_file(str(path))
+        features = Features(tensors["cls"], tensors["labels"], tensors.get("patches"), skips, classes)
+        if len(features.cls) != len(features.labels):
+            raise ValueError("features and labels differ in length")
+    except Exception as exc:  # noqa: BLE001 - whatever a truncated or foreign file raises: computed again
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        logger.warning(
+            "%s: unreadable feature cache (%s: %s); removed, computing again", path, type(exc).__name__, reason
+        )
+        path.unlink(missing_ok=True)
+        return None
+    return features

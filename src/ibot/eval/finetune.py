@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ibot.config import Config, FinetuneConfig
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import SkipLog
-from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips, require_labels
+from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips, require_labels, train_classes
 from ibot.models.vit import MaskedViT
 from ibot.optim import adamw, cosine_schedule
 from ibot.runtime import Runtime
@@ -125,9 +125,9 @@ def finetune(
     torch.manual_seed(seed)
     train_set = dataset_from_config(train_dir, _train_transform(cfg), cfg.data)
     skips.extend(dataset_skips(train_set))
-    labels = train_set.labels  # type: ignore[attr-defined]  # ImageFolder and TarShards both have them
-    require_labels(labels, train_dir, "fine-tuning")
-    num_classes = max(labels) + 1
+    require_labels(train_set.labels, train_dir, "fine-tuning")  # type: ignore[attr-defined]
+    classes = train_classes(train_set, train_dir, cfg, "fine-tuning")
+    num_classes = len(classes.names)
     model = Classifier(backbone.requires_grad_(True), num_classes).to(runtime.device)
     lr = settings.lr * settings.batch_size / 256
     optimizer = adamw(param_groups(model, lr, settings.weight_decay, settings.layer_decay), runtime.device)
@@ -141,7 +141,7 @@ def finetune(
         persistent_workers=settings.num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
-    test_set = build_eval_dataset(test_dir, cfg)
+    test_set = build_eval_dataset(test_dir, cfg, classes)  # labelled by the train classes' names
     skips.extend(dataset_skips(test_set))
     test_loader = DataLoader(
         test_set,

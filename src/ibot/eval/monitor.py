@@ -10,23 +10,28 @@ from __future__ import annotations
 import torch
 
 from ibot.config import Config
+from ibot.data.labels import TrainClasses
 from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
-from ibot.eval.features import build_eval_dataset, cls_features, dataset_skips, labelled_subset
+from ibot.eval.features import build_eval_dataset, cls_features, dataset_skips, labelled_subset, train_classes
 from ibot.eval.knn import knn_classify
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
 
-def _load_subset(folder: str, size: int, cfg: Config, seed: int, skips: SkipLog) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,).
+def _load_subset(
+    folder: str, size: int, cfg: Config, seed: int, skips: SkipLog, train: TrainClasses | None = None
+) -> tuple[torch.Tensor, torch.Tensor, TrainClasses]:
+    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,),
+    and the folder's classes; with ``train`` (the test folder) the labels are its class indices.
 
     What the folder's scan and the drawn images' decoding left out goes into ``skips``.
     """
-    dataset = build_eval_dataset(folder, cfg)
+    dataset = build_eval_dataset(folder, cfg, train)
     samples = labelled_subset(dataset, folder, size, seed, "the k-NN monitor")
     skips.extend(dataset_skips(dataset))
-    return torch.stack([s.view for s in samples]), torch.tensor([s.label for s in samples])
+    classes = train if train is not None else train_classes(dataset, folder, cfg, "the k-NN monitor")
+    return torch.stack([s.view for s in samples]), torch.tensor([s.label for s in samples]), classes
 
 
 class KNNMonitor:
@@ -40,8 +45,12 @@ class KNNMonitor:
         if not e.train_path or not e.test_path:
             raise IBOTError("eval.monitor_every_minutes needs eval.train_path and eval.test_path")
         self.skips = SkipLog()
-        self.train_images, self.train_labels = _load_subset(e.train_path, e.monitor_train_images, cfg, 0, self.skips)
-        self.test_images, self.test_labels = _load_subset(e.test_path, e.monitor_test_images, cfg, 1, self.skips)
+        self.train_images, self.train_labels, classes = _load_subset(
+            e.train_path, e.monitor_train_images, cfg, 0, self.skips
+        )
+        self.test_images, self.test_labels, _ = _load_subset(
+            e.test_path, e.monitor_test_images, cfg, 1, self.skips, classes
+        )
         self.k = e.monitor_k
         self.temperature = e.knn_temperature
         self.batch_size = e.batch_size

@@ -15,10 +15,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ibot.config import Config
+from ibot.data.labels import TrainClasses
 from ibot.data.loaders import dataset_from_config
 from ibot.data.transforms import build_eval_transform
 from ibot.eval.corruptions import CORRUPTIONS, corrupt
-from ibot.eval.features import encode, labelled_subset
+from ibot.eval.features import aligned_dataset, encode, labelled_subset
 from ibot.eval.probes import ProbeResult
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -46,9 +47,11 @@ class RobustnessResult:
         }
 
 
-def _load_subset(folder: str, count: int, cfg: Config, seed: int) -> tuple[list[np.ndarray], torch.Tensor]:
-    """``count`` raw RGB uint8 images of ``folder`` (seeded) and their labels."""
-    dataset = dataset_from_config(folder, np.asarray, cfg.data)
+def _load_subset(
+    folder: str, count: int, cfg: Config, seed: int, train: TrainClasses | None
+) -> tuple[list[np.ndarray], torch.Tensor]:
+    """``count`` raw RGB uint8 images of ``folder`` (seeded) and their labels (``train``'s indices)."""
+    dataset = aligned_dataset(dataset_from_config(folder, np.asarray, cfg.data), folder, train)
     samples = labelled_subset(dataset, folder, count, seed, "the robustness benchmark")
     return [s.view for s in samples], torch.tensor([s.label for s in samples])
 
@@ -81,9 +84,13 @@ def corruption_benchmark(
     n_last: int,
     seed: int = 0,
     progress: bool = True,
+    train: TrainClasses | None = None,
 ) -> RobustnessResult:
-    """``probe`` (trained on clean features of ``n_last`` blocks) on ``count`` corrupted test images."""
-    arrays, labels = _load_subset(test_folder, count, cfg, seed)
+    """``probe`` (trained on clean features of ``n_last`` blocks) on ``count`` corrupted test images.
+
+    ``train``: the classes the probe was trained on; the test labels are mapped onto them by name.
+    """
+    arrays, labels = _load_subset(test_folder, count, cfg, seed, train)
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     backbone = backbone.to(runtime.device).eval()
 
