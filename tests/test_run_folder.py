@@ -232,3 +232,35 @@ def test_a_refused_resume_leaves_config_yaml(
     assert main(_pretrain(run, finished[1], "--resume", "model.out_dim=48")) == 2
     assert "different model config" in _one_line_error(capsys)
     assert _hashes(run) == before
+
+
+def test_pretraining_holds_the_lock_from_before_its_first_write_to_its_end(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ibot.train import loop
+
+    run = RunFolder(tmp_path / "run")
+    seen: list[str] = []
+    write_run_folder, train_step = loop._write_run_folder, loop._train_step
+
+    def first_write(folder: RunFolder, cfg: object) -> None:
+        seen.append(f"locked before the first write: {folder.lock_file.is_file() and not folder.config.exists()}")
+        write_run_folder(folder, cfg)
+
+    def step_and_try_the_lock(*args: object, **kwargs: object) -> object:
+        code = "from pathlib import Path\nfrom ibot.run_folder import RunFolder\n"
+        code += f"RunFolder(Path({str(run.root)!r})).lock('x').__enter__()"
+        env = {**os.environ, "PYTHONPATH": SRC}
+        tried = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        seen.append(tried.stderr.strip().splitlines()[-1])
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_write_run_folder", first_write)
+    monkeypatch.setattr(loop, "_train_step", step_and_try_the_lock)
+    train(load_config(None, [*tiny_overrides(image_folder, run.root), "train.max_steps=1"]), progress=False)
+    assert seen == [
+        "locked before the first write: True",
+        f"ibot.run_folder.RunFolderLocked: {run.root}: in use by PID {os.getpid()} (ibot pretrain); "
+        "wait for it to end or choose another folder",
+    ]
+    assert not run.lock_file.exists() and run.teacher.is_file()
