@@ -168,14 +168,52 @@ def test_a_run_without_weights_is_named(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_a_non_empty_out_needs_force(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export_ok(run, "timm", out, capsys)
+    (out / "stale.txt").write_text("left by the earlier export's user")
     err = export_fails([str(run), "--format", "timm", "--out", str(out)], capsys)
     assert str(out) in err and "--force" in err
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "stale.txt").is_file()
     assert main(["export", str(run), "--format", "timm", "--out", str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [export_module.MARKER, "config.json", "model.safetensors"]
+    marker = json.loads((out / export_module.MARKER).read_text())
+    assert marker["format"] == "timm" and marker["source"] == str(run.resolve())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
+
+
+def test_force_replaces_only_an_earlier_export(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = export_fails([str(run), "--format", "timm", "--out", str(out), "--force"], capsys)
+    assert str(out) in err and export_module.MARKER in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("where", ["RUN", "RUN/..", ".", "RUN/sub", "RUN/teacher.safetensors"])
+def test_out_is_never_the_run_folder_above_or_inside_it(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--out RUN --force`` deleted the run folder; ``--out .`` / ``RUN/..`` ended in an OSError and debris."""
+    run = make_run(tmp_path / "run")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "sub").mkdir()
+    (run / "sub" / "notes.txt").write_text("mine")
+    before = _hashes(tmp_path)
+    monkeypatch.chdir(tmp_path)  # "." is the run folder's parent, as in the issue
+    out = where.replace("RUN", str(run))
+    for weights in (run, run / "teacher.safetensors"):
+        err = export_fails([str(weights), "--format", "onnx", "--out", out, "--force"], capsys)
+        assert f"--out {out}:" in err and ("run folder" in err or "working directory" in err)
+    assert _hashes(tmp_path) == before  # byte-identical, no .old-* or .export-* folder left anywhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize("fmt", ["timm", "hf"])

@@ -191,7 +191,10 @@ def _write_report(run: RunFolder) -> tuple[Path, Path]:
                 for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp")
             ],
         )
-        images += [("Training losses", run.relative(figures / "losses.png")), ("Schedules", run.relative(figures / "schedules.png"))]
+        images += [
+            ("Training losses", run.relative(figures / "losses.png")),
+            ("Schedules", run.relative(figures / "schedules.png")),
+        ]
         if any("cls_teacher_entropy" in r for r in train_rows):
             _plot(
                 figures / "collapse.png",

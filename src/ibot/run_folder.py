@@ -74,6 +74,11 @@ class RunFolder:
         return step_checkpoints(self.root)
 
     @property
+    def slurm(self) -> Path:
+        """``ibot submit``'s default folder of submitit's logs and pickles."""
+        return self.root / "slurm"
+
+    @property
     def skipped(self) -> Path:
         """The files pre-training could not read."""
         return self.root / "skipped.tsv"

@@ -16,6 +16,7 @@ from typing import Any
 
 from ibot.config import Config, config_from_dict
 from ibot.errors import ConfigError
+from ibot.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def submit(cfg: Config, slurm: SlurmConfig, folder: str | Path | None = None, lo
         import submitit
     except ImportError:
         raise ConfigError("ibot submit needs submitit: pip install 'ibot[slurm]'") from None
-    folder = Path(folder) if folder else Path(cfg.train.output_dir) / "slurm"
+    folder = Path(folder) if folder else RunFolder(Path(cfg.train.output_dir)).slurm
     executor = submitit.AutoExecutor(folder=str(folder), cluster="local" if local else None)
     params: dict[str, Any] = {
         "name": slurm.name,
