@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -214,6 +215,21 @@ def test_out_is_never_the_run_folder_above_or_inside_it(
         assert f"--out {out}:" in err and ("run folder" in err or "working directory" in err)
     assert _hashes(tmp_path) == before  # byte-identical, no .old-* or .export-* folder left anywhere
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_new_folder_beside_a_foreign_weights_file_is_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A downloaded weights file's folder holds no run: a new sub-folder there is just a new folder."""
+    run = make_run(tmp_path / "run")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    weights = downloads / "vit.safetensors"
+    shutil.copy(run / "teacher.safetensors", weights)
+    assert main(["export", str(weights), "--format", "timm", "--out", str(downloads / "timm")]) == 0
+    assert (downloads / "timm" / "model.safetensors").is_file()
+    err = export_fails([str(weights), "--format", "timm", "--out", str(downloads), "--force"], capsys)
+    assert "run folder" in err
 
 
 @pytest.mark.parametrize("fmt", ["timm", "hf"])

@@ -72,10 +72,14 @@ def refuse_unexpressible(cfg: Config, fmt: str) -> None:
 
 def check_out(out: Path, force: bool, weights: str | Path) -> None:
     """``out`` must be new, an empty folder, or (with ``force``) a folder an earlier export wrote
-    (it holds ``MARKER``); never the run folder (the weights file's folder), a folder above it or
-    inside it, nor the working directory or a folder above it: replacing them would lose a run."""
-    run = RunFolder.of(weights).root
-    if _within(out, run) or _within(run, out):
+    (it holds ``MARKER``); never the run folder (the weights file's folder) or a folder above it,
+    inside a folder that holds a run, nor the working directory or a folder above it: replacing
+    them would lose a run."""
+    folder = RunFolder.of(weights)
+    run = folder.root
+    # A sub-folder of a run is refused (its files are the run's); next to a downloaded weights
+    # file it is only a new folder. The folder itself or one above it never.
+    if _within(run, out) or (_within(out, run) and (out.resolve() == run.resolve() or folder.holds_run())):
         raise ExportError(f"--out {out}: is, holds or lies inside the run folder {run}; choose a folder outside it")
     if _within(Path.cwd(), out):
         raise ExportError(f"--out {out}: is or holds the working directory; choose another folder")
