@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ibot.train.cadence import END, MAX_MINUTES, MAX_STEPS, SIGNAL, Cadence
+from ibot.train.cadence import END, MAX_MINUTES, MAX_STEPS, SIGNAL, Cadence, DecodeWatch
+from ibot.train.schedules import budget_total_steps
 
 
 def _run(cadence: Cadence, total: int, minutes_per_step: float = 0.0, signal_at: int = 0) -> list[tuple]:
@@ -73,3 +74,49 @@ def test_a_run_at_its_last_step_is_finished() -> None:
     cadence = Cadence(log_every=5, checkpoint_every=100, max_steps=7)
     assert [s for s in range(10) if cadence.finished(s, total_steps=9)] == [7, 8, 9]
     assert Cadence(log_every=5, checkpoint_every=100).finished(9, total_steps=9)
+
+
+def _budget_run(cadence: Cadence, minutes_at, planned: int = 10_000) -> int:  # type: ignore[no-untyped-def]
+    """Step a budget run like the loop does (re-planned whenever the clock is read); the step it stops at."""
+    total = planned
+    for step in range(1, planned + 1):
+        minutes = minutes_at(step) if cadence.reads_clock(step, total) else None
+        if minutes is not None:
+            total = budget_total_steps(step, minutes, cadence.budget_minutes)
+        if cadence.after_step(step, total, minutes, 0, signalled=False).stop:
+            return step
+    raise AssertionError("the budget never ended")
+
+
+def test_a_budget_shorter_than_a_log_window_ends_on_time() -> None:
+    # 0.02 min a step: 5 steps fill 0.1 min; the first log step (20) lies far past it.
+    cadence = Cadence(log_every=20, checkpoint_every=1000, budget_minutes=0.1)
+    assert _budget_run(cadence, lambda step: 0.02 * step) == 5
+
+
+def test_a_budget_ends_within_a_step_when_the_pace_drops() -> None:
+    # 0.001 min a step, then 10x slower from step 41 (another process took the core): the budget of
+    # 0.1 min is spent at step 46, long before the estimate made at the fast pace (step 100).
+    def minutes_at(step: int) -> float:
+        return 0.001 * min(step, 40) + 0.01 * max(0, step - 40)
+
+    cadence = Cadence(log_every=20, checkpoint_every=1000, budget_minutes=0.1)
+    assert _budget_run(cadence, minutes_at) in (46, 47)
+
+
+def test_a_budget_with_a_slow_start_still_fills_its_time() -> None:
+    # The first step pays for the loader's start (3 s); then 0.001 min a step: 97 steps fit.
+    cadence = Cadence(log_every=20, checkpoint_every=1000, budget_minutes=0.1)
+    assert _budget_run(cadence, lambda step: 0.05 + 0.0005 * step) in (100, 101)
+
+
+def test_decode_watch_needs_a_whole_epoch_without_an_image() -> None:
+    # 10 samples an epoch, 4 a batch, from the start of the stream: the third batch ends at 12.
+    watch = DecodeWatch(per_rank=10, batch_size=4)
+    assert [watch.batch(decoded=False) for _ in range(3)] == [False, False, True]
+    # A decoded image at sample 4 starts the stretch again: the epoch [10, 20) is spanned at 20.
+    watch = DecodeWatch(per_rank=10, batch_size=4)
+    assert [watch.batch(decoded) for decoded in (True, False, False, False, False)] == [False] * 4 + [True]
+    # A resumed stream (samples 0-7 drawn before): not the rest of epoch 0, but [10, 20), at 20.
+    watch = DecodeWatch(per_rank=10, batch_size=4, position=8)
+    assert [watch.batch(decoded=False) for _ in range(3)] == [False, False, True]

@@ -255,3 +255,78 @@ def test_one_non_finite_step_too_many_stops_the_run(tiny_config: Config, monkeyp
     _nan_at({3, 5}, monkeypatch)
     with pytest.raises(NonFiniteLossError, match="more than train.skip_nonfinite_steps=1"):
         train(_with(tiny_config, skip_nonfinite_steps=1), progress=False)
+
+
+def _broken_folder(root: Path, count: int) -> Path:
+    """``count`` files named like images that are not images."""
+    (root / "a").mkdir(parents=True)
+    for i in range(count):
+        (root / "a" / f"{i:02d}.png").write_bytes(b"not a png %d" % i)
+    return root
+
+
+def _bounded_loader(monkeypatch: pytest.MonkeyPatch, batches: int, hook=None) -> None:  # type: ignore[no-untyped-def]
+    """The real loader, cut after ``batches`` (a loop that never ends fails the test instead of hanging
+    it); ``hook(i)`` runs before the i-th batch is handed over."""
+    import itertools
+
+    import ibot.train.loop as loop
+
+    real = loop.build_train_loader
+
+    def build(cfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loader, dataset = real(cfg, *args, **kwargs)
+
+        def cut():  # type: ignore[no-untyped-def]
+            for i, batch in enumerate(itertools.islice(loader, batches)):
+                if hook is not None:
+                    hook(i)
+                yield batch
+
+        return cut(), dataset
+
+    monkeypatch.setattr(loop, "build_train_loader", build)
+
+
+@pytest.mark.parametrize("pipeline, workers", [("pil", 0), ("device", 2)])
+def test_a_folder_where_nothing_decodes_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], pipeline: str, workers: int
+) -> None:
+    data = _broken_folder(tmp_path / "broken", 10)
+    _bounded_loader(monkeypatch, 200)  # an epoch is 10 images: 3 batches of 4 hold one
+    run = tmp_path / "run"
+    overrides = tiny_overrides(data, run) + [f"data.pipeline={pipeline}", f"data.num_workers={workers}"]
+    code = main(["pretrain", "--config", _empty_config(tmp_path), "--no-progress", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == f"ibot: error: no image in {data} decoded: 10 files skipped, see {run / 'skipped.tsv'}"
+    assert "Traceback" not in "\n".join(err)
+    listed = (run / "skipped.tsv").read_text().splitlines()[1:]
+    assert sorted(line.split("\t")[0] for line in listed) == sorted(str(p) for p in (data / "a").iterdir())
+    assert not list(run.glob("checkpoint*"))
+
+
+def test_a_folder_where_some_images_decode_trains_and_counts_them(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _broken_folder(image_folder / "zz_broken", 2)  # 18 files listed, 16 images
+    result = train(load_config(None, tiny_overrides(image_folder, tmp_path / "run")), progress=False)
+    # 2 epochs of 4 steps: 32 draws from a permutation of 18 files hold them all.
+    assert result.step == 8 and result.listed_images == 18
+    assert result.decoded_images == 16 and result.skipped_images == 2
+
+
+def test_a_stop_signal_during_batches_without_images_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _broken_folder(tmp_path / "broken", 40)  # an epoch is 10 batches: the signal comes first
+
+    def signal_at_the_third(i: int) -> None:
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _bounded_loader(monkeypatch, 200, signal_at_the_third)
+    cfg = load_config(None, tiny_overrides(data, tmp_path / "run"))
+    result = train(cfg, progress=False)
+    assert result.stopped_by == "SIGTERM" and result.step == 0
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 0  # resumable from where it stopped

@@ -127,6 +127,42 @@ def test_budget_fits_the_schedule_to_the_time(tiny_config: Config) -> None:
     assert rows[-1]["teacher_momentum"] > 0.999
 
 
+def test_a_budget_counts_training_steps_not_building_the_monitor(
+    tiny_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a clock injected into the loop: building the k-NN monitor takes 10 minutes, each step 1 s;
+    a 0.5-minute budget is 30 steps, whatever the log cadence (``ibot ablate --budget 0.1m`` ran
+    10 to 65 steps over)."""
+    from types import SimpleNamespace
+
+    import ibot.train.loop as loop
+    from ibot.data.skips import SkipLog
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    real_step = loop._train_step
+
+    def one_second_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        now[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", one_second_step)
+
+    class SlowToBuild:
+        skips = SkipLog()
+
+        def __init__(self, cfg: Config, run: object) -> None:
+            now[0] += 600.0  # decoding the monitor's images
+
+        def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
+            return {"knn_top1": 0.0}
+
+    cfg = replace(tiny_config, optim=replace(tiny_config.optim, epochs=1000))
+    cfg = replace(cfg, eval=replace(cfg.eval, monitor_every_minutes=100.0))
+    result = train(_with(cfg, budget_minutes=0.5, log_every=10), progress=False, monitor=SlowToBuild)
+    assert result.step in (30, 31) and result.total_steps == result.step
+
+
 def test_resume_refuses_a_different_model(image_folder: Path, tmp_path: Path) -> None:
     cfg = load_config(None, tiny_overrides(image_folder, tmp_path / "run") + ["train.max_steps=1"])
     train(cfg, progress=False)

@@ -62,6 +62,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _pretrain_config(args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress, monitor=KNNMonitor)
+    if result.already_finished:
+        logger.info("already finished at step %d; weights in %s", result.step, result.output_dir)
+        return 0
     if result.stopped_by:
         logger.info(
             "stopped by %s at step %d/%d; checkpoint in %s. Resume with: %s",

@@ -36,6 +36,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
 RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
 PIPELINES = ("pil", "device")
+# The keys a resume may change when ``train.resume_allow_changes`` names them: the run goes on
+# over other images or in other batches. The model and the world size never change on resume.
+RESUME_CHANGES = ("data.path", "data.batch_size")
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,8 @@ class TrainConfig:
     # Non-finite losses whose update is skipped (each logged) before the run stops; > 0 checks the
     # loss at every step (a host sync), 0 only at log and checkpoint steps.
     skip_nonfinite_steps: int = 0
+    # What a resume may change (``RESUME_CHANGES``); any other change is refused with one line.
+    resume_allow_changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
@@ -285,6 +290,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = no limit)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(self.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", "must be >= 0")
+        unknown = sorted(set(self.resume_allow_changes) - set(RESUME_CHANGES))
+        _check(not unknown, "train.resume_allow_changes", f"unknown {unknown}; allowed: {list(RESUME_CHANGES)}")
 
 
 @dataclass(frozen=True)
@@ -457,6 +464,8 @@ class RunPlan:
     steps_per_epoch: int
     total_steps: int
     lr: float  # peak learning rate after the linear scaling rule
+    dataset_size: int = 0  # files listed in data.path (a checkpoint before this field: 0)
+    world_size: int = 1
 
     @staticmethod
     def derive(cfg: Config, dataset_size: int, world_size: int = 1) -> RunPlan:
@@ -467,6 +476,8 @@ class RunPlan:
             steps_per_epoch=steps_per_epoch,
             total_steps=max(1, math.ceil(cfg.optim.epochs * steps_per_epoch)),
             lr=cfg.optim.lr * global_batch / 256,
+            dataset_size=dataset_size,
+            world_size=world_size,
         )
 
 

@@ -26,6 +26,8 @@ class Batch:
         skipped: the images dropped from this batch, each with its reason.
         mask_indices: (M,) int64 flat indices of ``mask`` (``mask.flatten().nonzero()``), made by
             the collate in the loader workers so the step needs no host sync to gather tokens.
+        indices: (B,) int64, the dataset index of each image (what the run reports as decoded);
+            it stays on the CPU.
         global_params, local_params: with ``data.pipeline=device``, the crops are uint8 and these
             hold each crop's augmentation parameters, crop-major like the crops; they stay on
             the CPU (``to`` leaves them) until ``ibot.data.photometric.DeviceAugment`` applies them.
@@ -39,6 +41,7 @@ class Batch:
     mask_indices: torch.Tensor | None = None
     global_params: torch.Tensor | None = None
     local_params: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
 
     def masked_indices(self) -> torch.Tensor:
         """Flat indices of the masked patches in (G*B*N) order."""
@@ -97,7 +100,17 @@ class MultiCropCollate:
                 "global_params": torch.stack([c.global_params for c in crops], dim=1).flatten(0, 1),
                 "local_params": torch.stack([c.local_params for c in crops], dim=1).flatten(0, 1),
             }
-        return Batch(global_crops, local_crops, mask, labels, skipped, mask.flatten().nonzero().flatten(), **params)
+        indices = torch.tensor([s.index for s in samples], dtype=torch.long)
+        return Batch(
+            global_crops,
+            local_crops,
+            mask,
+            labels,
+            skipped,
+            mask.flatten().nonzero().flatten(),
+            **params,
+            indices=indices,
+        )
 
     def _image_masks(self, seed: int | None, num_global: int) -> torch.Tensor:
         """(G, N) masks of one image, from its own seed when it has one."""

@@ -79,6 +79,11 @@ def dataset_from_config(path: str, transform: Any, data: DataConfig) -> Dataset:
     return build_dataset(path, transform, data.format, data.index_cache, data.max_image_pixels)
 
 
+def listed_images(data: DataConfig) -> int:
+    """How many image files ``data.path`` lists (its scan or shard index; nothing is decoded)."""
+    return len(dataset_from_config(data.path, None, data))
+
+
 def training_mask_config(cfg: Config) -> MaskConfig:
     """``cfg.mask``, except that plain DINO (``mim.target=none``) masks nothing: no patch loss."""
     return replace(cfg.mask, probability=0.0) if cfg.mim.target == "none" else cfg.mask

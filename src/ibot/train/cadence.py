@@ -1,8 +1,10 @@
 """When the pre-training loop logs, saves, runs the k-NN monitor and stops: a pure function of step and time.
 
 The loop asks ``Cadence.reads_clock`` whether this step needs rank 0's clock (it is read and
-broadcast only then, so every rank takes the same decision without a sync at other steps), then
-``Cadence.after_step`` for what to do now. Nothing here reads a clock, a file or a signal.
+broadcast only then, so every rank takes the same decision without a sync at other steps; under
+a budget, at every step), then ``Cadence.after_step`` for what to do now. ``DecodeWatch`` tells
+when batches without a decodable image have spanned a whole epoch. Nothing here reads a clock,
+a file or a signal.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ class Cadence:
         return step >= total_steps or 0 < self.max_steps <= step
 
     def reads_clock(self, step: int, total_steps: int) -> bool:
-        """Whether ``after_step`` needs the training minutes at ``step``: log steps of a timed run, and the
-        estimated end of a budget (which moves on if the pace picked up)."""
-        timed = self.max_minutes > 0 or self.monitor_every_minutes > 0 or self.budget_minutes > 0
-        return (timed and step % self.log_every == 0) or (self.budget_minutes > 0 and step >= total_steps)
+        """Whether ``after_step`` needs the training minutes at ``step``: log steps of a timed run, and every
+        step of a budget. A budget estimated at log steps alone overshoots: a short one is spent before
+        the first log step, and a pace that drops after an estimate is seen only at the next one."""
+        timed = self.max_minutes > 0 or self.monitor_every_minutes > 0
+        return self.budget_minutes > 0 or (timed and step % self.log_every == 0)
 
     def after_step(
         self, step: int, total_steps: int, minutes: float | None, monitors_done: int, signalled: bool
@@ -89,3 +92,32 @@ class Cadence:
         if minutes is not None and 0 < self.max_minutes < minutes:
             return MAX_MINUTES
         return ""
+
+
+@dataclass
+class DecodeWatch:
+    """Whether a whole epoch of the sampler went by without one image that decoded.
+
+    ``position`` counts the samples this rank has drawn (``batch_size`` per batch, from the
+    sample the run started at); an epoch is ``per_rank`` samples, from a multiple of it. A stretch
+    of batches without a decoded image (on any rank) that spans such an epoch proves that no
+    image of it decodes; stretches that do not are only bad luck.
+    """
+
+    per_rank: int
+    batch_size: int
+    position: int = 0
+    since: int = -1  # where the stretch without a decoded image began (-1: at ``position``)
+
+    def __post_init__(self) -> None:
+        if self.since < 0:
+            self.since = self.position
+
+    def batch(self, decoded: bool) -> bool:
+        """Count one batch; True once the stretch without a decoded image holds a whole epoch."""
+        self.position += self.batch_size
+        if decoded:
+            self.since = self.position
+            return False
+        first_epoch = -(-self.since // self.per_rank) * self.per_rank  # the first epoch start in the stretch
+        return first_epoch + self.per_rank <= self.position

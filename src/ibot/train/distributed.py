@@ -67,6 +67,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(tensor.item())
 
 
+def any_ranks(flags: list[bool], env: DistEnv) -> list[bool]:
+    """``any_rank`` of several flags in one message."""
+    if not env.enabled:
+        return flags
+    tensor = torch.tensor([float(f) for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
-from ibot.data.loaders import build_train_loader
+from ibot.data.loaders import build_train_loader, listed_images
 from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
@@ -28,12 +28,13 @@ from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
 from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
 from ibot.storage import remove_debris, save_backbone, sub_state_dict
-from ibot.train.cadence import END, SIGNAL, Actions, Cadence
+from ibot.train.cadence import END, SIGNAL, Actions, Cadence, DecodeWatch
 from ibot.train.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ibot.train.distributed import (
     DistEnv,
     all_reduce_mean,
     any_rank,
+    any_ranks,
     barrier,
     broadcast_values,
     init_distributed,
@@ -65,6 +66,9 @@ class RunResult:
     knn_top1: float | None  # last k-NN monitor value (None without the monitor)
     stopped_by: str = ""  # the signal that stopped the run early ("SIGTERM"), "" otherwise
     skipped_steps: int = 0  # steps whose loss was not finite and whose update was skipped
+    already_finished: bool = False  # a resume of a run with nothing left to train: no step taken
+    decoded_images: int = 0  # distinct files decoded by this call (every rank's), of ``listed_images``
+    listed_images: int = 0  # the files data.path lists (some may not decode)
 
 
 class TrainClock:
@@ -74,7 +78,12 @@ class TrainClock:
     """
 
     def __init__(self, already: float = 0.0) -> None:
-        self._start = time.monotonic() - 60 * already
+        self._already = already
+        self.start()
+
+    def start(self) -> None:
+        """Count from now (plus ``already``): what came before, e.g. building the monitor, is not training."""
+        self._start = time.monotonic() - 60 * self._already
         self._paused = 0.0
 
     def minutes(self) -> float:
@@ -103,11 +112,55 @@ def collapse_warnings(values: dict[str, float], num_prototypes: int) -> dict[tup
 
 
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
-    """Refuse to resume with a different model: the weights would not fit or mean something else."""
+    """Refuse to resume with a different model (the weights would not fit or mean something else), or
+    with other data or batch size unless ``train.resume_allow_changes`` names the key."""
     old = config_from_dict(saved)
     # model.init_from only chose the starting weights: the checkpoint's weights rule now.
     if replace(old.model, init_from="") != replace(cfg.model, init_from=""):
         raise ConfigError(f"{path}: checkpoint was trained with a different model config; start a new output_dir")
+    changes = {
+        "data.path": (old.data.path, cfg.data.path, _same_path(old.data.path, cfg.data.path)),
+        "data.batch_size": (old.data.batch_size, cfg.data.batch_size, old.data.batch_size == cfg.data.batch_size),
+    }
+    for key, (before, now, same) in changes.items():
+        if not same and key not in cfg.train.resume_allow_changes:
+            raise ConfigError(
+                f"{key}: {path} was trained with {before}, this resume has {now}; resume with the same "
+                f"{key}, or allow the change with train.resume_allow_changes=[{key}]"
+            )
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+
+
+def _check_resume_plan(state: dict, cfg: Config, world_size: int, path: Path) -> None:
+    """Refuse to resume with another number of processes (the sample stream and the schedules are
+    cut for it: always), or over a folder that lists another number of images than the checkpoint's
+    run did (unless ``train.resume_allow_changes`` allows data.path)."""
+    plan = state.get("plan") or {}
+    saved_batch = config_from_dict(state["config"]).data.batch_size
+    global_batch = int(plan.get("global_batch_size", saved_batch))
+    was = int(plan.get("world_size", global_batch // saved_batch))  # checkpoints before the field: derived
+    if was != world_size:
+        raise ConfigError(
+            f"{path}: checkpoint was written by {was} process(es), this resume runs {world_size}; "
+            f"resume it with {was} (or start a new output_dir)"
+        )
+    if "data.path" in cfg.train.resume_allow_changes or not plan:
+        return
+    listed = listed_images(cfg.data)
+    before = int(plan.get("dataset_size", 0))
+    if before:
+        changed, what = listed != before, f"lists {listed} images, {before} when"
+    else:  # a checkpoint from before the field: its steps per epoch tell
+        steps, steps_before = max(1, listed // global_batch), plan["steps_per_epoch"]
+        changed, what = steps != steps_before, f"gives {steps} steps per epoch, {steps_before} when"
+    if changed:
+        raise ConfigError(
+            f"data.path: {cfg.data.path} {what} {path} was written: the dataset changed; resume over the same "
+            "images, or allow the change with train.resume_allow_changes=[data.path]"
+        )
 
 
 Resume = bool | Literal["auto"]
@@ -244,6 +297,7 @@ def _start(
         return 0, 0.0
     state, path = found
     _check_resume_config(state["config"], cfg, path)
+    _check_resume_plan(state, cfg, env.world_size, path)
     saved_sharded = state.get("optimizer_keys") == "names"
     if saved_sharded != t.sharded:
         was = "train.parallel=fsdp under torchrun" if saved_sharded else "no FSDP"
@@ -386,6 +440,8 @@ class _Session:
     augment: DeviceAugment  # data.pipeline=device: the augmentations that run on the training device
     window: _Window = field(default_factory=_Window)
     warned: set[tuple[str, str]] = field(default_factory=set)
+    saved_step: int = -1  # the step of the newest checkpoint this process wrote or resumed from
+    decoded: torch.Tensor | None = None  # (dataset size,) bool: the files decoded since the start
     # What the run result reports.
     skipped_steps: int = 0
     monitors_done: int = 0
@@ -395,15 +451,49 @@ class _Session:
 
     def read_clock(self) -> float | None:
         """Rank 0's training minutes, broadcast, at the steps the cadence needs them (a budget is re-planned then)."""
-        budget = self.cfg.train.budget_minutes
         if not self.cadence.reads_clock(self.step, self.plan.total_steps):
             return None
         (minutes,) = broadcast_values([self.clock.minutes()], self.env)
-        if budget > 0:
+        self.replan(minutes)
+        return minutes
+
+    def replan(self, minutes: float) -> None:
+        """Under ``train.budget_minutes``: the steps that fill the budget at the pace so far."""
+        budget = self.cfg.train.budget_minutes
+        if budget > 0 and self.step > 0 and minutes > 0:
             self.plan = replace(self.plan, total_steps=budget_total_steps(self.step, minutes, budget))
             self.schedules = Schedules(self.cfg, self.plan)
             self.bar.total = self.plan.total_steps
-        return minutes
+
+    def finished_before(self) -> bool:
+        """A resumed run with nothing left to train: its steps done, ``train.max_steps`` reached or its budget spent."""
+        if self.step == 0:
+            return False
+        (minutes,) = broadcast_values([self.clock.minutes()], self.env)
+        self.replan(minutes)
+        return self.cadence.finished(self.step, self.plan.total_steps)
+
+    def count_decoded(self, batch: Batch) -> None:
+        if batch.indices is not None and self.plan.dataset_size:
+            if self.decoded is None:
+                self.decoded = torch.zeros(self.plan.dataset_size, dtype=torch.bool)
+            self.decoded[batch.indices] = True
+
+    def decoded_images(self) -> int:
+        """Distinct files decoded since the start, on every rank (a collective: every rank calls it)."""
+        seen = self.decoded if self.decoded is not None else torch.zeros(self.plan.dataset_size, dtype=torch.bool)
+        if self.env.enabled:  # each rank decoded its own share of the files
+            seen = all_reduce_mean(seen.to(self.run.device, torch.float32), self.env) > 0
+        return int(seen.sum())
+
+    def no_image_decoded(self, resumed: bool) -> DataError:
+        """The error of a run over a folder where a whole epoch decoded nothing; the skip list written first."""
+        tsv = RunFolder(self.store.folder).skipped
+        if self.env.is_main:
+            report_skips(self.skipped_images, "pretrain", tsv, merge=resumed)
+        return DataError(
+            f"no image in {self.cfg.data.path} decoded: {len(self.skipped_images)} files skipped, see {tsv}"
+        )
 
     def count_skipped_step(self) -> None:
         limit = self.cfg.train.skip_nonfinite_steps
@@ -476,6 +566,7 @@ class _Session:
 
     def save(self) -> None:
         _save(self.trainee, self.store, self.step, self.clock.minutes(), self.cfg, self.plan, self.env)
+        self.saved_step = self.step
 
     def run_monitor(self) -> None:
         """k-NN of the teacher on the monitor subset, logged at this step (rank 0; the others wait)."""
@@ -492,11 +583,13 @@ class _Session:
         if self.metrics is not None:
             self.metrics.close()
 
-    def result(self, stopped_by: str, resumed: bool) -> RunResult:
+    def result(self, stopped_by: str, resumed: bool, already_finished: bool = False) -> RunResult:
         if self.monitor is not None:
             self.skipped_images.extend(self.monitor.skips)
-        if self.env.is_main:
+        decoded = self.decoded_images()
+        if self.env.is_main and not already_finished:  # a finished run read no image: its list stands
             report_skips(self.skipped_images, "pretrain", RunFolder(self.store.folder).skipped, merge=resumed)
+            logger.info("decoded %d of the %d listed image files", decoded, self.plan.dataset_size)
         return RunResult(
             self.store.folder,
             self.step,
@@ -508,6 +601,9 @@ class _Session:
             self.knn_top1,
             stopped_by,
             self.skipped_steps,
+            already_finished,
+            decoded,
+            self.plan.dataset_size,
         )
 
 
@@ -553,8 +649,10 @@ def _open_session(
     if env.is_main:
         _write_run_folder(folder, cfg)
         logger.info(
-            "%d images, %s, %d process(es), device %s, precision %s, attention %s, residual stream %s",
+            "%d image files listed in %s (each decoded when drawn), %s, %d process(es), "
+            "device %s, precision %s, attention %s, residual stream %s",
             len(dataset),
+            cfg.data.path,
             plan,
             env.world_size,
             run.device,
@@ -588,18 +686,35 @@ def _train(
     cfg: Config, run: Runtime, env: DistEnv, resume: Resume, progress: bool, monitor: MonitorFactory | None
 ) -> RunResult:
     s = _open_session(cfg, run, env, resume, progress, monitor)
+    s.clock.start()  # building the session (the monitor's images included) is not training time
+    if s.step > 0:
+        s.saved_step = s.step  # the checkpoint it resumed from
+    if s.finished_before():
+        s.close()
+        return s.result("", resumed=True, already_finished=True)
     if s.step == 0 and cfg.eval.monitor_every_minutes > 0:
         s.run_monitor()  # the untrained starting point of the curve
     act = Actions()
+    per_rank = max(1, s.plan.dataset_size // env.world_size)  # the sampler's epoch on each rank
+    watch = DecodeWatch(per_rank, cfg.data.batch_size, position=s.step * cfg.data.batch_size)
     s.trainee.method.train()
     with StopRequests() as requests:
         try:
             for batch in s.window.timed(s.loader):  # the loader's waits go into the data-wait share
-                if s.cadence.finished(s.step, s.plan.total_steps):  # a finished run resumed: nothing to do
-                    break
+                images = batch.batch_size if batch is not None else 0
                 s.skipped_images.extend(batch.skipped if batch is not None else ())
-                if batch is None or batch.batch_size == 0:
+                # Every rank steps or none does (DDP); a stop request is seen on batches without images too.
+                asked, skip, decoded = any_ranks([bool(requests.signum), images == 0, images > 0], env)
+                if watch.batch(decoded) and not asked:
+                    raise s.no_image_decoded(resumed=bool(resume))
+                if skip:
+                    if asked:
+                        act = Actions(save=s.saved_step != s.step, stop=SIGNAL)
+                        if act.save:
+                            s.save()
+                        break
                     continue
+                s.count_decoded(batch)
                 log_monitors = (s.step + 1) % cfg.train.log_every == 0  # the steps whose metrics are logged
                 out_loss, values, grad_norm, skipped = _train_step(
                     s.trainee, s.augment(batch.to(run.device)), s.step, s.schedules, run, cfg, env, log_monitors
