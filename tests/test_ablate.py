@@ -31,6 +31,14 @@ def test_variants_file_is_checked(tmp_path: Path) -> None:
         load_variants(tmp_path / "missing.yaml")
 
 
+def test_a_binary_variants_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8: the config loader's one line, not a UnicodeDecodeError."""
+    path = tmp_path / "garbage.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="garbage.yaml: not a YAML text file"):
+        load_variants(path)
+
+
 def test_mean_std_and_table() -> None:
     assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert mean_std([4.0]) == (4.0, 0.0)

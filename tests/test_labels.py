@@ -95,6 +95,22 @@ def test_a_test_class_absent_from_train_is_one_line(
     assert "eval.unknown_test_classes=skip" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["knn", "probe"])
+def test_a_refused_pair_caches_no_feature(folders: dict[str, Path], command: str, tmp_path: Path) -> None:
+    """The class check comes before extraction, and a test folder that fails later (nothing decodes)
+    leaves the train folder's features uncached: a refusal writes nothing."""
+    cache = tmp_path / "cache"
+    assert _eval(folders, command, "extra", "--cache-dir", str(cache)) == 2
+    broken = tmp_path / "broken" / "class_0"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"not a png")
+    folders = {**folders, "broken": broken.parent}
+    assert _eval(folders, command, "broken", "--cache-dir", str(cache)) == 2
+    assert not cache.exists() or not any(cache.iterdir())
+    assert _eval(folders, command, "train", "--cache-dir", str(cache)) == 0
+    assert len(list(cache.iterdir())) == 1  # the cache works again (train = test: one key)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_skip_leaves_the_unknown_class_out_and_counts_it(
     folders: dict[str, Path], command: str, caplog: pytest.LogCaptureFixture

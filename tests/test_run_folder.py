@@ -171,6 +171,82 @@ def test_the_lock_is_taken_on_the_file_its_name_points_to(tmp_path: Path, monkey
         assert os.path.samestat(os.fstat(calls[1]), os.stat(folder.lock_file))
 
 
+class ForeignHolder:
+    """A process of another tool: ``flock``s the lock file and writes ``text`` (``{pid}`` -> its PID)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        code = (
+            "import fcntl, os, sys\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f.fileno(), fcntl.LOCK_EX)\n"
+            "f.seek(0)\nf.truncate()\nf.write(sys.argv[2].replace('{pid}', str(os.getpid())))\nf.flush()\n"
+            "print('locked', flush=True)\nsys.stdin.read()\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, str(path), text], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "locked\n"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=60)
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.process.stdout.close()
+        self.process.stdin.close()
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="the kernel lists no locks here (not Linux)")
+@pytest.mark.parametrize("text", ["", "{pid}\n", "someone else's words", '{"pid": 1, "command": "stale"}\n'])
+def test_the_holder_is_named_by_the_kernel_whatever_it_wrote(text: str, tmp_path: Path) -> None:
+    """Another tool's holder may write nothing, its bare PID, anything, or an old holder's JSON:
+    the PID named is the one ``/proc/locks`` lists for the lock file's inode."""
+    folder = RunFolder(tmp_path)
+    holder = ForeignHolder(folder.lock_file, text)
+    try:
+        with pytest.raises(RunFolderLocked) as refused, folder.lock("ibot report"):
+            pass
+        assert f"in use by PID {holder.process.pid};" in str(refused.value)
+    finally:
+        holder.kill()
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("{pid}\n", "PID {pid}"), ("", "another process (it has not written its PID yet)"), ("x", "another process")],
+)
+def test_without_the_kernels_list_the_holder_is_named_by_the_file(
+    text: str, named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``/proc/locks`` names nobody (not Linux, another PID namespace): the file's JSON or bare PID."""
+    monkeypatch.setattr(run_folder, "flock_holder", lambda stat: None)
+    folder = RunFolder(tmp_path)
+    holder = ForeignHolder(folder.lock_file, text)
+    try:
+        with pytest.raises(RunFolderLocked) as refused, folder.lock("ibot report"):
+            pass
+        assert f"in use by {named.format(pid=holder.process.pid)}" in str(refused.value)
+    finally:
+        holder.kill()
+
+
+def test_proc_locks_lines_of_a_waiter_another_file_or_a_posix_lock_name_nobody(tmp_path: Path) -> None:
+    path = tmp_path / "lock"
+    path.write_text("")
+    stat = os.stat(path)
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}"
+    other = f"{device}:{stat.st_ino + 1}"
+    locks = tmp_path / "locks"
+    locks.write_text(
+        f"1: POSIX  ADVISORY  WRITE 11 {device}:{stat.st_ino} 0 EOF\n"
+        f"2: FLOCK  ADVISORY  WRITE 22 {other} 0 EOF\n"
+        f"3: FLOCK  ADVISORY  READ 33 {device}:{stat.st_ino} 0 EOF\n"
+        f"3: -> FLOCK  ADVISORY  WRITE 44 {device}:{stat.st_ino} 0 EOF\n"
+    )
+    assert run_folder.flock_holder(stat, str(locks)) is None
+    locks.write_text(locks.read_text() + f"4: FLOCK  ADVISORY  WRITE 55 {device}:{stat.st_ino} 0 EOF\n")
+    assert run_folder.flock_holder(stat, str(locks)) == 55
+    assert run_folder.flock_holder(stat, str(tmp_path / "absent")) is None
+
+
 def test_pretrain_eval_and_report_refuse_a_held_run_folder(
     finished: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -221,3 +221,21 @@ def test_size_is_bounded_by_the_patch_grid() -> None:
     with pytest.raises(IBOTError) as info:
         at_size(cfg, 65 * patch)
     assert str(info.value).startswith(f"--size {65 * patch}: 65 x 65 patches of {patch} px; at most 64 x 64")
+
+
+def test_a_refused_picture_leaves_the_run_folder_as_it_was(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing readable, or a bad --threshold found once the images are drawn: one line (the skip
+    counts in it), and no skip list or anything else written into the run folder."""
+    folder, run = _one_step_run(tmp_path)
+    broken = tmp_path / "broken" / "a"
+    broken.mkdir(parents=True)
+    (broken / "text.jpg").write_text("not an image\n")
+    (broken / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "class_0" / "zz.png").write_bytes(b"broken")  # a skip to list, had the picture been drawn
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["visualize", "pca", str(run), "--images", str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no readable images to draw" in err and "skipped 2 files" in err and "\n" not in err, err
+    assert main(["visualize", "pca", str(run), "--images", str(folder), "--threshold", "1"]) == 2
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

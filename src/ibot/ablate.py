@@ -17,9 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ibot.config import Config, load_config
+from ibot.config import Config, load_config, read_yaml
 from ibot.errors import ConfigError
 from ibot.run_folder import RunFolder
 from ibot.storage import atomic_write
@@ -34,8 +32,8 @@ def load_variants(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: variants file not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    variants = data.get("variants") if isinstance(data, dict) else None
+    data = read_yaml(path)  # a binary or invalid file: the config loader's one line naming it
+    variants = data.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise ConfigError(f"{path}: expected 'variants:' mapping each name to a list of overrides")
     out: dict[str, list[str]] = {}

@@ -295,10 +295,7 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
     cfg = visualize.at_size(cfg, args.size)
     folder = visualize.image_folder(args.images, cfg)
     skips = SkipLog()
-    try:
-        images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
-    finally:  # also when no image was readable: the list says why
-        report_skips(skips, f"visualize {args.kind}", path.parent / f"skipped-{args.kind}.tsv")
+    images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
     if args.kind == "attention":
         written = visualize.draw_attention(backbone, images, cfg, path)
     elif args.kind == "clusters":
@@ -307,6 +304,8 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
         written = visualize.draw_pca(backbone, images, cfg, path, args.threshold)
     else:
         written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs)
+    # Only beside a picture drawn: a refused command leaves the run folder as it was.
+    report_skips(skips, f"visualize {args.kind}", path.parent / f"skipped-{args.kind}.tsv")
     logger.info("wrote %s", written)
 
 

@@ -249,12 +249,53 @@ class RunFolder:
 
 
 def _read_holder(fd: int) -> str:
-    """``PID 1234 (ibot pretrain)``, as the holder wrote it into the lock file."""
+    """``PID 1234 (ibot pretrain)``: the holder's PID as the kernel lists it (``/proc/locks``), else as
+    the holder wrote it into the lock file (this module's JSON, or a bare PID from another tool)."""
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode())
-        return f"PID {int(holder['pid'])} ({holder['command']})"
-    except (ValueError, KeyError, TypeError, OSError):
+        written = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    except OSError:
+        written = ""
+    pid, command = _written_holder(written)
+    try:
+        listed = flock_holder(os.fstat(fd))
+    except OSError:
+        listed = None
+    if listed is not None and listed != pid:  # the file is not yet (or no longer) the holder's word
+        pid, command = listed, None
+    if pid is None:
         return "another process (it has not written its PID yet)"
+    return f"PID {pid}" + (f" ({command})" if command else "")
+
+
+def _written_holder(text: str) -> tuple[int | None, str | None]:
+    """(PID, command) from the lock file's text: ``{"pid": .., "command": ..}`` or a bare integer."""
+    if text.isdigit():
+        return int(text), None
+    try:
+        holder = json.loads(text)
+        return int(holder["pid"]), str(holder.get("command") or "") or None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+
+
+def flock_holder(stat: os.stat_result, locks: str = "/proc/locks") -> int | None:
+    """The PID holding an exclusive ``flock`` on the file of ``stat``, as ``/proc/locks`` lists it
+    (``1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF``: device major:minor in hex, inode);
+    None where that file is missing (not Linux) or names no such holder (another PID namespace)."""
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open(locks) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # A waiter is listed as "N: -> FLOCK ...": only the holder's own line counts.
+        if len(fields) >= 6 and fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5] == device:
+            pid = int(fields[4]) if fields[4].isdigit() else 0
+            if pid > 0:
+                return pid
+    return None
 
 
 def _make_folders(folder: Path) -> list[Path]:

@@ -83,7 +83,8 @@ def spread_images(folder: str, cfg: Config, count: int, skips: SkipLog | None = 
 
     A pick that does not decode is replaced by the next readable image after it (wrapping
     around), so ``count`` images are drawn whenever the folder has that many; fewer is said in
-    one line. What the scan and the decoding left out goes into ``skips``.
+    one line. What the scan and the decoding left out goes into ``skips`` (when none is
+    readable: into the error line, counted per reason).
     """
     dataset = build_eval_dataset(folder, cfg)
     n = len(dataset)
@@ -95,10 +96,10 @@ def spread_images(folder: str, cfg: Config, count: int, skips: SkipLog | None = 
         if sample is None:  # every file tried
             break
         samples.append(sample)
+    if not samples:  # the counts per reason in the line itself: a refusal writes no list
+        raise IBOTError(f"{folder}: no readable images to draw; {dataset_skips(dataset).summary('visualize')}")
     if skips is not None:
         skips.extend(dataset_skips(dataset))
-    if not samples:
-        raise IBOTError(f"{folder}: no readable images to draw")
     if len(samples) < count:
         logger.warning(
             "%s: %d readable images, fewer than the %d asked for: drawing those",

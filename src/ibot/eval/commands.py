@@ -68,21 +68,40 @@ class EvalSetup:
     test_dir: str
     command: str  # e.g. "knn": named in errors
 
-    def features(self, request: EvalRequest, folder: str, **options: Any) -> Features:
-        """``extract_features`` of ``folder`` (labelled: one line otherwise) with ``options``."""
+    def features(
+        self, request: EvalRequest, folder: str, pending: list[Callable[[], None]] | None = None, **options: Any
+    ) -> Features:
+        """``extract_features`` of ``folder`` (labelled: one line otherwise) with ``options``. The cache
+        is written once the labels passed, or appended to ``pending`` for a caller that may still refuse."""
         from ibot.eval.features import extract_features, require_labels
 
-        feats = extract_features(self.backbone, folder, self.cfg, self.runtime, progress=request.progress, **options)
+        writes: list[Callable[[], None]] = [] if pending is None else pending
+        feats = extract_features(
+            self.backbone, folder, self.cfg, self.runtime, progress=request.progress, pending=writes, **options
+        )
         require_labels(feats.labels, folder, f"eval {self.command}")
+        if pending is None:
+            for write in writes:
+                write()
         return feats
 
     def feature_pair(self, request: EvalRequest, **options: Any) -> tuple[Features, Features]:
-        """The train folder's features, then the test folder's labelled by the train classes' names."""
-        from ibot.eval.features import train_classes
+        """The train folder's features, then the test folder's labelled by the train classes' names.
 
-        train = self.features(request, self.train_dir, **options)
-        classes = train_classes(train, self.train_dir, self.cfg, f"eval {self.command}")
-        return train, self.features(request, self.test_dir, train=classes, **options)
+        Every refusal comes before the run folder changes: the class names are aligned on the two
+        listings before any extraction, and the cache is written once both folders are done.
+        """
+        from ibot.eval.features import eval_dataset_pair, train_classes
+
+        purpose = f"eval {self.command}"
+        train_set, test_set = eval_dataset_pair(self.train_dir, self.test_dir, self.cfg, purpose)
+        pending: list[Callable[[], None]] = []
+        train = self.features(request, self.train_dir, dataset=train_set, pending=pending, **options)
+        train_classes(train, self.train_dir, self.cfg, purpose)  # still 2 classes once decoded?
+        test = self.features(request, self.test_dir, dataset=test_set, pending=pending, **options)
+        for write in pending:
+            write()
+        return train, test
 
 
 def eval_setup(request: EvalRequest, command: str) -> EvalSetup:

@@ -7,9 +7,11 @@ folder's class indices by name (``ibot.data.labels``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -247,15 +249,20 @@ def extract_features(
     patches: bool = False,
     cache_dir: str | Path | None = None,
     train: TrainClasses | None = None,
+    dataset: Dataset | None = None,
+    pending: list[Callable[[], None]] | None = None,
 ) -> Features:
     """[cls] of the last ``n_last`` blocks (and the last block's patch tokens) for ``folder``.
 
-    With ``train`` (``folder`` is a test folder) the labels are ``train``'s class indices.
+    With ``train`` (``folder`` is a test folder) the labels are ``train``'s class indices; or
+    ``dataset``: ``folder`` already read by ``build_eval_dataset``.
     With ``cache_dir`` the result is stored there under a key of the weights, the files (each
     one's path, size and time), the class names, the transform and what was extracted, and
     later calls with the same key read it back; an entry that does not load is replaced.
+    With ``pending`` the cache write is appended there instead of done: a caller that may still
+    refuse (the other folder of a pair) writes only once nothing can.
     """
-    dataset = build_eval_dataset(folder, cfg, train)
+    dataset = build_eval_dataset(folder, cfg, train) if dataset is None else dataset
     classes = dataset_classes(dataset)
     cache = None
     if cache_dir is not None:
@@ -287,7 +294,8 @@ def extract_features(
         classes,
     )
     if cache is not None:
-        _write_cache(cache, features)
+        write = functools.partial(_write_cache, cache, features)
+        pending.append(write) if pending is not None else write()
     return features
 
 
