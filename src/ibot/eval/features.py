@@ -295,7 +295,10 @@ def extract_features(
     )
     if cache is not None:
         write = functools.partial(_write_cache, cache, features)
-        pending.append(write) if pending is not None else write()
+        if pending is None:
+            write()
+        else:
+            pending.append(write)
     return features
 
 

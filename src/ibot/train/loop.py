@@ -473,6 +473,15 @@ class _Session:
         self.replan(minutes)
         return self.cadence.finished(self.step, self.plan.total_steps)
 
+    def open_folder(self) -> None:
+        """Rank 0 writes the run folder (``config.yaml``, a killed run's debris removed) and opens its
+        metrics: after every refusal, and only for a run with a step to train, so a refused run or a
+        finished one resumed leaves the folder as it was."""
+        if self.env.is_main:
+            _write_run_folder(RunFolder(self.store.folder), self.cfg)
+            # A resumed run drops the metric lines a killed run wrote after its last checkpoint.
+            self.metrics = MetricsLogger(self.store.folder, after_step=self.step)
+
     def count_decoded(self, batch: Batch) -> None:
         if batch.indices is not None and self.plan.dataset_size:
             if self.decoded is None:
@@ -634,9 +643,8 @@ def _open_session(
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     store = CheckpointStore(cfg.train.output_dir, cfg.train.keep_checkpoints)
-    folder = RunFolder(store.folder)
     if not resume:
-        _refuse_earlier_run(folder)
+        _refuse_earlier_run(RunFolder(store.folder))
     init = _read_init(cfg, store, resume, env)
     trainee = _build(cfg, run, env, init)
     use_monitor = cfg.eval.monitor_every_minutes > 0
@@ -647,7 +655,6 @@ def _open_session(
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     if env.is_main:
-        _write_run_folder(folder, cfg)
         logger.info(
             "%d image files listed in %s (each decoded when drawn), %s, %d process(es), "
             "device %s, precision %s, attention %s, residual stream %s",
@@ -673,8 +680,7 @@ def _open_session(
         Cadence.from_config(cfg),
         step,
         TrainClock(minutes_before),
-        # A resumed run drops the metric lines a killed run wrote after its last checkpoint.
-        metrics=MetricsLogger(store.folder, after_step=step) if env.is_main else None,
+        metrics=None,  # opened with the folder (``open_folder``) once there is a step to train
         monitor=monitor(cfg, run) if monitor is not None and use_monitor and env.is_main else None,
         bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
         skipped_images=SkipLog(dataset.skips),
@@ -692,6 +698,7 @@ def _train(
     if s.finished_before():
         s.close()
         return s.result("", resumed=True, already_finished=True)
+    s.open_folder()
     if s.step == 0 and cfg.eval.monitor_every_minutes > 0:
         s.run_monitor()  # the untrained starting point of the curve
     act = Actions()
