@@ -1,4 +1,5 @@
-"""The data-wait share: time blocked on the loader over wall time, per log window, and the input-bound warning.
+"""The data-wait share: time blocked on the loader over wall time, per log window; the input-bound
+warning, and the warning for a step-time jump that the data wait does not explain.
 
 The loop reads a fake clock here: the loader "waits" and each step "costs" fixed seconds of it,
 so every share and pace is exact and no test depends on the host's speed or load.
@@ -111,3 +112,27 @@ def test_loader_that_keeps_up_has_no_wait_and_no_warning(
     assert all(row["images_per_second"] == pytest.approx(tiny_config.data.batch_size / STEP) for row in rows)
     assert warnings == []
 
+
+def test_a_step_time_jump_without_more_data_wait_warns_once(
+    tiny_config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Windows of steps 1-2 (not judged), 3-4 (the pace before), then 5-6 and 7-8 at 5x the step cost:
+    # as when another process takes a core the intra-op threads need.
+    _patch_loop(monkeypatch, 0.0, iter([STEP] * 4 + [5 * STEP] * 4))
+    rows, warnings = _run(tiny_config, caplog, about="longer than before")
+    assert [r["images_per_second"] for r in rows] == pytest.approx([160, 160, 32, 32])
+    assert warnings == [
+        "step 8: steps take 5.0x longer than before while the data wait did not grow (0 % of the time): "
+        "another process may be competing for the CPU cores; try train.threads=1"
+    ]
+
+
+def test_a_step_time_jump_that_the_data_wait_explains_is_left_to_the_input_warning(
+    tiny_config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The loader, not the step, slows down from step 5 (steps 5x as long again): input-bound, not a busy core.
+    _patch_loop(monkeypatch, iter([0.0] * 4 + [4 * STEP] * 4))
+    rows, warnings = _run(tiny_config, caplog, about="longer than before")
+    assert [r["images_per_second"] for r in rows] == pytest.approx([160, 160, 32, 32])
+    assert warnings == []
+    assert len(_run_warnings(caplog, "input-bound")) == 1
