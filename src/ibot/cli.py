@@ -431,9 +431,10 @@ def _let_waiting_threads_sleep() -> None:
     """OMP_WAIT_POLICY=PASSIVE unless set: read once by libgomp when torch loads, so before any command imports it.
 
     By default a torch intra-op thread that waits at the end of a parallel region spins first
-    (GOMP_SPINCOUNT 300,000). When another process, or the run's own loader worker, needs a core,
-    the spinning holds it: the demo pre-trained at 15-28 images/s instead of 120-139 on this
-    project's 2-core CPU (benchmarks/threads.py, docs/input.md). Passive threads sleep at once.
+    (GOMP_SPINCOUNT 300,000). When another process needs one of the cores, the spinning holds
+    it: on this project's 2-core CPU, next to other processes, the demo pre-trained at 15-28
+    images/s against 65-139 with passive waits, which were never slower (benchmarks/threads.py,
+    docs/input.md). Passive threads sleep at once.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

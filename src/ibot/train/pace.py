@@ -4,9 +4,10 @@ The loop hands ``PaceWatch.observe`` each log window's images/s and data-wait sh
 first window left out: it holds the start-up). When two windows in a row take ``JUMP`` times
 the seconds per step of the run's earlier windows and their data-wait share did not grow by
 ``WAIT_GROWTH``, the step itself slowed down: on a CPU, most often another process took a core
-that one of the intra-op threads needs at every barrier (measured in docs/input.md: 5-7x with
-two threads on two cores, against ~2x with ``train.threads=1``). Two windows, not one: a
-checkpoint written after a log line stretches one window alone.
+that one of the intra-op threads needs at every barrier. Losing one of two cores costs up to 2x;
+with spinning OpenMP waits (an environment that set OMP_WAIT_POLICY=ACTIVE, or torch loaded
+before ``ibot.cli.main`` could set PASSIVE) it cost 3-8x (docs/input.md). Two windows, not one:
+a checkpoint written after a log line stretches one window alone.
 """
 
 from __future__ import annotations
