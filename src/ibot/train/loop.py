@@ -367,13 +367,13 @@ class _Session:
     augment: DeviceAugment  # data.pipeline=device: the augmentations that run on the training device
     window: _Window = field(default_factory=_Window)
     warned: set[tuple[str, str]] = field(default_factory=set)
-    pace: PaceWatch = field(default_factory=PaceWatch)  # step-time jumps the data wait does not explain
     # What the run result reports.
     skipped_steps: int = 0
     monitors_done: int = 0
     last_loss: float = math.nan
     images_per_second: float = 0.0
     knn_top1: float | None = None
+    pace: PaceWatch = field(default_factory=PaceWatch)  # step-time jumps the data wait does not explain
 
     def read_clock(self) -> float | None:
         """Rank 0's training minutes, broadcast, at the steps the cadence needs them (a budget is re-planned then)."""
