@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -451,7 +452,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _let_waiting_threads_sleep() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless set: read once by libgomp when torch loads, so before any command imports it.
+
+    By default a torch intra-op thread that waits at the end of a parallel region spins first
+    (GOMP_SPINCOUNT 300,000). When another process needs one of the cores, the spinning holds
+    it: on this project's 2-core CPU, next to other processes, the demo pre-trained at 15-28
+    images/s against 65-139 with passive waits, which were never slower (benchmarks/threads.py,
+    docs/input.md). Passive threads sleep at once.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _let_waiting_threads_sleep()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     try:

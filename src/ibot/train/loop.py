@@ -42,6 +42,7 @@ from ibot.train.distributed import (
 )
 from ibot.train.metrics import MetricsLogger
 from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
+from ibot.train.pace import PaceWatch
 from ibot.train.schedules import Schedules, budget_total_steps
 from ibot.train.signals import StopRequests
 
@@ -448,6 +449,7 @@ class _Session:
     last_loss: float = math.nan
     images_per_second: float = 0.0
     knn_top1: float | None = None
+    pace: PaceWatch = field(default_factory=PaceWatch)  # step-time jumps the data wait does not explain
 
     def read_clock(self) -> float | None:
         """Rank 0's training minutes, broadcast, at the steps the cadence needs them (a budget is re-planned then)."""
@@ -551,6 +553,9 @@ class _Session:
                     self.warned.add(key)
                     logger.warning("step %d: the %s branch looks collapsed (%s): %s", self.step, *key, detail)
             self.warn_input_bound(row["data_wait_share"])
+            jump = self.pace.observe(self.images_per_second, row["data_wait_share"]) if self.window.closed > 1 else None
+            if jump is not None:
+                logger.warning("step %d: %s", self.step, jump.message(self.run.device.type, self.cfg.train.threads))
         self.bar.set_postfix(
             loss=f"{self.last_loss:.3f}",
             lr=f"{row['lr']:.2e}",
