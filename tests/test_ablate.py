@@ -97,6 +97,20 @@ def test_ablation_runs_scores_and_resumes(tmp_path: Path, monkeypatch: pytest.Mo
     assert [r["knn_top1"] for r in again[::2]] == [r["knn_top1"] for r in rows[::2]]  # seed 0 read back
 
 
+def test_a_variant_killed_before_its_first_checkpoint_starts_over(tmp_path: Path) -> None:
+    """Metrics but no checkpoint (killed early): a new run would refuse the folder; ablate starts it over."""
+    folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
+    overrides = tiny_overrides(folder, tmp_path / "unused") + [f"eval.train_path={folder}", f"eval.test_path={folder}"]
+    overrides += ["eval.monitor_k=1", "eval.monitor_train_images=4", "eval.monitor_test_images=4"]
+    run = tmp_path / "ablate" / "online" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 3, "loss": 9.0}\n')
+    (row,) = run_ablation(None, overrides, {"online": []}, [0], 0.01, tmp_path / "ablate", False, progress=False)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert row["steps"] >= 1 and lines  # trained and logged again from step 0
+    assert all(line.get("loss") != 9.0 for line in lines)  # the killed run's line is gone
+
+
 def test_cli_rejects_a_bad_override_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = make_image_folder(tmp_path / "imgs", classes=2, per_class=4)
     variants = _variants(tmp_path, "variants:\n  online: []\n  typo: [mim.targte=none]\n")

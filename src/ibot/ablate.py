@@ -87,6 +87,15 @@ def score_run(cfg: Config, run_dir: Path, knn_monitor, patch_probe: bool, progre
     return {**scores, **final_monitors(run_dir)}
 
 
+def _resume_mode(run_dir: Path) -> bool | str:
+    """How ablate re-enters one of its run folders: resume a checkpoint; start over a run killed
+    before its first checkpoint ("auto": the folder is ablate's own, its metrics are replaced from
+    step 0); a new folder as a new run."""
+    if CheckpointStore(run_dir).paths():
+        return True
+    return "auto" if RunFolder(run_dir).holds_run() else False
+
+
 def run_ablation(
     base: str | None,
     overrides: list[str],
@@ -117,7 +126,7 @@ def run_ablation(
             rows.append(json.loads(result_path.read_text()))
             continue
         with RunFolder(run_dir).lock("ibot ablate"):  # pre-trained, scored and its result kept by this process alone
-            result = train(cfg, resume=bool(CheckpointStore(run_dir).paths()), progress=progress, monitor=KNNMonitor)
+            result = train(cfg, resume=_resume_mode(run_dir), progress=progress, monitor=KNNMonitor)
             if monitor is None:  # decoded once, shared by every run (same eval.* for all)
                 monitor = KNNMonitor(cfg, Runtime.resolve(cfg.train))
             row = {
