@@ -106,6 +106,22 @@ def test_the_index_cache_sees_changes_at_any_depth(tmp_path: Path) -> None:
     assert len(list(cache.glob("index-v3-*.json"))) == 1
 
 
+def test_the_index_cache_is_keyed_on_the_extensions_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release that lists other formats must list the folder again, not reuse the old list."""
+    import ibot.data.datasets as datasets
+    import ibot.data.scan as scan
+
+    root = _nested(tmp_path / "images")
+    (root / "dog" / "a.tga").write_bytes(b"")  # listed now; a release without .tga would not list it
+    cache = tmp_path / "cache"
+    with_tga = ImageFolderIndex.scan(root, cache).paths
+    fewer = tuple(e for e in scan.IMAGE_EXTENSIONS if e != ".tga")
+    monkeypatch.setattr(scan, "IMAGE_EXTENSIONS", fewer)
+    monkeypatch.setattr(datasets, "IMAGE_EXTENSIONS", fewer)
+    without = ImageFolderIndex.scan(root, cache).paths
+    assert len(without) == len(with_tga) - 1 and not any(p.endswith(".tga") for p in without)
+
+
 @pytest.mark.parametrize("content", [b"\x00\xff garbage", b'{"fingerprint": [["", "x"]], "payload": 3}', b""])
 def test_an_index_cache_that_does_not_load_means_a_new_scan(tmp_path: Path, content: bytes) -> None:
     root = _nested(tmp_path / "images")

@@ -253,3 +253,10 @@ def test_jfif_avif_tga_and_other_pillow_formats_are_listed_and_read(tmp_path: Pa
         assert decode_rgb(str(tmp_path / "phone.heic"), "phone.heic") == Skip("phone.heic", UNSUPPORTED_FORMAT)
     (tmp_path / "fake.png").write_bytes(b"not a png")  # a format Pillow has: just not an image
     assert decode_rgb(str(tmp_path / "fake.png"), "fake.png").reason == "not an image"
+
+
+def test_jfif_and_jpe_take_the_jpeg_path() -> None:
+    from ibot.data.datasets import _is_jpeg
+
+    assert all(_is_jpeg("path", f"a{ext}") for ext in (".jpg", ".JPEG", ".jfif", ".jpe"))
+    assert not _is_jpeg("path", "a.png")

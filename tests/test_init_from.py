@@ -196,6 +196,17 @@ def test_dinov2_registers_and_swiglu_refused(tmp_path: Path, image_folder: Path,
         read_init_weights(tmp_path / "dinov2.pth", cfg.model, 16)
 
 
+@pytest.mark.parametrize("content", [b"", b"hello, not weights\n", bytes(range(256))], ids=["empty", "text", "bytes"])
+def test_a_file_that_is_not_a_checkpoint_is_not_called_a_pickle_problem(
+    tmp_path: Path, image_folder: Path, content: bytes
+) -> None:
+    (tmp_path / "junk.pth").write_bytes(content)
+    cfg = _config(image_folder, tmp_path / "run")
+    with pytest.raises(DataError, match="junk.pth: not a PyTorch checkpoint") as raised:
+        read_init_weights(tmp_path / "junk.pth", cfg.model, 16)
+    assert "unpickling" not in str(raised.value)
+
+
 def test_pos_embed_resampled_to_the_config_crop(tmp_path: Path, image_folder: Path) -> None:
     vit = _timm_vit(size=16, dynamic_img_size=True)  # a 4 x 4 grid; the config's 24 px crop has 6 x 6
     torch.save({f"module.backbone.{k}": v for k, v in vit.state_dict().items()}, tmp_path / "vit.pth")

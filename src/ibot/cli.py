@@ -123,7 +123,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     )
     if args.wait:
         result = job.results()[0]  # rank 0's RunResult
-        logger.info("done: step %d/%d, weights in %s", result.step, result.total_steps, result.output_dir)
+        if result.already_finished:
+            logger.info("already finished at step %d; weights in %s", result.step, result.output_dir)
+        else:
+            logger.info("done: step %d/%d, weights in %s", result.step, result.total_steps, result.output_dir)
     return 0
 
 

@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if not path.is_file():
         raise DataError(f"{path}: backbone weights not found")
     if path.suffix != ".safetensors":
-        return import_vit(unwrap(_torch_load_weights(path), str(path)), str(path))
+        return import_vit(unwrap(load_torch_weights(path), str(path)), str(path))
     tensors, metadata = read_safetensors(path)
     if "config" not in metadata:
         return import_vit(tensors, str(path))
@@ -131,9 +132,10 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "lit
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _torch_load_weights(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)``; one line telling a file that is not a PyTorch
-    checkpoint, a damaged one, and one that only loads by unpickling arbitrary objects apart."""
+def load_torch_weights(path: Path, allowed: Sequence[type] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` (the classes ``allowed`` let through too); one line
+    telling a file that is not a PyTorch checkpoint, a damaged one, and one that only loads by
+    unpickling arbitrary objects apart."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
@@ -143,7 +145,8 @@ def _torch_load_weights(path: Path) -> Any:
         what = "an empty file" if not head else "neither a torch.save zip archive nor its legacy pickle"
         raise DataError(f"{path}: not a PyTorch checkpoint ({what})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
         unsafe = _UNSAFE_GLOBAL.search(str(exc))
         if unsafe is not None and _may_exist(unsafe.group(1)):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_jpeg_scaled, decode_rgb, load_rgb
 from ibot.data.index_cache import cache_path, read_entry, write_cache
-from ibot.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_folder
+from ibot.data.scan import IMAGE_EXTENSIONS, JPEG_EXTENSIONS, FolderScan, scan_folder
 from ibot.data.skips import Skip, SkipLog
 from ibot.errors import DataError
 
@@ -80,7 +80,7 @@ def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int,
 
 
 def _is_jpeg(source: str | bytes, name: str) -> bool:
-    return source[:2] == b"\xff\xd8" if isinstance(source, bytes) else name.lower().endswith((".jpg", ".jpeg"))
+    return source[:2] == b"\xff\xd8" if isinstance(source, bytes) else name.lower().endswith(JPEG_EXTENSIONS)
 
 
 def _read(source: str | bytes) -> bytes:
@@ -119,7 +119,8 @@ def _cached_scan(root: Path, cache_dir: str | Path | None) -> FolderScan:
     """
     if not cache_dir:
         return scan_folder(root)
-    cache_file = cache_path(cache_dir, INDEX_CACHE_KIND, str(root.resolve()))
+    # The extensions listed are part of the key: a release that reads more formats lists again.
+    cache_file = cache_path(cache_dir, INDEX_CACHE_KIND, f"{root.resolve()}|{','.join(IMAGE_EXTENSIONS)}")
     entry = read_entry(cache_file)
     cached = _fresh_scan(root, *entry) if entry is not None else None
     if cached is not None:

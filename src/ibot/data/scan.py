@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".heic", ".heif",
 )  # fmt: skip
+JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")  # decoded by libjpeg-turbo's fast path when asked
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
 from ibot.run_folder import RunFolder
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, read_safetensors, sub_state_dict
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, load_torch_weights, read_safetensors, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]
 
@@ -143,14 +143,7 @@ def _run_file(folder: Path) -> Path:
 def _torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; official full checkpoints also hold their argparse
     ``args`` (a Namespace of plain values), the one class let through."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
-        raise DataError(
-            f"{path}: unreadable without unpickling arbitrary objects ({type(exc).__name__}); "
-            "save the state dicts alone"
-        ) from None
+    return load_torch_weights(path, allowed=[argparse.Namespace])
 
 
 def _read_safetensors(path: Path) -> _Source:
