@@ -162,9 +162,7 @@ def test_every_help_renders(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0 and "1 %/10 % of the labels" in " ".join(capsys.readouterr().out.split())
 
 
-def test_an_override_error_names_the_override_not_the_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_an_override_error_names_the_override_not_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "demo.yaml"
     cfg.write_text("optim:\n  lr: 1.0e-3\n")
     assert main(["pretrain", "--config", str(cfg), "data.batch_sise=4"]) == 2

@@ -193,9 +193,7 @@ def test_an_existing_side_file_needs_force_and_nothing_is_written(
     assert out.is_file()
 
 
-def test_npy_and_parquet_outputs_keep_their_own_side_files(
-    tiny_run: Path, messy_folder: Path, tmp_path: Path
-) -> None:
+def test_npy_and_parquet_outputs_keep_their_own_side_files(tiny_run: Path, messy_folder: Path, tmp_path: Path) -> None:
     run_embed(request(tiny_run, messy_folder, tmp_path / "emb.parquet"))
     run_embed(request(tiny_run, messy_folder, tmp_path / "emb.npy"))  # no --force: it overwrites nothing
     assert sorted(p.name for p in tmp_path.glob("emb*")) == [

@@ -46,6 +46,11 @@ def test_too_few_images_of_a_class_is_one_line() -> None:
         draw_per_class(LABELS, 40, seed=0)
 
 
+def test_too_few_images_names_the_class_folder() -> None:
+    with pytest.raises(DataError, match="class ship has only 30"):
+        draw_per_class(LABELS, 40, seed=0, classes=("cat", "dog", "ship"))
+
+
 def test_mean_and_sample_std_over_draws() -> None:
     out = mean_std([1.0, 2.0, 3.0, 4.0])
     assert out["mean"] == 2.5 and out["std"] == pytest.approx((5 / 3) ** 0.5) and out["runs"] == [1, 2, 3, 4]
@@ -68,20 +73,20 @@ def protocol(*settings: Setting, seeds=(0, 1, 2)) -> LowshotProtocol:  # type: i
 
 def test_separable_classes_are_learnt_from_one_label_each() -> None:
     (one,) = evaluate_lowshot(noisy_data(0.05), protocol(Setting(shots=1)))
-    assert one["setting"] == "1 per class" and one["labelled"] == 3  # k=20 capped at 3 neighbours
-    for method in ("knn", "logreg"):
-        assert one[method]["runs"] == [100.0] * 3 and one[method]["std"] == 0.0
+    assert one.setting == "1 per class" and one.labelled == 3  # k=20 capped at 3 neighbours
+    for spread in (one.knn, one.logreg):
+        assert spread.runs == [100.0] * 3 and spread.std == 0.0
 
 
 def test_results_are_the_mean_over_the_seeded_draws() -> None:
     data = noisy_data(1.5)
     (ten,) = evaluate_lowshot(data, protocol(Setting(fraction=0.1), seeds=(4, 5, 6)))
-    assert ten["setting"] == "10 %" and ten["labelled"] == 12
+    assert ten.setting == "10 %" and ten.labelled == 12
     expected = [knn_top1(data.labelled(draw_fraction(data.train_y, 0.1, s)), 20, 0.07) for s in (4, 5, 6)]
-    assert ten["knn"]["runs"] == expected and len(set(expected)) > 1  # the draws differ
-    assert ten["knn"]["mean"] == pytest.approx(np.mean(expected))
-    assert ten["knn"]["std"] == pytest.approx(np.std(expected, ddof=1))
-    assert 33.0 < ten["logreg"]["mean"] < 100.0
+    assert ten.knn.runs == expected and len(set(expected)) > 1  # the draws differ
+    assert ten.knn.mean == pytest.approx(np.mean(expected))
+    assert ten.knn.std == pytest.approx(np.std(expected, ddof=1))
+    assert 33.0 < ten.logreg.mean < 100.0
 
 
 @pytest.fixture(scope="module")

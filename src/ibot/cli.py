@@ -384,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_commands(sub)
     _add_embed_commands(sub)
 
-
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")
     r.set_defaults(func=_cmd_report)

@@ -334,7 +334,7 @@ def run_lowshot(request: EvalRequest) -> r.LowshotReport:
     train_f, test_f = setup.feature_pair(request, cache_dir=request.feature_cache())
     settings = (*(Setting(shots=n) for n in e.lowshot_shots), *(Setting(fraction=f) for f in e.lowshot_fractions))
     protocol = LowshotProtocol(settings, e.lowshot_draws, e.lowshot_knn_k, e.knn_temperature, e.lowshot_logreg_c)
-    data = Split(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels)
+    data = Split(train_f.last_cls, train_f.labels, test_f.last_cls, test_f.labels, train_f.classes)
     return r.LowshotReport(
         request.label,
         report_eval_skips(request, "lowshot", train_f.skips, test_f.skips),
@@ -381,7 +381,10 @@ COMMANDS: dict[str, EvalCommand] = {
             "linear segmentation probe on mosaics of labelled images: patch tokens vs [cls]",
         ),
         EvalCommand(
-            "finetune", run_finetune, r.format_finetune, "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix"
+            "finetune",
+            run_finetune,
+            r.format_finetune,
+            "full fine-tuning: layer-wise lr decay, drop path, mixup/cutmix",
         ),
         EvalCommand(
             "cluster",

@@ -17,6 +17,7 @@ The features come from one cached extraction; only the labelled subset changes b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,32 +40,34 @@ class Setting:
         return f"{self.shots} per class" if self.shots else f"{100 * self.fraction:g} %"
 
 
-def draw_per_class(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """Indices of exactly ``shots`` images of every class, drawn with ``seed`` (sorted)."""
-    return _draw(labels, seed, lambda count: shots, f"{shots} per class")
+def draw_per_class(labels: torch.Tensor, shots: int, seed: int, classes: Sequence[str] = ()) -> torch.Tensor:
+    """Indices of exactly ``shots`` images of every class, drawn with ``seed`` (sorted); ``classes``
+    names the labels in errors."""
+    return _draw(labels, seed, lambda count: shots, f"{shots} per class", classes)
 
 
 def draw_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """Indices of ``fraction`` of every class's images (rounded, at least one), drawn with ``seed``."""
-    return _draw(labels, seed, lambda count: max(1, round(fraction * count)), f"{100 * fraction:g} %")
+    return _draw(labels, seed, lambda count: max(1, round(fraction * count)), f"{100 * fraction:g} %", ())
 
 
-def _draw(labels: torch.Tensor, seed: int, size, setting: str) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _draw(labels: torch.Tensor, seed: int, size, setting: str, classes: Sequence[str]) -> torch.Tensor:  # type: ignore[no-untyped-def]
     generator = torch.Generator().manual_seed(seed)
     picked = []
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().squeeze(1)
         n = size(len(members))
         if n > len(members):
-            raise DataError(f"low-shot {setting}: class {c} has only {len(members)} training images")
+            name = classes[c] if c < len(classes) else c
+            raise DataError(f"low-shot {setting}: class {name} has only {len(members)} training images")
         picked.append(members[torch.randperm(len(members), generator=generator)[:n]])
     return torch.cat(picked).sort().values
 
 
-def draw(labels: torch.Tensor, setting: Setting, seed: int) -> torch.Tensor:
-    """The labelled indices of ``setting`` for draw ``seed``."""
+def draw(labels: torch.Tensor, setting: Setting, seed: int, classes: Sequence[str] = ()) -> torch.Tensor:
+    """The labelled indices of ``setting`` for draw ``seed`` (``classes`` names the labels in errors)."""
     if setting.shots:
-        return draw_per_class(labels, setting.shots, seed)
+        return draw_per_class(labels, setting.shots, seed, classes)
     return draw_fraction(labels, setting.fraction, seed)
 
 
@@ -76,10 +79,11 @@ class Split:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    classes: tuple[str, ...] = ()  # the labels' class names
 
     def labelled(self, idx: torch.Tensor) -> Split:
         """The same test set; only the training images at ``idx``."""
-        return Split(self.train_x[idx], self.train_y[idx], self.test_x, self.test_y)
+        return Split(self.train_x[idx], self.train_y[idx], self.test_x, self.test_y, self.classes)
 
 
 def knn_top1(split: Split, k: int, temperature: float) -> float:
@@ -99,10 +103,41 @@ def logreg_top1(split: Split, c: float) -> float:
     return 100.0 * float((model.predict(test) == split.test_y.numpy()).mean())
 
 
+@dataclass(frozen=True)
+class Spread:
+    """One score over the draws: every run's value, their mean and sample std (Bessel; 0 for one draw)."""
+
+    runs: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.runs))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.runs, ddof=1)) if len(self.runs) > 1 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "runs": list(self.runs)}
+
+
 def mean_std(values: list[float]) -> dict:
     """{"mean", "std", "runs"}: std with Bessel's correction (0 for a single draw)."""
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return {"mean": float(np.mean(values)), "std": std, "runs": list(values)}
+    return Spread(list(values)).as_dict()
+
+
+@dataclass(frozen=True)
+class LowshotRow:
+    """One setting's result: its name, how many images were labelled, k-NN and logistic regression."""
+
+    setting: str
+    labelled: int  # the same on every draw: the per-class counts are fixed
+    knn: Spread
+    logreg: Spread
+
+    def as_dict(self) -> dict:
+        scores = {"knn": self.knn.as_dict(), "logreg": self.logreg.as_dict()}
+        return {"setting": self.setting, "labelled": self.labelled, **scores}
 
 
 @dataclass(frozen=True)
@@ -116,22 +151,17 @@ class LowshotProtocol:
     logreg_c: float
 
 
-def evaluate_setting(data: Split, setting: Setting, p: LowshotProtocol) -> dict:
+def evaluate_setting(data: Split, setting: Setting, p: LowshotProtocol) -> LowshotRow:
     """One setting over every draw seed: labelled count, k-NN and logistic-regression mean/std."""
     knn, logreg, counts = [], [], []
     for seed in p.seeds:
-        labelled = data.labelled(draw(data.train_y, setting, seed))
+        labelled = data.labelled(draw(data.train_y, setting, seed, data.classes))
         counts.append(len(labelled.train_y))
         knn.append(knn_top1(labelled, p.knn_k, p.knn_temperature))
         logreg.append(logreg_top1(labelled, p.logreg_c))
-    return {
-        "setting": setting.name,
-        "labelled": counts[0],  # the same on every draw: the per-class counts are fixed
-        "knn": mean_std(knn),
-        "logreg": mean_std(logreg),
-    }
+    return LowshotRow(setting.name, counts[0], Spread(knn), Spread(logreg))
 
 
-def evaluate_lowshot(data: Split, p: LowshotProtocol) -> list[dict]:
+def evaluate_lowshot(data: Split, p: LowshotProtocol) -> list[LowshotRow]:
     """Every setting of ``p`` (see ``evaluate_setting``) on the training pool and test set ``data``."""
     return [evaluate_setting(data, s, p) for s in p.settings]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # annotations only: the CLI builds its parser from the registry without loading these
     from ibot.eval.dense import DenseResult
+    from ibot.eval.lowshot import LowshotRow, Spread
     from ibot.eval.probes import ProbeResult
     from ibot.eval.retrieval import RetrievalScores
     from ibot.eval.robustness import RobustnessResult
@@ -132,7 +133,7 @@ class LowshotReport(EvalReport):
     draws: list[int]
     knn_k: int
     logreg_c: float
-    lowshot: list[dict[str, Any]]  # per setting: setting, labelled, knn / logreg mean and std
+    lowshot: list[LowshotRow]
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -169,7 +170,10 @@ def format_robustness(report: RobustnessReport) -> str:
     b = report.benchmark
     rows = [f"| {name} | {top1:.2f} |" for name, top1 in b.as_dict()["per_corruption"].items()]
     head = f"| corruption ({report.weights}, probe {report.probe}) | top-1, mean of severities 1-5 |"
-    tail = [f"| clean (same images) | {b.clean_top1:.2f} |", f"| **mean corrupted** | **{b.mean_corrupted_top1:.2f}** |"]
+    tail = [
+        f"| clean (same images) | {b.clean_top1:.2f} |",
+        f"| **mean corrupted** | **{b.mean_corrupted_top1:.2f}** |",
+    ]
     return "\n".join([head, "|---|---|", *rows, *tail])
 
 
@@ -209,12 +213,12 @@ def format_cluster(report: ClusterReport) -> str:
 
 
 def format_lowshot(report: LowshotReport) -> str:
-    def cell(scores: dict) -> str:
-        return f"{scores['mean']:.2f} ± {scores['std']:.2f}"
+    def cell(scores: Spread) -> str:
+        return f"{scores.mean:.2f} ± {scores.std:.2f}"
 
     head = (
         f"| labels ({report.weights}, {len(report.draws)} draws) | labelled images "
         f"| k-NN (k<={report.knn_k}) top-1 | logistic regression top-1 |"
     )
-    rows = [f"| {r['setting']} | {r['labelled']} | {cell(r['knn'])} | {cell(r['logreg'])} |" for r in report.lowshot]
+    rows = [f"| {r.setting} | {r.labelled} | {cell(r.knn)} | {cell(r.logreg)} |" for r in report.lowshot]
     return "\n".join([head, "|---|---|---|---|", *rows])
