@@ -1,5 +1,5 @@
 """The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune, retrieval, cluster,
-lowshot), embed, retrieve, export, ablate, visualize, report, demo.
+lowshot), embed, retrieve, export, ablate, visualize, stats, report, demo.
 
 Config path + dotted overrides, few flags.
 """
@@ -252,6 +252,31 @@ def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
     q.set_defaults(func=_cmd_retrieve)
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    """``ibot stats DIR``: per-channel mean / std of a seeded sample, printed and (``--out``) kept as a snippet."""
+    from ibot.config import load_config
+    from ibot.data.stats import channel_stats
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise IBOTError(f"--out {out}: exists (--force replaces it)")
+    cfg = load_config(args.config, list(args.overrides))
+    stats = channel_stats(args.folder, cfg.data, args.images, args.seed, cfg.data.num_workers)
+    rows = [f"| {c} | {m:.4f} | {s:.4f} |" for c, (m, s) in enumerate(zip(stats.mean, stats.std))]
+    print("\n".join([f"| channel ({stats.images} images, seed {args.seed}) | mean | std |", "|---|---|---|", *rows]))
+    if stats.skips:
+        from ibot.data.skips import SkipLog
+
+        print(SkipLog(stats.skips).summary("stats"))
+    print(stats.config_snippet())
+    if out is not None:
+        from ibot.storage import atomic_write
+
+        atomic_write(out, lambda tmp: Path(tmp).write_text(stats.config_snippet() + "\n"))
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from ibot.report import write_report
 
@@ -383,6 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_commands(sub)
     _add_embed_commands(sub)
+
+    t = sub.add_parser("stats", help="per-channel mean and std of an image folder (data.mean / data.std)")
+    t.add_argument("folder", help="image folder (class sub-folders or not)")
+    t.add_argument("--config", default=None, help="YAML file of config deltas (data.format, data.max_image_pixels)")
+    t.add_argument("--images", type=positive_int, default=1000, help="images to read, a seeded sample")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="", help="also write the data.mean / data.std snippet here (YAML)")
+    t.add_argument("--force", action="store_true", help="replace an existing --out")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value")
+    t.set_defaults(func=_cmd_stats)
 
     r = sub.add_parser("report", help="one page (Markdown + HTML + PNG) from a run's metrics and evaluations")
     r.add_argument("run_dir", help="a pre-training output folder")
