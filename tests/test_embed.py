@@ -205,3 +205,54 @@ def test_npy_and_parquet_outputs_keep_their_own_side_files(tiny_run: Path, messy
     ]
     for out in ("emb.npy", "emb.parquet"):
         assert "fake.jpg\tnot an image" in (tmp_path / f"{out}.skipped.tsv").read_text()
+
+
+def expected_patch_grids(run: Path, folder: Path) -> np.ndarray:
+    """``encode``'s fp32 patch tokens of the readable images, on their (h, w) grid."""
+    backbone, cfg = load_frozen_backbone(str(run))
+    transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
+    images = torch.stack([transform(load_rgb(folder / name)) for name in READABLE])
+    patches = encode(backbone, images, Runtime.resolve(cfg.train), patch_dtype=torch.float32).patches
+    side = cfg.eval_image_size // cfg.model.patch_size
+    return patches.reshape(len(images), side, side, DIM).numpy()  # type: ignore[union-attr]
+
+
+def test_patch_pool_writes_fp16_grids_batch_by_batch(
+    tiny_run: Path, messy_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[int] = []
+    real_write = embed_module._NpySink.write
+
+    def recording(self, rows):  # type: ignore[no-untyped-def]
+        written.append(len(rows))
+        return real_write(self, rows)
+
+    monkeypatch.setattr(embed_module._NpySink, "write", recording)
+    out = tmp_path / "grid.npy"
+    result = run_embed(request(tiny_run, messy_folder, out, pool="patch", batch_size=4))
+    # 18 scanned files in batches of 4 (4, 4, 3 + broken.png, 4, 1 + fake.jpg readable): each
+    # batch goes to the memory map alone, never a larger chunk (chunk_rows is 4,096).
+    assert max(written) <= 4 and sum(written) == 16 and len(written) == 5
+    array = np.load(out, mmap_mode="r")
+    side = 16 // 4  # tiny: 16-px images, patch 4
+    assert array.shape == (16, side, side, DIM) and array.dtype == np.float16
+    assert out.stat().st_size == 128 + 16 * side * side * DIM * 2  # shrunk from 18 rows
+    expected = expected_patch_grids(tiny_run, messy_folder)
+    np.testing.assert_allclose(np.asarray(array, np.float32), expected, rtol=1e-3, atol=1e-4)  # fp16 rounding
+    assert [r[0] for r in read_sidecar(tmp_path / "grid.npy.paths.tsv")] == READABLE
+    listed = (tmp_path / "grid.npy.skipped.tsv").read_text()
+    assert "broken.png\tunreadable or truncated" in listed and "fake.jpg\tnot an image" in listed
+    assert result["grid"] == [side, side] and result["images"] == 16
+
+
+def test_patch_pool_refuses_parquet_in_one_line(
+    tiny_run: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "grid.parquet"
+    argv = ["embed", str(tiny_run), "--images", str(image_folder), "--out", str(out), "--pool", "patch"]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--pool patch" in err and ".npy" in err and err.count("\n") == 1
+    assert list(tmp_path.glob("grid*")) == []
+    assert main([*argv[:-3], str(tmp_path / "grid.npy"), "--pool", "patch", "--no-progress"]) == 0
+    assert "4x4 patches, dim 48, pool patch" in capsys.readouterr().out

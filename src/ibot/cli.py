@@ -232,7 +232,12 @@ def _add_embed_commands(sub) -> None:  # type: ignore[no-untyped-def]
     m.add_argument("weights", help="a run folder, its teacher.safetensors, or a timm/DINO/iBOT ViT state dict")
     m.add_argument("--images", required=True, help="image folder (class sub-folders give labels)")
     m.add_argument("--out", required=True, help="FILE.parquet (pip install 'ibot[embed]') or FILE.npy")
-    m.add_argument("--pool", choices=("cls", "mean"), default="cls", help="[cls] or the mean of the patch tokens")
+    m.add_argument(
+        "--pool",
+        choices=("cls", "mean", "patch"),
+        default="cls",
+        help="[cls], the mean of the patch tokens, or the patch tokens: (images, h, w, D) float16, .npy only",
+    )
     m.add_argument("--batch-size", type=int, default=0, help="images per forward (default: eval.batch_size)")
     m.add_argument("--force", action="store_true", help="overwrite an existing output")
     m.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")

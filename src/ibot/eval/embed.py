@@ -11,6 +11,10 @@ Outputs (one row per readable image, in the folder's sorted order):
   empty label without class folders; tabs and newlines in names written as ``\\t`` / ``\\n``).
   The array is preallocated for every file of the folder through ``np.lib.format.open_memmap``
   and shrunk in place at the end when some were skipped.
+* ``FILE.npy`` with pool "patch": an (N, h, w, D) float16 array of the last block's patch tokens
+  (after the final norm; h, w: the patch grid at the evaluation size), the same sidecar. Each
+  batch is written into the memory map as soon as it is encoded. Parquet is refused: a patch
+  grid belongs in an array file.
 
 Memory stays bounded by one chunk of rows (plus the memory map's reclaimable page cache),
 whatever the folder's size. Every file is written under a temporary name in its folder and
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -46,7 +51,7 @@ from ibot.storage import TMP_SUFFIX, fsync_folder, fsync_path
 
 logger = logging.getLogger(__name__)
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "patch")
 FORMATS = {".parquet": "parquet", ".npy": "npy"}
 SIDECAR_HEADER = "path\tlabel\tlabel_index"
 
@@ -55,9 +60,10 @@ SIDECAR_HEADER = "path\tlabel\tlabel_index"
 class EmbedRequest:
     """What ``ibot embed`` embeds: ``weights`` (a run folder, its teacher file or a foreign ViT; with
     ``random_init`` the same architecture untrained) over the images under ``images``, written to
-    ``out`` (.parquet or .npy). ``pool``: "cls" ([cls] of the last block after the final norm) or
-    "mean" (the mean of its patch tokens); ``batch_size`` 0 takes ``eval.batch_size``;
-    ``chunk_rows`` rows are buffered before each write."""
+    ``out`` (.parquet or .npy). ``pool``: "cls" ([cls] of the last block after the final norm),
+    "mean" (the mean of its patch tokens) or "patch" (the tokens themselves, .npy only);
+    ``batch_size`` 0 takes ``eval.batch_size``; ``chunk_rows`` rows are buffered before each
+    write (with "patch" at most one batch: a grid of tokens per image is large)."""
 
     weights: str
     images: str
@@ -73,7 +79,13 @@ class EmbedRequest:
 
 
 def embed_images(frozen: Frozen, images: torch.Tensor, pool: str = "cls", batch_size: int = 0) -> torch.Tensor:
-    """(X, 3, S, S) images -> (X, D) fp32: [cls] of the last block, or the mean of its patch tokens."""
+    """(X, 3, S, S) images -> (X, D) fp32: [cls] of the last block, or the mean of its patch tokens;
+    with ``pool`` "patch" (X, h, w, D) fp16: the patch tokens on their (square) grid."""
+    if pool == "patch":
+        encoded = encode(frozen.backbone, images, frozen.runtime, patch_dtype=torch.float16, batch_size=batch_size)
+        tokens = encoded.patches
+        side = math.isqrt(tokens.shape[1])  # type: ignore[union-attr]
+        return tokens.reshape(len(tokens), side, side, -1)  # type: ignore[union-attr]
     if pool == "mean":
         encoded = encode(frozen.backbone, images, frozen.runtime, patch_dtype=torch.float32, batch_size=batch_size)
         return encoded.patches.mean(dim=1)  # type: ignore[union-attr]
@@ -82,7 +94,8 @@ def embed_images(frozen: Frozen, images: torch.Tensor, pool: str = "cls", batch_
 
 @dataclass
 class Rows:
-    """A buffered chunk: relative paths, label names (None: no class), label indices, embeddings."""
+    """A buffered chunk: relative paths, label names (None: no class), label indices, embeddings
+    (fp32 vectors, or fp16 patch grids)."""
 
     paths: list[str] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
@@ -93,7 +106,7 @@ class Rows:
         return len(self.paths)
 
     def matrix(self) -> np.ndarray:
-        return np.concatenate(self.embeddings).astype(np.float32, copy=False)
+        return np.concatenate(self.embeddings)  # in the pool's dtype: fp16 grids stay fp16
 
     def split(self, n: int) -> tuple[Rows, Rows]:
         """The first ``n`` rows and the rest."""
@@ -125,6 +138,8 @@ def _check_request(request: EmbedRequest) -> tuple[Path, str]:
     fmt = output_format(out)
     if request.pool not in POOLS:
         raise IBOTError(f"--pool: unknown {request.pool!r}; choose from {', '.join(POOLS)}")
+    if request.pool == "patch" and fmt != "npy":
+        raise IBOTError(f"{out}: --pool patch writes an (images, h, w, D) array; name a .npy output")
     if request.chunk_rows < 1 or request.batch_size < 0:
         raise IBOTError("embed: chunk rows must be >= 1 and --batch-size >= 0")
     if fmt == "parquet":
@@ -146,9 +161,13 @@ def run_embed(request: EmbedRequest) -> dict:
     dataset = build_eval_dataset(request.images, frozen.cfg)
     skips = dataset_skips(dataset)
     dim = frozen.backbone.embed_dim
+    item = _item_shape(frozen, request.pool)
     try:
         with _staged(_outputs(out, fmt)) as tmps:
-            sink = _ParquetSink(tmps[0], dim) if fmt == "parquet" else _NpySink(tmps[0], tmps[1], len(dataset), dim)
+            if fmt == "parquet":
+                sink = _ParquetSink(tmps[0], dim)
+            else:
+                sink = _NpySink(tmps[0], tmps[1], len(dataset), item, _dtype(request.pool))
             with contextlib.closing(sink):
                 rows = _write_rows(frozen, dataset, request, sink, skips)
             if rows == 0:
@@ -164,12 +183,28 @@ def run_embed(request: EmbedRequest) -> dict:
         "out": str(out),
         "seconds": round(seconds, 1),
         **skips.as_counts(),
+        **({"grid": list(item[:2])} if request.pool == "patch" else {}),
     }
 
 
+def _item_shape(frozen: Frozen, pool: str) -> tuple[int, ...]:
+    """One image's row: (D,), or (h, w, D) for "patch" (the grid of the square evaluation view)."""
+    dim = frozen.backbone.embed_dim
+    if pool != "patch":
+        return (dim,)
+    side = frozen.cfg.eval_image_size // frozen.backbone.patch_size  # the config checks it divides
+    return (side, side, dim)
+
+
+def _dtype(pool: str) -> np.dtype:
+    """fp16 halves a patch array (as the feature cache stores patches); vectors stay fp32."""
+    return np.dtype(np.float16 if pool == "patch" else np.float32)
+
+
 def format_embed(result: dict) -> str:
+    grid = f"{result['grid'][0]}x{result['grid'][1]} patches, " if "grid" in result else ""
     return (
-        f"wrote {result['images']} embeddings (dim {result['dim']}, pool {result['pool']}) "
+        f"wrote {result['images']} embeddings ({grid}dim {result['dim']}, pool {result['pool']}) "
         f"to {result['out']} in {result['seconds']:.1f} s; skipped {result['skipped_images']} files"
     )
 
@@ -238,6 +273,9 @@ def _write_rows(frozen: Frozen, dataset: Dataset, request: EmbedRequest, sink, s
                 continue
             naming.add(rows, indices)
             rows.embeddings.append(embed_images(frozen, images, request.pool).numpy())
+            if request.pool == "patch":  # a batch of grids is written at once: one batch in memory
+                written += sink.write(rows)
+                rows = Rows()
             while len(rows) >= request.chunk_rows:  # chunks of exactly chunk_rows rows: one row group each
                 chunk, rows = rows.split(request.chunk_rows)
                 written += sink.write(chunk)
@@ -311,16 +349,22 @@ class _ParquetSink:
 
 
 class _NpySink:
-    """Rows into a preallocated (capacity, D) float32 .npy and their names into the sidecar TSV."""
+    """Rows into a preallocated (capacity, *item) .npy ((D,) float32, or (h, w, D) float16 patch
+    grids) and their names into the sidecar TSV."""
 
-    def __init__(self, path: Path, sidecar: Path, capacity: int, dim: int) -> None:
-        self.path, self.dim, self.rows = path, dim, 0
-        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(capacity, dim))
+    def __init__(
+        self, path: Path, sidecar: Path, capacity: int, item: tuple[int, ...], dtype: np.dtype = np.dtype(np.float32)
+    ) -> None:
+        self.path, self.item, self.dtype, self.rows = path, item, dtype, 0
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(capacity, *item))
         self.sidecar = open(sidecar, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.sidecar.write(SIDECAR_HEADER + "\n")
 
     def write(self, rows: Rows) -> int:
-        self.array[self.rows : self.rows + len(rows)] = rows.matrix()
+        matrix = rows.matrix()
+        if matrix.shape[1:] != self.item:  # e.g. an eval.image_size the patch size does not divide
+            raise IBOTError(f"embed: rows of shape {matrix.shape[1:]} do not fit the output's {self.item}")
+        self.array[self.rows : self.rows + len(rows)] = matrix
         self.array.flush()  # written back: the pages may be dropped, memory stays bounded
         for path, label, index in zip(rows.paths, rows.labels, rows.label_indices):
             self.sidecar.write(f"{_escape(path)}\t{_escape(label or '')}\t{index}\n")
@@ -332,11 +376,11 @@ class _NpySink:
         del self.array  # unmap before the file is rewritten
         self.sidecar.close()
         if self.rows < capacity:
-            shrink_npy(self.path, self.rows, self.dim)
+            shrink_npy(self.path, self.rows, self.item, self.dtype)
 
 
-def shrink_npy(path: Path, rows: int, dim: int) -> None:
-    """Rewrite the header of a (capacity, dim) float32 .npy to (rows, dim) and cut the file there.
+def shrink_npy(path: Path, rows: int, dim: int | tuple[int, ...], dtype: np.dtype = np.dtype(np.float32)) -> None:
+    """Rewrite the header of a (capacity, *dim) .npy to (rows, *dim) and cut the file there.
 
     numpy pads the header so the first dimension can grow to 21 digits: the new header has the
     old one's length, and the data does not move.
@@ -346,11 +390,12 @@ def shrink_npy(path: Path, rows: int, dim: int) -> None:
         np.lib.format.read_array_header_1_0(f)
         offset = f.tell()
         f.seek(0)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
-        np.lib.format.write_array_header_1_0(f, {**header, "shape": (rows, dim)})
+        item = (dim,) if isinstance(dim, int) else tuple(dim)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (rows, *item)})
         if f.tell() != offset:
             raise IBOTError(f"{path}: the .npy header changed length while shrinking it")
-        f.truncate(offset + rows * dim * 4)
+        f.truncate(offset + rows * math.prod(item) * np.dtype(dtype).itemsize)
 
 
 def _escape(text: str) -> str:
