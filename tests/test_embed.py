@@ -109,6 +109,15 @@ def test_a_folder_without_classes_has_no_labels(tiny_run: Path, tmp_path: Path) 
     assert not (tmp_path / "flat.npy.skipped.tsv").exists()  # nothing skipped: no list
 
 
+def test_rows_are_named_relative_to_a_relative_images_folder(
+    tiny_run: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(image_folder.parent)
+    run_embed(request(tiny_run, Path(image_folder.name), tmp_path / "rel.npy"))
+    names = [row[0] for row in read_sidecar(tmp_path / "rel.npy.paths.tsv")]
+    assert names[0] == "class_0/000.png" and all(not n.startswith(image_folder.name) for n in names)
+
+
 def test_an_existing_output_needs_force(tiny_run: Path, image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "emb.npy"
     out.write_bytes(b"keep me")

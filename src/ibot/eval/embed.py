@@ -290,13 +290,14 @@ class RowNames:
     def __init__(self, dataset: Dataset, folder: str) -> None:
         index = getattr(dataset, "index", None)
         self.root = str(index.root) if index is not None else folder
+        self.in_folder = index is not None  # image folder paths start with the root; shard members do not
         self.paths = index.paths if index is not None else [e.name for e in dataset.entries]  # type: ignore[attr-defined]
         self.classes = getattr(dataset, "classes", ())
         self.label_of = dataset.labels  # type: ignore[attr-defined]
 
     def relative(self, i: int) -> str:
         path = self.paths[i]
-        return os.path.relpath(path, self.root) if os.path.isabs(path) else path
+        return os.path.relpath(path, self.root) if self.in_folder else path
 
     def label(self, i: int) -> str | None:
         """The class folder's name (a shard's label index as text); None without a class."""
