@@ -11,7 +11,8 @@ import torch
 
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, load_backbone, load_checkpoint
+from ibot.models.reader import read_backbone
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 
@@ -32,7 +33,7 @@ def test_tiny_run_gives_finite_losses_and_checkpoints(tiny_config: Config) -> No
     assert all(0 <= r["data_wait_share"] <= 1 for r in rows)  # the real loader, decoding in this process
     state = load_checkpoint(out / CHECKPOINT_NAME)  # weights_only=True under the hood
     assert state["step"] == 8 and "cls_center.center" in state["method"]
-    tensors, config = load_backbone(out / TEACHER_NAME)
+    tensors, config = read_backbone(out / TEACHER_NAME)
     assert config["model"]["arch"] == "vit_pico" and "mask_token" in tensors
     teacher = {
         k.removeprefix("teacher.backbone."): v for k, v in state["method"].items() if k.startswith("teacher.backbone.")

@@ -183,7 +183,7 @@ def _run_demo(cfg: Config, seeds: int, init_seeds: int, progress: bool) -> DemoR
     _, run_cfg = load_frozen_backbone(str(run_dir))
     random_init = Scores("random init, same shape", tuple(range(init_seeds)), {k: [] for k in ks})
     for seed in range(init_seeds):
-        backbone = frozen_backbone(str(run_dir), {}, run_cfg, random_init=True, seed=seed, drop_path_rate=0.0)
+        backbone = frozen_backbone(run_cfg, None, seed=seed)
         for k, top1 in _knn(backbone, run_cfg, train_dir, test_dir, progress).items():
             random_init.top1[k].append(top1)
     t2 = time.monotonic()

@@ -23,6 +23,7 @@ from ibot.data.collate import Batch
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, build_patch_targets
 from ibot.losses.patch_targets import gather_patches
 from ibot.models.heads import ProjectionHead
+from ibot.models.reader import load_teacher_branch
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -107,13 +108,16 @@ class IBOT(nn.Module):
         self.teacher.requires_grad_(False)
         self.shared_head = model_cfg.shared_head
         self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
+        tokenizer = None
+        if mim_cfg.target == "frozen":  # an earlier run's teacher branch, read here: the losses read no files
+            tokenizer = load_teacher_branch(copy.deepcopy(self.teacher), mim_cfg.tokenizer_path)
         self.patch_targets = build_patch_targets(
             mim_cfg.target,
             self.teacher,
             build_centering(loss_cfg.patch_centering, model_cfg.out_dim, loss_cfg.center_momentum),
             model_cfg.out_dim,
             self.teacher["backbone"].embed_dim,
-            mim_cfg.tokenizer_path,
+            tokenizer,
             mim_cfg.codebook_decay,
             mim_cfg.codebook_restart_steps,
         )

@@ -3,7 +3,8 @@
 ``atomic_write`` writes to a temporary file in the same folder, flushes and fsyncs it, renames
 it over its name and fsyncs the folder: a kill or a full disk at any moment leaves the previous
 file whole; ``remove_debris`` deletes what killed writers left. ``teacher.safetensors`` holds a
-backbone alone, with its model config in the metadata (``save_backbone`` / ``load_backbone``).
+backbone alone, with its model config in the metadata (``save_backbone``; read by
+``ibot.models.reader``). ``load_torch_weights`` is the one ``torch.load`` (``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -103,28 +104,6 @@ def save_backbone(path: str | Path, state_dict: dict[str, torch.Tensor], config:
         raise write_error(Path(path), step, exc) from None
 
 
-def load_backbone(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Backbone weights and the config they were trained with.
-
-    ``path``: a run folder, its ``teacher.safetensors``, or a timm / DINO / iBOT ViT state dict
-    (``.safetensors`` without ibot metadata, or ``.pth``/``.pt``/``.bin`` read with
-    ``weights_only=True``), converted by ``ibot.models.foreign``.
-    """
-    from ibot.models.foreign import import_vit, unwrap
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / TEACHER_NAME
-    if not path.is_file():
-        raise DataError(f"{path}: backbone weights not found")
-    if path.suffix != ".safetensors":
-        return import_vit(unwrap(load_torch_weights(path), str(path)), str(path))
-    tensors, metadata = read_safetensors(path)
-    if "config" not in metadata:
-        return import_vit(tensors, str(path))
-    return tensors, json.loads(metadata["config"])
-
-
 # How a ``torch.save`` file begins: a zip archive (PyTorch >= 1.6), or the legacy format, a
 # protocol-2 pickle of torch's magic number 0x1950a86a20f9469cfc6c (a 10-byte LONG1).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -132,7 +111,9 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "lit
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def load_torch_weights(path: Path, allowed: Sequence[type] = ()) -> Any:
+def load_torch_weights(
+    path: Path, allowed: Sequence[type] = (), map_location: str | torch.device = "cpu"
+) -> Any:
     """``torch.load(path, weights_only=True)`` (the classes ``allowed`` let through too); one line
     telling a file that is not a PyTorch checkpoint, a damaged one, and one that only loads by
     unpickling arbitrary objects apart."""
@@ -146,7 +127,7 @@ def load_torch_weights(path: Path, allowed: Sequence[type] = ()) -> Any:
         raise DataError(f"{path}: not a PyTorch checkpoint ({what})")
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
         unsafe = _UNSAFE_GLOBAL.search(str(exc))
         if unsafe is not None and _may_exist(unsafe.group(1)):
@@ -194,13 +175,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint (``checkpoint*.pt``), read with ``load_torch_weights``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
-        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__})") from None
+    return load_torch_weights(path, map_location=map_location)
 
 
 def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

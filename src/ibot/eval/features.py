@@ -30,7 +30,8 @@ from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
-from ibot.storage import atomic_write, load_backbone
+from ibot.models.reader import read_backbone
+from ibot.storage import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +62,11 @@ class Features:
         return self.cls[:, -1]
 
 
-def load_frozen_backbone(
-    path: str, random_init: bool = False, seed: int = 0, drop_path_rate: float = 0.0
-) -> tuple[MaskedViT, Config]:
-    """The backbone saved at ``path`` (a run folder, its ``teacher.safetensors`` or a foreign ViT), in eval mode."""
-    tensors, config_dict = load_backbone(path)
-    cfg = config_from_dict(config_dict)
-    return frozen_backbone(path, tensors, cfg, random_init, seed, drop_path_rate), cfg
+def load_frozen_backbone(path: str) -> tuple[MaskedViT, Config]:
+    """The backbone at ``path`` (a run folder, its ``teacher.safetensors`` or a foreign ViT), in eval
+    mode on the CPU, with its config."""
+    tensors, cfg = _read(path)
+    return frozen_backbone(cfg, tensors, path), cfg
 
 
 @dataclass(frozen=True)
@@ -85,30 +84,41 @@ def load_frozen(
     """The backbone at ``weights`` in eval mode, on its runtime's device, with ``train.threads`` applied.
 
     The weights file is read once for weights and config; the ``overrides`` apply before the
-    backbone is built (``finetune``: with ``finetune.drop_path``).
+    backbone is built (``finetune``: with ``finetune.drop_path``; ``random_init``: the same
+    architecture untrained, the baseline of the same shape).
     """
-    tensors, config_dict = load_backbone(weights)
-    cfg = config_from_dict(config_dict, list(overrides))
+    tensors, cfg = _read(weights, overrides)
     drop_path = cfg.finetune.drop_path if finetune else 0.0
-    backbone = frozen_backbone(weights, tensors, cfg, random_init, seed=0, drop_path_rate=drop_path)
+    backbone = frozen_backbone(cfg, None if random_init else tensors, weights, drop_path_rate=drop_path)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     runtime = Runtime.resolve(cfg.train)
     return Frozen(backbone.to(runtime.device), cfg, runtime)
 
 
-def frozen_backbone(
-    path: str, tensors: dict[str, torch.Tensor], cfg: Config, random_init: bool, seed: int, drop_path_rate: float
-) -> MaskedViT:
-    """``cfg.model``'s backbone holding ``tensors`` (read from ``path``), in eval mode.
+def _read(path: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], Config]:
+    """The backbone tensors at ``path`` (``ibot.models.reader``: a folder's teacher backbone) and
+    their config with ``overrides`` applied."""
+    tensors, config_dict = read_backbone(path)
+    return tensors, config_from_dict(config_dict, list(overrides))
 
-    With ``random_init`` the same architecture is built from seed ``seed`` and the weights are
-    not loaded: the untrained baseline of the same shape. ``drop_path_rate`` is for fine-tuning.
+
+def frozen_backbone(
+    cfg: Config,
+    tensors: dict[str, torch.Tensor] | None,
+    source: str = "",
+    seed: int = 0,
+    drop_path_rate: float = 0.0,
+) -> MaskedViT:
+    """``cfg.model``'s backbone holding ``tensors`` (read from ``source``), in eval mode.
+
+    ``tensors`` None: the same architecture from seed ``seed``, untrained (the random-init
+    baseline). ``drop_path_rate`` is for fine-tuning.
     """
     torch.manual_seed(seed)
     backbone = MaskedViT.from_config(replace(cfg.model, drop_path_rate=drop_path_rate), cfg.data.global_crop_size)
-    if not random_init:
-        _check_fits(path, backbone.state_dict(), tensors)
+    if tensors is not None:
+        _check_fits(source, backbone.state_dict(), tensors)
         backbone.load_state_dict(tensors)
     return backbone.eval().requires_grad_(False)
 

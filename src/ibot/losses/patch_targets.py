@@ -4,7 +4,7 @@
   tokenizer learns with the student.
 - ``random``: the same, from a copy of the teacher frozen at its random initialisation.
 - ``frozen``: from the teacher of an earlier run, frozen (the multi-stage pipeline of BEiT-like
-  methods that iBOT's online tokenizer removes).
+  methods that iBOT's online tokenizer removes); the caller reads it (``ibot.models.reader``).
 - ``vq``: the EMA teacher's patch tokens quantised to the nearest entry of a learned codebook
   (one-hot targets over the K codes; the student's patch head predicts the code index).
 - ``none`` (plain DINO) needs no module here: the loader draws no masks, so the patch loss
@@ -18,7 +18,6 @@ positions and steps its own running state (centers, codebook) in the same call:
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ibot.config import MIM_TARGETS
-from ibot.errors import DataError
 from ibot.losses.centering import _distributed
 
 
@@ -81,32 +79,6 @@ class FixedNetworkTargets(nn.Module):
         probs = self.center.probs(logits, teacher_temp)
         self.center.update(logits)
         return probs
-
-
-def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
-    """``branch`` (same shape as the run's) with the teacher weights of an earlier run's checkpoint."""
-    from ibot.storage import CHECKPOINT_NAME, load_checkpoint, sub_state_dict
-
-    if not path:
-        raise DataError("mim.tokenizer_path: the 'frozen' target needs an earlier run's folder or checkpoint.pt")
-    file = Path(path)
-    if file.is_dir():
-        file = file / CHECKPOINT_NAME
-    state = load_checkpoint(file)
-    if "method" not in state:
-        raise DataError(f"{file}: not an ibot pre-training checkpoint (no 'method' entry)")
-    weights = sub_state_dict(state["method"], "teacher.")
-    own = branch.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or reshaped:
-        raise DataError(
-            f"{file}: its teacher does not match model.* of this run "
-            f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {reshaped[:2]})"
-        )
-    branch.load_state_dict(weights)
-    return branch
 
 
 class CodebookTargets(nn.Module):
@@ -192,17 +164,23 @@ def build_patch_targets(
     centering: nn.Module,
     num_prototypes: int,
     embed_dim: int,
-    tokenizer_path: str = "",
+    tokenizer: nn.ModuleDict | None = None,
     codebook_decay: float = 0.99,
     codebook_restart_steps: int = 100,
 ) -> nn.Module:
-    """The module named by ``mim.target`` (``none`` uses the online module on zero masked tokens)."""
+    """The module named by ``mim.target`` (``none`` uses the online module on zero masked tokens).
+
+    ``tokenizer``: for ``frozen``, the earlier run's teacher branch, built and loaded by the caller
+    (``ibot.models.reader.load_teacher_branch``): the losses read no files.
+    """
     if target in ("online", "none"):
         return TeacherTargets(centering)
     if target == "random":
         return FixedNetworkTargets(copy.deepcopy(teacher), centering)
     if target == "frozen":
-        return FixedNetworkTargets(load_teacher_branch(copy.deepcopy(teacher), tokenizer_path), centering)
+        if tokenizer is None:
+            raise ValueError("mim.target=frozen: no tokenizer branch given")
+        return FixedNetworkTargets(tokenizer, centering)
     if target == "vq":
         return CodebookTargets(num_prototypes, embed_dim, codebook_decay, codebook_restart_steps)
     raise ValueError(f"mim.target: expected one of {MIM_TARGETS}, got {target!r}")

@@ -3,8 +3,8 @@ for the student and teacher branches of the config's model.
 
 Layouts, told apart by their keys:
 
-- this package's run folder (``checkpoint.pt``, else its newest ``checkpoint-*.pt``, else
-  ``teacher.safetensors``), one of its checkpoints (student and teacher, backbones and heads),
+- this package's run folder (the file ``ibot.models.reader.FOLDER_RULE`` names for init_from: a
+  full checkpoint when there is one, for its heads), one of its checkpoints (student and teacher, backbones and heads),
   or a ``teacher.safetensors`` (the teacher's backbone alone, for both branches);
 - official iBOT / DINO full checkpoints: ``student`` and ``teacher`` entries, keys under
   ``module.`` / ``backbone.`` / ``head.``; the heads' weight-norm ``weight_g`` / ``weight_v`` become
@@ -20,7 +20,6 @@ left out (the run starts them fresh) with the reason.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from ibot.errors import ConfigError, DataError
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.vit import MaskedViT
-from ibot.run_folder import RunFolder
-from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, load_torch_weights, read_safetensors, sub_state_dict
+from ibot.models.reader import INIT, read, resolve
+from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]
 
@@ -85,9 +84,7 @@ class InitWeights:
 
 def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int) -> InitWeights:
     """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px (every check made here)."""
-    path = _resolve(Path(path).expanduser())
-    source = _read_source(path)
-    name = str(path)
+    source, name = _read_source(Path(path).expanduser())
     backbone_shapes, head_shapes = _expected_shapes(cfg, img_size)
     _check_architecture(source, cfg, name)
     notes = list(source.notes)
@@ -104,52 +101,32 @@ def load_branch(branch: nn.ModuleDict, state: Tensors) -> None:
         raise RuntimeError(f"model.init_from: keys the branch does not have: {result.unexpected_keys[:3]}")
 
 
-# Reading: file or folder -> _Source
+# Reading: file or folder (ibot.models.reader) -> _Source
 
 
-def _resolve(path: Path) -> Path:
-    """The file to read: ``path``, or the one a run folder starts a new run from."""
-    if path.is_dir():
-        path = _run_file(path)
-    if not path.is_file():
+def _read_source(path: Path) -> tuple[_Source, str]:
+    """What ``path`` (a file, or a run folder as ``ibot.models.reader.FOLDER_RULE`` says) holds, and
+    the file read."""
+    if not path.exists():
         raise ConfigError(f"model.init_from: {path}: no such file or folder")
-    return path
-
-
-def _read_source(path: Path) -> _Source:
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    loaded = _torch_load(path)
+    file = resolve(path, INIT)
+    if not file.is_file():
+        raise ConfigError(f"model.init_from: {path}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
+    held = read(file, INIT)
+    name = str(held.path)
+    loaded = held.loaded
+    if held.is_safetensors:
+        return _from_safetensors(loaded, held.metadata, name), name
     if isinstance(loaded, dict) and isinstance(loaded.get("method"), dict):
-        return _from_ibot_checkpoint(loaded, str(path))
+        return _from_ibot_checkpoint(loaded, name), name
     if isinstance(loaded, dict) and isinstance(loaded.get("teacher"), dict):
-        return _from_official(loaded, str(path))
-    return _from_backbone(unwrap(loaded, str(path)), str(path))
+        return _from_official(loaded, name), name
+    return _from_backbone(unwrap(loaded, name), name), name
 
 
-def _run_file(folder: Path) -> Path:
-    """A run folder's newest checkpoint (``checkpoint.pt`` links it), else its ``teacher.safetensors``."""
-    run = RunFolder(folder)
-    if run.checkpoint_link.is_file():
-        return run.checkpoint_link
-    steps = run.step_checkpoints()
-    if steps:
-        return steps[0][1]
-    if run.teacher.is_file():
-        return run.teacher
-    raise ConfigError(f"model.init_from: {folder}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
-
-
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``; official full checkpoints also hold their argparse
-    ``args`` (a Namespace of plain values), the one class let through."""
-    return load_torch_weights(path, allowed=[argparse.Namespace])
-
-
-def _read_safetensors(path: Path) -> _Source:
-    tensors, metadata = read_safetensors(path)
+def _from_safetensors(tensors: Tensors, metadata: dict[str, str], source: str) -> _Source:
     if "config" not in metadata:
-        return _from_backbone(tensors, str(path))
+        return _from_backbone(tensors, source)
     patch_size = json.loads(metadata["config"]).get("model", {}).get("patch_size")
     branch = _Branch(tensors, None, f"{TEACHER_NAME} holds the backbone alone")
     return _Source(f"ibot {TEACHER_NAME}", branch, branch, patch_size)
