@@ -111,9 +111,7 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "lit
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def load_torch_weights(
-    path: Path, allowed: Sequence[type] = (), map_location: str | torch.device = "cpu"
-) -> Any:
+def load_torch_weights(path: Path, allowed: Sequence[type] = (), map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` (the classes ``allowed`` let through too); one line
     telling a file that is not a PyTorch checkpoint, a damaged one, and one that only loads by
     unpickling arbitrary objects apart."""

@@ -28,9 +28,9 @@ from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
+from ibot.models.reader import read_backbone
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
-from ibot.models.reader import read_backbone
 from ibot.storage import atomic_write
 
 logger = logging.getLogger(__name__)

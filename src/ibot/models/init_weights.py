@@ -34,8 +34,8 @@ from ibot.config import ARCHS, ModelConfig
 from ibot.errors import ConfigError, DataError
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
-from ibot.models.vit import MaskedViT
 from ibot.models.reader import INIT, read, resolve
+from ibot.models.vit import MaskedViT
 from ibot.storage import CHECKPOINT_NAME, TEACHER_NAME, sub_state_dict
 
 Tensors = dict[str, torch.Tensor]

@@ -64,6 +64,7 @@ class Held:
     def is_safetensors(self) -> bool:
         return self.path.suffix == ".safetensors"
 
+
 def resolve(path: str | Path, purpose: str) -> Path:
     """The file ``purpose`` reads at ``path``: ``path`` itself, or the one ``FOLDER_RULE`` picks in a
     run folder (the first rule's file when the folder has none of them: the error names it)."""
