@@ -25,6 +25,7 @@ OpenMP settings are the environment's as given (libgomp reads them when torch lo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -66,19 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def steady_state(rows: list[dict], log_every: int, batch: int) -> tuple[float, float]:
-    """(images/s, time-weighted data-wait share) over the log windows after the first."""
-    images = seconds = waited = 0.0
-    previous = 0
-    for row in rows:
-        window = (row["step"] - previous) * batch
-        if previous >= log_every:
-            images += window
-            seconds += window / row["images_per_second"]
-            waited += row["data_wait_share"] * window / row["images_per_second"]
-        previous = row["step"]
-    if seconds == 0:
-        raise SystemExit("no log window after the first: raise --steps")
-    return images / seconds, waited / seconds
+    """(images/s, time-weighted data-wait share) over the log windows after the first: the input
+    benchmark's ``steady_state`` with the first log window as its warm-up."""
+    spec = importlib.util.spec_from_file_location("benchmark_input", Path(__file__).with_name("input.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module.steady_state(rows, log_every, batch)
 
 
 def rotated(items: list[str], by: int) -> list[str]:
