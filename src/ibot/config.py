@@ -36,6 +36,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
 RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
 PIPELINES = ("pil", "device")
+# data.intensity: how stored pixel values become [0, 1] (ibot.data.reading).
+INTENSITIES = ("dtype", "minmax", "percentile", "window")
+# Keys whose value may be "auto" (kept as the empty tuple until a run measures it).
+AUTO_KEYS = ("data.mean", "data.std")
 # The keys a resume may change when ``train.resume_allow_changes`` names them: the run goes on
 # over other images or in other batches. The model and the world size never change on resume.
 RESUME_CHANGES = ("data.path", "data.batch_size")
@@ -75,8 +79,20 @@ class DataConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # What the model sees: channels per pixel. A 1-channel image is repeated for 3 channels;
+    # any other difference skips the file ("channels differ from data.channels").
+    channels: int = 3
+    # Stored values -> [0, 1], per image (ibot.data.reading): "dtype" divides by the stored type's
+    # range (8-bit: / 255, 16-bit: / 65535); "minmax" and "percentile" stretch each channel
+    # between its own extremes / percentiles (intensity_percentiles); "window" maps the fixed
+    # stored values intensity_window = [lo, hi] (a CT window) to [0, 1]. Clipped to [0, 1].
+    intensity: str = "dtype"
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    intensity_window: tuple[float, float] = (0.0, 1.0)
+    # Per channel, after the intensity mapping; "auto" measures them over a sample of data.path
+    # at the start (cached beside the file index) and writes the numbers into the run's config.
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
         _check(self.format in ("auto", "folder", "shards"), "data.format", "must be auto, folder or shards")
@@ -96,6 +112,25 @@ class DataConfig:
         _check(all(v >= 0 for v in self.color_jitter), "data.color_jitter", "must be >= 0")
         _check(self.color_jitter[3] <= 0.5, "data.color_jitter", "hue must be <= 0.5")
         _check(all(s > 0 for s in self.std), "data.std", "must be > 0 (the normalisation divides by it)")
+        _check(self.channels >= 1, "data.channels", "must be >= 1")
+        _check(self.intensity in INTENSITIES, "data.intensity", f"must be one of {', '.join(INTENSITIES)}")
+        lo, hi = self.intensity_percentiles
+        _check(0 <= lo < hi <= 100, "data.intensity_percentiles", "must satisfy 0 <= low < high <= 100")
+        lo, hi = self.intensity_window
+        _check(lo < hi, "data.intensity_window", "must satisfy low < high")
+        for key in ("mean", "std"):
+            n = len(getattr(self, key))
+            _check(
+                n in (0, self.channels),
+                f"data.{key}",
+                f"has {n} values for data.channels={self.channels}: give {self.channels}, or auto"
+                " (measured at the start; `ibot stats DIR` prints them)",
+            )
+
+    @property
+    def auto_stats(self) -> bool:
+        """Whether ``data.mean`` / ``data.std`` are still to be measured (``auto``)."""
+        return not self.mean or not self.std
 
 
 @dataclass(frozen=True)
@@ -445,7 +480,12 @@ class Config:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        plain = _to_plain(dataclasses.asdict(self))
+        for key in AUTO_KEYS:  # written as the user wrote it, and read back the same
+            section, name = key.split(".")
+            if not plain[section][name]:
+                plain[section][name] = "auto"
+        return plain
 
     @property
     def eval_image_size(self) -> int:
@@ -499,6 +539,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is tuple:
         args = typing.get_args(annotation)
+        if key in AUTO_KEYS and isinstance(value, str) and value.lower() == "auto":
+            return ()
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
