@@ -15,7 +15,7 @@ compared with the 8-bit squeeze on the same images:
     python benchmarks/make_domain_folder.py runs/domain --source ../shared/data/cifar10/train --per-class 500
 
 Image i of a class is the source's i-th file in sorted order: the same arguments give the
-same bytes. The TIFFs need ``tifffile`` (``pip install 'ibot[bench]'``).
+same bytes. The TIFFs are written with ``tifffile``, a dependency of the package.
 """
 
 from __future__ import annotations

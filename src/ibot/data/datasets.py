@@ -22,8 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_jpeg_scaled, decode_rgb, load_rgb
+from ibot.data.decode import DEFAULT_MAX_PIXELS, decode_jpeg_scaled, load_rgb
 from ibot.data.index_cache import cache_path, read_entry, write_cache
+from ibot.data.pixels import require_readers
+from ibot.data.reading import RGB8, Reading, decode_image
 from ibot.data.scan import IMAGE_EXTENSIONS, JPEG_EXTENSIONS, FolderScan, scan_folder
 from ibot.data.skips import Skip, SkipLog
 from ibot.errors import DataError
@@ -52,14 +54,18 @@ def transform_seeded(transform: Callable[[Image.Image], Any], image: Image.Image
         return transform(image)
 
 
-def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int, seed: int | None) -> Any:
+def decode_view(
+    transform: Any, source: str | bytes, name: str, max_pixels: int, seed: int | None, reading: Reading = RGB8
+) -> Any:
     """Decode ``source`` and apply ``transform``: its view of the image, or a ``Skip``.
 
-    A transform with ``plan`` and ``cut`` (``ibot.data.crop_plan.DeviceMultiCrop``) draws its
-    crops from the seed and the stored size first, so the decoder can reduce the image.
+    The transform receives an 8-bit RGB PIL image or an (H, W, C) float32 array in [0, 1]
+    (``ibot.data.reading``). A transform with ``plan`` and ``cut``
+    (``ibot.data.crop_plan.DeviceMultiCrop``) draws its crops from the seed and the stored size
+    first, so the decoder can reduce an 8-bit image.
     """
     if not hasattr(transform, "plan"):
-        image = decode_rgb(source, name, max_pixels)
+        image = decode_image(source, name, reading, max_pixels)
         return image if isinstance(image, Skip) else transform_seeded(transform, image, seed)
     seed = random.getrandbits(63) if seed is None else seed
     plans = []  # drawn once, by whichever decoder reads the header first
@@ -70,13 +76,17 @@ def decode_view(transform: Any, source: str | bytes, name: str, max_pixels: int,
         return plans[0].draft_size()
 
     pixels = None
-    if _is_jpeg(source, name):
+    if reading.rgb8 and _is_jpeg(source, name):
         source = _read(source) or source  # read once: PIL gets the same bytes if it has to decide
         pixels = decode_jpeg_scaled(source, name, max_pixels, draft) if isinstance(source, bytes) else None
     if pixels is None:  # not a JPEG libjpeg-turbo decodes cleanly: PIL decides, and names any reason
-        image = decode_rgb(source, name, max_pixels, draft)
-        pixels = image if isinstance(image, Skip) else np.asarray(image)
-    return pixels if isinstance(pixels, Skip) else transform.cut(pixels, plans[0])
+        image = decode_image(source, name, reading, max_pixels, draft)
+        pixels = image if isinstance(image, (Skip, np.ndarray)) else np.asarray(image)
+    if isinstance(pixels, Skip):
+        return pixels
+    if not plans:  # read whole (an array): the plan is drawn from its size now
+        plans.append(transform.plan((pixels.shape[1], pixels.shape[0]), seed))
+    return transform.cut(pixels, plans[0])
 
 
 def _is_jpeg(source: str | bytes, name: str) -> bool:
@@ -222,10 +232,13 @@ class ImageFolder(Dataset):
         transform: Callable[[Image.Image], Any],
         index_cache: str | Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        reading: Reading = RGB8,
     ) -> None:
         self.index = ImageFolderIndex.scan(root, index_cache)
+        require_readers(self.index.paths)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.reading = reading
         self.skips = SkipLog(self.index.skipped)
 
     def __len__(self) -> int:
@@ -252,7 +265,7 @@ class ImageFolder(Dataset):
         """``key`` is an index, or (index, seed) from ``InfiniteSampler`` for seeded augmentation."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         path = self.index.paths[i]
-        view = decode_view(self.transform, path, path, self.max_pixels, seed)
+        view = decode_view(self.transform, path, path, self.max_pixels, seed, self.reading)
         if isinstance(view, Skip):
             self.skips.add(view)  # in a loader worker this copy is lost: the collate passes it on
             return view

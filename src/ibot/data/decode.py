@@ -38,10 +38,20 @@ def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
 Draft = Callable[[tuple[int, int]], tuple[int, int] | None]
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # Pillow modes of more than 8 bits per pixel
+
+
 def decode_rgb(
-    source: str | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Draft | None = None
+    source: str | bytes,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: Draft | None = None,
+    keep_wide: bool = False,
 ) -> Image.Image | Skip:
     """The RGB image in ``source`` (a file path or the file's bytes), or ``Skip(name, reason)``.
+
+    With ``keep_wide`` a 16-bit, 32-bit or float image is returned as loaded, in its own mode
+    (``ibot.data.reading`` keeps its precision); without, it is scaled to 8 bits.
 
     ``draft(stored size)`` may name the smallest size the caller needs: a JPEG is then decoded
     at 1/2, 1/4 or 1/8 scale when that still covers it (libjpeg's DCT scaling, far cheaper than
@@ -50,7 +60,7 @@ def decode_rgb(
     try:
         if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
             return Skip(name, EMPTY)
-        _allow_pixels(max_pixels)
+        allow_pixels(max_pixels)
         with warnings.catch_warnings():
             # Between PIL's limit and twice it PIL only warns; the file is skipped either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,7 +71,7 @@ def decode_rgb(
                 if wanted is not None:
                     img.draft(None, wanted)
                 img.load()
-                return _to_rgb(img)
+                return img if keep_wide and img.mode in WIDE_MODES else _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Skip(name, TOO_MANY_PIXELS)
     except UnidentifiedImageError:
@@ -108,7 +118,7 @@ def decode_jpeg_scaled(data: bytes, name: str, max_pixels: int, draft: Draft) ->
         return None
 
 
-def _allow_pixels(max_pixels: int) -> None:
+def allow_pixels(max_pixels: int) -> None:
     """Raise PIL's process-wide limit to ``max_pixels`` (0: none) so our own check decides.
 
     Only ever raised, never lowered back: PIL's check runs inside ``Image.open``, which has no
@@ -121,16 +131,20 @@ def _allow_pixels(max_pixels: int) -> None:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """The loaded frame (an animation's first) as 8-bit RGB; transparency composited on black."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in WIDE_MODES:
         # PIL's own convert() clips 16-bit and float data to 0..255; rescale by the range instead.
         arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
+    return composite_on_black(img)
+
+
+def composite_on_black(img: Image.Image) -> Image.Image:
+    """An 8-bit image as RGB; transparency composited on black (what an RGB decoder shows there)."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        # Composite on black: the same as what an RGB decoder shows for transparent pixels.
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         background = Image.new("RGB", img.size, (0, 0, 0))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background

@@ -16,6 +16,7 @@ from ibot.data.collate import MultiCropCollate
 from ibot.data.crop_plan import DeviceMultiCrop
 from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
 from ibot.data.decode import DEFAULT_MAX_PIXELS
+from ibot.data.reading import RGB8, Reading
 from ibot.data.shards import TarShards
 from ibot.data.transforms import MultiCropTransform
 
@@ -55,7 +56,12 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
 
 
 def build_dataset(
-    path: str, transform: Any, data_format: str = "auto", index_cache: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str,
+    transform: Any,
+    data_format: str = "auto",
+    index_cache: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reading: Reading = RGB8,
 ) -> Dataset:
     """An image folder, or tar shards when ``data_format`` says so (auto: a .tar file or a folder of them).
 
@@ -70,13 +76,15 @@ def build_dataset(
         )
         data_format = "shards" if is_shards else "folder"
     if data_format == "shards":
-        return TarShards(path, transform, index_cache, max_pixels)
-    return ImageFolder(path, transform, index_cache, max_pixels)
+        return TarShards(path, transform, index_cache, max_pixels, reading)
+    return ImageFolder(path, transform, index_cache, max_pixels, reading)
 
 
 def dataset_from_config(path: str, transform: Any, data: DataConfig) -> Dataset:
-    """``build_dataset`` with the format, index cache and pixel limit of ``data``."""
-    return build_dataset(path, transform, data.format, data.index_cache, data.max_image_pixels)
+    """``build_dataset`` with the format, index cache, pixel limit and reading of ``data``."""
+    return build_dataset(
+        path, transform, data.format, data.index_cache, data.max_image_pixels, Reading.from_config(data)
+    )
 
 
 def listed_images(data: DataConfig) -> int:

@@ -20,6 +20,7 @@ from ibot.data.skips import DANGLING_LINK, IMAGE_NAMED_DIR, UNREADABLE_DIR, VISI
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".heic", ".heif",
+    ".npy", ".dcm", ".dicom",  # read by ibot.data.pixels
 )  # fmt: skip
 JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")  # decoded by libjpeg-turbo's fast path when asked
 

@@ -21,6 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, decode_view
+from ibot.data.pixels import require_readers
+from ibot.data.reading import RGB8, Reading
 from ibot.data.decode import DEFAULT_MAX_PIXELS
 from ibot.data.index_cache import cache_path, read_cache, write_cache
 from ibot.data.skips import UNREADABLE, Skip, SkipLog
@@ -72,14 +74,17 @@ class TarShards(Dataset):
         transform: Callable[[Image.Image], Any],
         index_cache: str | Path | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        reading: Reading = RGB8,
     ) -> None:
         self.shards = find_shards(path)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.reading = reading
         self.skips = SkipLog()  # what this process failed to decode (a shard index has no scan skips)
         self.entries = self._load_index(index_cache)
         if not self.entries:
             raise DataError(f"{path}: shards contain no images")
+        require_readers([e.name for e in self.entries])
 
     def _load_index(self, index_cache: str | Path | None) -> list[ShardEntry]:
         fingerprint = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.shards]
@@ -110,7 +115,7 @@ class TarShards(Dataset):
         except OSError:
             view = Skip(where, UNREADABLE)
         else:
-            view = decode_view(self.transform, data, where, self.max_pixels, seed)
+            view = decode_view(self.transform, data, where, self.max_pixels, seed, self.reading)
         if isinstance(view, Skip):
             self.skips.add(view)  # in a loader worker this copy is lost: the collate passes it on
             return view

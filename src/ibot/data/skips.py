@@ -26,6 +26,11 @@ EMPTY = "empty file"
 NOT_AN_IMAGE = "not an image"
 TOO_MANY_PIXELS = "too many pixels"
 UNSUPPORTED_FORMAT = "format the installed Pillow cannot decode"
+CHANNELS = "channels differ from data.channels"
+VOLUME = "3-D volume, not a 2-D image"
+AMBIGUOUS_SHAPE = "ambiguous array shape"
+NOT_FINITE = "NaN or inf in the pixels"
+NO_PIXEL_DATA = "no pixel data"
 
 TSV_HEADER = "path\treason"
 
