@@ -265,10 +265,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.force:
         raise IBOTError(f"--out {out}: exists (--force replaces it)")
-    cfg = load_config(args.config, list(args.overrides))
+    # What it measures is data.mean / data.std: whatever they hold now (3 values with channels=5) is moot.
+    cfg = load_config(args.config, [*args.overrides, "data.mean=auto", "data.std=auto"])
     stats = channel_stats(args.folder, cfg.data, args.images, args.seed, cfg.data.num_workers)
     rows = [f"| {c} | {m:.4f} | {s:.4f} |" for c, (m, s) in enumerate(zip(stats.mean, stats.std))]
-    print("\n".join([f"| channel ({stats.images} images, seed {args.seed}) | mean | std |", "|---|---|---|", *rows]))
+    head = f"| channel ({stats.images} images, seed {args.seed}, data.intensity={cfg.data.intensity}) | mean | std |"
+    print("\n".join([head, "|---|---|---|", *rows]))
     if stats.skips:
         from ibot.data.skips import SkipLog
 

@@ -21,10 +21,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ibot.data.datasets import IMAGE_EXTENSIONS, Sample, decode_view
-from ibot.data.pixels import require_readers
-from ibot.data.reading import RGB8, Reading
 from ibot.data.decode import DEFAULT_MAX_PIXELS
 from ibot.data.index_cache import cache_path, read_cache, write_cache
+from ibot.data.pixels import require_readers
+from ibot.data.reading import RGB8, Reading
 from ibot.data.skips import UNREADABLE, Skip, SkipLog
 from ibot.errors import DataError
 

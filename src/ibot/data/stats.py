@@ -8,8 +8,11 @@ pixel of the sample, accumulated in float64 so that a large sample loses no prec
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,10 +20,13 @@ from torch.utils.data import DataLoader
 
 from ibot.config import DataConfig
 from ibot.data.collate import skips_of
-from ibot.data.datasets import Sample
+from ibot.data.datasets import Sample, files_digest
+from ibot.data.index_cache import cache_path, read_entry, write_cache
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class ChannelStats:
     images: int
     pixels: int
     skips: tuple[Skip, ...] = ()
+    drawn: int = 0  # how many of the seeded order were read (skipped files included)
 
     def config_snippet(self) -> str:
         """The two lines to put under ``data:`` in a config file (or pass as overrides)."""
@@ -45,7 +52,13 @@ class ChannelStats:
 
 
 def to_unit_array(image) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """A decoded RGB image as (H, W, C) float32 in [0, 1]: what normalisation receives."""
+    """A decoded image as (H, W, C) float32 in [0, 1]: what normalisation receives.
+
+    8-bit RGB images are divided by 255; arrays from ``ibot.data.reading`` are already mapped
+    by ``data.intensity`` and have ``data.channels`` channels.
+    """
+    if isinstance(image, np.ndarray) and image.dtype == np.float32:
+        return image
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
@@ -71,10 +84,11 @@ class _Moments:
         self.pixels += flat.shape[0]
         self.images += 1
 
-    def result(self, skips: tuple[Skip, ...]) -> ChannelStats:
+    def result(self, skips: tuple[Skip, ...], drawn: int) -> ChannelStats:
         mean = self.total / self.pixels
         var = np.maximum(self.squares / self.pixels - mean * mean, 0.0)
-        return ChannelStats(tuple(map(float, mean)), tuple(map(float, np.sqrt(var))), self.images, self.pixels, skips)
+        std = tuple(map(float, np.sqrt(var)))
+        return ChannelStats(tuple(map(float, mean)), std, self.images, self.pixels, skips, drawn)
 
 
 def channel_stats(folder: str, data: DataConfig, images: int, seed: int, workers: int = 0) -> ChannelStats:
@@ -87,7 +101,7 @@ def channel_stats(folder: str, data: DataConfig, images: int, seed: int, workers
         raise DataError(f"--images {images}: must be at least 1")
     workers = min(workers, len(os.sched_getaffinity(0)))  # more loader processes than cores only contend
     dataset = dataset_from_config(folder, to_unit_array, data)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = _order(dataset, seed)
     log = SkipLog(getattr(dataset, "skips", ()))
     moments = _Moments()
     position = 0
@@ -104,4 +118,63 @@ def channel_stats(folder: str, data: DataConfig, images: int, seed: int, workers
                 moments.add(array)
     if moments.images == 0:
         raise DataError(f"{folder}: no image decoded; {log.summary('stats')}")
-    return moments.result(tuple(log.sorted()))
+    return moments.result(tuple(log.sorted()), position)
+
+
+def _order(dataset, seed: int) -> list[int]:  # type: ignore[no-untyped-def]
+    return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+AUTO_IMAGES = 1000  # images that data.mean=auto / data.std=auto read: 4 decimals on CIFAR-10 (docs/input.md)
+STATS_CACHE_KIND = "stats-v1"
+
+
+def resolve_auto_stats(data: DataConfig, seed: int = 0, images: int = AUTO_IMAGES) -> DataConfig:
+    """``data`` with ``mean`` / ``std`` measured over a seeded sample of ``data.path`` where they are auto.
+
+    The result is cached beside the file index (``data.index_cache``), keyed by the folder, the
+    reading (channels, intensity), the sample's size and seed, and checked against the size and
+    modification time of every file the sample read: a changed file measures again.
+    """
+    if not data.auto_stats:
+        return data
+    key = json.dumps(
+        [
+            str(Path(data.path).resolve()),
+            data.format,
+            data.max_image_pixels,
+            images,
+            seed,
+            data.channels,
+            data.intensity,
+            data.intensity_percentiles,
+            data.intensity_window,
+        ]
+    )
+    cache = cache_path(data.index_cache, STATS_CACHE_KIND, key) if data.index_cache else None
+    stats = _cached_stats(cache, data, seed) if cache is not None else None
+    if stats is None:
+        stats = channel_stats(data.path, data, images, seed, data.num_workers)
+        if cache is not None:
+            write_cache(cache, _sample_fingerprint(data, seed, stats.drawn), [stats.mean, stats.std, stats.drawn])
+        logger.info("data.mean / data.std measured over %d images of %s", stats.images, data.path)
+    return replace(data, mean=data.mean or stats.mean, std=data.std or stats.std)
+
+
+def _sample_fingerprint(data: DataConfig, seed: int, drawn: int) -> list:
+    """[files listed, hash of (path, size, mtime) of each file the sample read]."""
+    dataset = dataset_from_config(data.path, None, data)
+    order = _order(dataset, seed)[:drawn]
+    files = [dataset.item_path(i) for i in order] if hasattr(dataset, "item_path") else dataset.shards
+    return [len(dataset), files_digest(str(f) for f in files)]
+
+
+def _cached_stats(cache: Path, data: DataConfig, seed: int) -> ChannelStats | None:
+    entry = read_entry(cache)
+    try:
+        mean, std, drawn = entry[1] if entry is not None else (None, None, None)
+        if mean is None or entry[0] != _sample_fingerprint(data, seed, int(drawn)):
+            return None
+        return ChannelStats(tuple(map(float, mean)), tuple(map(float, std)), 0, 0, (), int(drawn))
+    except (TypeError, ValueError):  # a hand-edited or foreign file: measure again
+        return None

@@ -22,6 +22,7 @@ from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader, listed_images
 from ibot.data.photometric import DeviceAugment
 from ibot.data.skips import SkipLog, report_skips
+from ibot.data.stats import resolve_auto_stats
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
 from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
@@ -630,6 +631,18 @@ def _refuse_earlier_run(folder: RunFolder) -> None:
         )
 
 
+def _measured_stats(cfg: Config, folder: RunFolder, resume: Resume) -> Config:
+    """``cfg`` with ``data.mean`` / ``data.std`` = auto replaced by numbers: those the resumed run
+    measured (its ``config.yaml``), so a resume normalises as before, or measured now."""
+    if not cfg.data.auto_stats:
+        return cfg
+    if resume and folder.config.is_file():
+        saved = config_from_dict(yaml.safe_load(folder.config.read_text())).data
+        if not saved.auto_stats:
+            return replace(cfg, data=replace(cfg.data, mean=cfg.data.mean or saved.mean, std=cfg.data.std or saved.std))
+    return replace(cfg, data=resolve_auto_stats(cfg.data, cfg.train.seed))
+
+
 def _write_run_folder(folder: RunFolder, cfg: Config) -> None:
     """The run folder, cleaned of a killed run's temporary files, and its ``config.yaml``."""
     folder.root.mkdir(parents=True, exist_ok=True)
@@ -650,6 +663,7 @@ def _open_session(
     store = CheckpointStore(cfg.train.output_dir, cfg.train.keep_checkpoints)
     if not resume:
         _refuse_earlier_run(RunFolder(store.folder))
+    cfg = _measured_stats(cfg, RunFolder(store.folder), resume)
     init = _read_init(cfg, store, resume, env)
     trainee = _build(cfg, run, env, init)
     use_monitor = cfg.eval.monitor_every_minutes > 0
