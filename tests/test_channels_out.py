@@ -29,6 +29,7 @@ from ibot.eval.features import encode, extract_features, load_frozen, load_froze
 from ibot.method import IBOT
 from ibot.models.init_weights import load_branch, read_init_weights
 from ibot.models.vit import MaskedViT
+from ibot.run_folder import RunFolder
 from ibot.runtime import Runtime
 from ibot.storage import TEACHER_NAME, save_backbone
 from ibot.visualize import to_pixels
@@ -43,6 +44,7 @@ CHANNEL_KEYS = {
     5: ["data.channels=5", "data.mean=[0.3,0.4,0.5,0.6,0.7]", "data.std=[0.2,0.25,0.3,0.2,0.25]"],
     1: ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]", "data.intensity=minmax"],
 }
+PROBE = ["eval.probe_lrs=[0.1]", "eval.probe_epochs=2", "eval.probe_max_extensions=0"]
 
 
 def make_tiffs(root: Path) -> Path:
@@ -261,15 +263,47 @@ def test_eval_knn_and_dense_give_numbers(runs: dict[int, tuple[Path, Path]], tmp
     assert knn["train_images"] == knn["test_images"] == 2 * PER_CLASS
     top1 = knn["knn"]["5"]["top1"]
     assert 0 <= top1 <= 100
-    probe = ["eval.probe_lrs=[0.1]", "eval.probe_epochs=2", "eval.probe_max_extensions=0"]
-    mosaics = ["eval.dense_train_mosaics=6", "eval.dense_test_mosaics=3", *probe]
+    mosaics = ["eval.dense_train_mosaics=6", "eval.dense_test_mosaics=3", *PROBE]
     dense = _eval("dense", run, folder, tmp_path / "dense.json", *mosaics)
     assert {d["features"] for d in dense["dense"]} == {"patch tokens", "[cls] broadcast"}
     assert all(0 <= d["test_miou"] <= 100 for d in dense["dense"])
 
 
-def test_eval_finetune_runs_on_five_channels(runs: dict[int, tuple[Path, Path]], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("retrieval", []),
+        ("cluster", ["eval.cluster_restarts=1"]),
+        ("lowshot", ["eval.lowshot_shots=[1]", "eval.lowshot_fractions=[]", "eval.lowshot_draws=[0]"]),
+        ("probe", ["eval.probes=[cls,attention-pool]", *PROBE]),
+    ],
+)
+def test_the_other_eval_commands_run_on_five_channels(
+    runs: dict[int, tuple[Path, Path]], tmp_path: Path, command: str, extra: list[str]
+) -> None:
     run, folder = runs[5]
+    result = _eval(command, run, folder, tmp_path / f"{command}.json", *extra)
+    numbers = [v for v in _leaves(result) if isinstance(v, float)]
+    assert numbers and all(np.isfinite(numbers))
+    if command == "probe":  # its attention-pool picture draws the first 3 of the 5 channels
+        picture = RunFolder(run).attention_pool(random_init=False)
+        with Image.open(picture) as image:
+            assert image.size[0] > 0
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+@pytest.mark.parametrize("channels", [1, 5])
+def test_eval_finetune_runs_on_any_channels(
+    runs: dict[int, tuple[Path, Path]], tmp_path: Path, channels: int
+) -> None:
+    run, folder = runs[channels]
     settings = ["finetune.epochs=1", "finetune.batch_size=4", "finetune.num_workers=0", "finetune.warmup_epochs=0"]
     result = _eval("finetune", run, folder, tmp_path / "ft.json", *settings)
     assert result["steps"] == 3 and 0 <= result["test_top1"] <= 100 and np.isfinite(result["train_loss"])
