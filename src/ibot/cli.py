@@ -324,22 +324,24 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _visualize(args: argparse.Namespace, path: Path) -> None:
     from ibot import visualize
+    from ibot.data.display import drawn_channels
     from ibot.data.skips import SkipLog, report_skips
     from ibot.eval.features import load_frozen_backbone
 
     backbone, cfg = load_frozen_backbone(args.weights)
     cfg = visualize.at_size(cfg, args.size)
+    channels = drawn_channels(args.channels, cfg.data.channels)
     folder = visualize.image_folder(args.images, cfg)
     skips = SkipLog()
     images = visualize.spread_images(folder, cfg, 2 if args.kind == "correspondences" else args.count, skips)
     if args.kind == "attention":
-        written = visualize.draw_attention(backbone, images, cfg, path)
+        written = visualize.draw_attention(backbone, images, cfg, path, channels)
     elif args.kind == "clusters":
-        written = visualize.draw_clusters(backbone, images, cfg, path, args.clusters)
+        written = visualize.draw_clusters(backbone, images, cfg, path, args.clusters, channels)
     elif args.kind == "pca":
-        written = visualize.draw_pca(backbone, images, cfg, path, args.threshold)
+        written = visualize.draw_pca(backbone, images, cfg, path, args.threshold, channels)
     else:
-        written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs)
+        written = visualize.draw_correspondences(backbone, images, cfg, path, args.pairs, channels)
     # Only beside a picture drawn: a refused command leaves the run folder as it was.
     report_skips(skips, f"visualize {args.kind}", path.parent / f"skipped-{args.kind}.tsv")
     logger.info("wrote %s", written)
@@ -464,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="image side to draw at (a multiple of the patch size, at most 64 patches; default eval size)",
     )
     v.add_argument("--output", default="", help="PNG path, or a folder for KIND.png (default: RUN/pictures/KIND.png)")
+    v.add_argument(
+        "--channels",
+        default="",
+        help="image channels drawn as RGB, e.g. 0,1,2; one index is drawn grey (default: the first 3, or grey)",
+    )
     v.set_defaults(func=_cmd_visualize)
 
     d = sub.add_parser("demo", help="pre-train on the embedded CIFAR-10 sample, then k-NN vs random init")

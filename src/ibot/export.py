@@ -4,6 +4,8 @@ Each format is written into a temporary sibling of ``--out``, loaded back by its
 (timm's ``local-dir:``, ``AutoModel.from_pretrained``, onnxruntime) and compared with this
 package's ``MaskedViT`` on random images at the run's evaluation size; only a copy that passes
 is renamed to ``--out``. The weights are the backbone alone: no [mask] token, no heads.
+The input channels are the run's ``data.channels``: timm's ``in_chans``, transformers'
+``num_channels``, the ONNX input's (B, C, H, W); mean and std have C values each.
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ def tokens(backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
 
 
 def check_images(cfg: Config, batch: int) -> torch.Tensor:
-    """A fixed batch of normalised-image-like inputs at the evaluation size."""
+    """A fixed batch of normalised-image-like inputs at the evaluation size, of ``data.channels`` channels."""
     size = cfg.eval_image_size
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch, cfg.data.channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def pos_embed_at(backbone: MaskedViT, size: int) -> torch.Tensor:
@@ -178,12 +180,13 @@ def timm_config(backbone: MaskedViT, cfg: Config) -> dict:
             "depth": len(vit.blocks),
             "num_heads": vit.blocks[0].attn.num_heads,
             "patch_size": backbone.patch_size,
+            "in_chans": cfg.data.channels,
             "img_size": cfg.data.global_crop_size,  # the grid of the stored position embeddings
             "num_classes": 0,
             "dynamic_img_size": True,  # MaskedViT resamples them for any input size; so does timm then
         },
         "pretrained_cfg": {
-            "input_size": [3, size, size],
+            "input_size": [cfg.data.channels, size, size],
             "fixed_input_size": False,
             "interpolation": "bicubic",
             "crop_pct": cfg.eval.crop_ratio,
@@ -260,6 +263,7 @@ def write_hf(backbone: MaskedViT, cfg: Config, folder: Path) -> None:
         layer_norm_eps=1e-6,  # timm's ViT LayerNorm, not transformers' 1e-12 default
         image_size=size,
         patch_size=backbone.patch_size,
+        num_channels=cfg.data.channels,
         encoder_stride=backbone.patch_size,
         qkv_bias=True,  # MaskedViT's blocks always have one (timm's default)
         architectures=["ViTModel"],

@@ -78,8 +78,8 @@ class StudentOutputs:
     global_cls: torch.Tensor
 
 
-def _build_branch(model_cfg: ModelConfig, img_size: int) -> nn.ModuleDict:
-    backbone = MaskedViT.from_config(model_cfg, img_size)
+def _build_branch(model_cfg: ModelConfig, img_size: int, in_chans: int) -> nn.ModuleDict:
+    backbone = MaskedViT.from_config(model_cfg, img_size, in_chans)
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if model_cfg.shared_head:
         modules["head"] = ProjectionHead.from_config(model_cfg, backbone.embed_dim)
@@ -99,11 +99,17 @@ class IBOT(nn.Module):
     """Student/teacher pair with the DINO [cls] loss and the iBOT masked-patch loss."""
 
     def __init__(
-        self, model_cfg: ModelConfig, loss_cfg: LossConfig, img_size: int, mim_cfg: MimConfig | None = None
+        self,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        img_size: int,
+        mim_cfg: MimConfig | None = None,
+        in_chans: int = 3,
     ) -> None:
+        """``in_chans``: the channels of the crops (the run's ``data.channels``)."""
         super().__init__()
         mim_cfg = mim_cfg or MimConfig()
-        self.student = _build_branch(model_cfg, img_size)
+        self.student = _build_branch(model_cfg, img_size, in_chans)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.shared_head = model_cfg.shared_head

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ibot.config import Config
 from ibot.data.datasets import Sample
+from ibot.data.display import default_channels, to_rgb
 from ibot.data.skips import SkipLog
 from ibot.errors import IBOTError
 from ibot.eval.features import build_eval_dataset, dataset_skips
@@ -124,13 +125,14 @@ def _next_readable(dataset, start: int, tried: set[int]) -> Sample | None:  # ty
     return None
 
 
-def to_pixels(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Normalised (B, 3, S, S) -> (B, S, S, 3) in [0, 1] for imshow."""
-    return (
-        (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1))
-        .clamp(0, 1)
-        .permute(0, 2, 3, 1)
-    )
+def to_pixels(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """Normalised (B, C, S, S) -> (B, S, S, 3) in [0, 1] for imshow: the ``channels`` drawn as RGB,
+    one drawn grey (``ibot.data.display``; () = the first three, or the first in grey)."""
+    c = images.shape[1]
+    pixels = (images * torch.tensor(std).view(1, c, 1, 1) + torch.tensor(mean).view(1, c, 1, 1)).clamp(0, 1)
+    return to_rgb(pixels.permute(0, 2, 3, 1), channels or default_channels(c))
 
 
 def cls_attention(backbone: MaskedViT, images: torch.Tensor) -> torch.Tensor:
@@ -261,10 +263,12 @@ def save_figure(plt, fig, path: str | Path, title: str, dpi: int = 110) -> Path:
 
 
 @torch.no_grad()
-def draw_attention(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path) -> Path:
-    """One row per image: the image, then its [cls] attention map for every head."""
+def draw_attention(
+    backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, channels: tuple[int, ...] = ()
+) -> Path:
+    """One row per image: the image (its ``channels`` as RGB), then its [cls] attention map for every head."""
     maps = cls_attention(backbone, images)
-    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std, channels)
     plt, fig, axes = _figure(len(images), 1 + maps.shape[1])
     for i in range(len(images)):
         axes[i, 0].imshow(pixels[i].numpy())
@@ -276,7 +280,9 @@ def draw_attention(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path:
 
 
 @torch.no_grad()
-def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, k: int) -> Path:
+def draw_clusters(
+    backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, k: int, channels: tuple[int, ...] = ()
+) -> Path:
     """Images in pairs of rows: the image above, its patches coloured by k-means cluster below."""
     import matplotlib
 
@@ -284,7 +290,7 @@ def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: 
     assign, _ = kmeans(patches.flatten(0, 1), k)
     grid = images.shape[-1] // backbone.patch_size
     layout = assign.view(len(images), grid, grid)
-    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std, channels)
     cols = min(8, len(images))
     rows = -(-len(images) // cols)
     plt, fig, axes = _figure(2 * rows, cols)
@@ -297,13 +303,20 @@ def draw_clusters(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: 
 
 
 @torch.no_grad()
-def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, pairs: int) -> Path:
+def draw_correspondences(
+    backbone: MaskedViT,
+    images: torch.Tensor,
+    cfg: Config,
+    path: str | Path,
+    pairs: int,
+    channels: tuple[int, ...] = (),
+) -> Path:
     """The first two images side by side, lines between their best mutual-nearest patch pairs."""
     if len(images) < 2:
         raise IBOTError("correspondences need two readable images")
     patches = backbone(images[:2]).patches
     matches = mutual_neighbours(patches[0], patches[1], pairs)
-    pixels = to_pixels(images[:2], cfg.data.mean, cfg.data.std)
+    pixels = to_pixels(images[:2], cfg.data.mean, cfg.data.std, channels)
     size, p = images.shape[-1], backbone.patch_size
     grid = size // p
     plt, fig, axes = _figure(1, 1, scale=3.0)
@@ -319,7 +332,12 @@ def draw_correspondences(backbone: MaskedViT, images: torch.Tensor, cfg: Config,
 
 @torch.no_grad()
 def draw_pca(
-    backbone: MaskedViT, images: torch.Tensor, cfg: Config, path: str | Path, threshold: float | None = None
+    backbone: MaskedViT,
+    images: torch.Tensor,
+    cfg: Config,
+    path: str | Path,
+    threshold: float | None = None,
+    channels: tuple[int, ...] = (),
 ) -> Path:
     """Each image with its patches coloured by the first three principal components (RGB), four pairs a row."""
     if threshold is not None and not 0 <= threshold < 1:
@@ -327,7 +345,7 @@ def draw_pca(
     patches = backbone(images).patches
     height, width = (side // backbone.patch_size for side in images.shape[-2:])
     colours = pca_colours(patches, height, width, threshold)
-    pixels = to_pixels(images, cfg.data.mean, cfg.data.std)
+    pixels = to_pixels(images, cfg.data.mean, cfg.data.std, channels)
     pairs = min(4, len(images))
     rows = -(-len(images) // pairs)
     plt, fig, axes = _figure(rows, 2 * pairs)

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ibot.config import DataConfig
+from ibot.data.eval_transform import EvalTransform
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,9 @@ class MultiCropTransform:
         return Crops(global_crops, local_crops)
 
 
-def build_eval_transform(image_size: int, crop_ratio: float, mean, std) -> T.Compose:  # type: ignore[no-untyped-def]
-    """DINO evaluation transform: resize to size/crop_ratio, centre crop, normalise."""
-    bicubic = T.InterpolationMode.BICUBIC
-    resize = int(round(image_size / crop_ratio))
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=bicubic),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+def build_eval_transform(  # type: ignore[no-untyped-def]
+    image_size: int, crop_ratio: float, mean, std
+) -> EvalTransform:
+    """DINO evaluation transform: resize to size/crop_ratio, centre crop, normalise; of an 8-bit RGB
+    PIL image or an (H, W, C) float32 array in [0, 1] (``ibot.data.eval_transform``)."""
+    return EvalTransform(image_size, crop_ratio, mean, std)

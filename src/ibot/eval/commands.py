@@ -187,9 +187,10 @@ def probe_sweep(cfg: Config, progress: bool) -> dict:
 def run_robustness(request: EvalRequest) -> r.RobustnessReport:
     """A probe trained on clean features, scored under the 15 CIFAR-10-C corruptions x 5 severities."""
     from ibot.eval.features import train_classes
-    from ibot.eval.robustness import corruption_benchmark
+    from ibot.eval.robustness import corruption_benchmark, require_rgb
 
     setup = eval_setup(request, "robustness")
+    require_rgb(setup.cfg)  # before minutes of features
     cfg, e = setup.cfg, setup.cfg.eval
     feats, (probe,) = trained_probes(setup, request, [e.robustness_probe], "eval.robustness_probe")
     result = corruption_benchmark(

@@ -53,7 +53,7 @@ class DenseResult:
 def make_mosaics(
     dataset: Dataset, count: int, grid: int, patch_size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` mosaics (X, 3, grid*S, grid*S) of random readable images and their patch targets (X, P)."""
+    """``count`` mosaics (X, C, grid*S, grid*S) of random readable images and their patch targets (X, P)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     tiles: list[Sample] = []
     needed = count * grid * grid

@@ -79,7 +79,7 @@ class EmbedRequest:
 
 
 def embed_images(frozen: Frozen, images: torch.Tensor, pool: str = "cls", batch_size: int = 0) -> torch.Tensor:
-    """(X, 3, S, S) images -> (X, D) fp32: [cls] of the last block, or the mean of its patch tokens;
+    """(X, C, S, S) images -> (X, D) fp32: [cls] of the last block, or the mean of its patch tokens;
     with ``pool`` "patch" (X, h, w, D) fp16: the patch tokens on their (square) grid."""
     if pool == "patch":
         encoded = encode(frozen.backbone, images, frozen.runtime, patch_dtype=torch.float16, batch_size=batch_size)

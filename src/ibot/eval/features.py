@@ -27,7 +27,7 @@ from ibot.data.labels import TrainClasses, align_to, dataset_classes, dataset_fi
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
-from ibot.errors import DataError, IBOTError
+from ibot.errors import ConfigError, DataError, IBOTError
 from ibot.models.reader import read_backbone
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -100,7 +100,13 @@ def _read(path: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, torch.T
     """The backbone tensors at ``path`` (``ibot.models.reader``: a folder's teacher backbone) and
     their config with ``overrides`` applied."""
     tensors, config_dict = read_backbone(path)
-    return tensors, config_from_dict(config_dict, list(overrides))
+    cfg = config_from_dict(config_dict, list(overrides))
+    if cfg.data.auto_stats:  # a weights file of other than 3 channels: its normalisation is unknown
+        raise ConfigError(
+            f"{path}: a {cfg.data.channels}-channel backbone whose data.mean / data.std are unknown; "
+            f"give data.mean=[...] data.std=[...] ({cfg.data.channels} values each; `ibot stats DIR` measures them)"
+        )
+    return tensors, cfg
 
 
 def frozen_backbone(
@@ -116,7 +122,8 @@ def frozen_backbone(
     baseline). ``drop_path_rate`` is for fine-tuning.
     """
     torch.manual_seed(seed)
-    backbone = MaskedViT.from_config(replace(cfg.model, drop_path_rate=drop_path_rate), cfg.data.global_crop_size)
+    model = replace(cfg.model, drop_path_rate=drop_path_rate)
+    backbone = MaskedViT.from_config(model, cfg.data.global_crop_size, cfg.data.channels)
     if tensors is not None:
         _check_fits(source, backbone.state_dict(), tensors)
         backbone.load_state_dict(tensors)
@@ -220,7 +227,7 @@ def encode(
     patch_dtype: torch.dtype | None = None,
     batch_size: int = 0,
 ) -> Encoded:
-    """(X, 3, S, S) images -> their ``Encoded`` tokens, ``batch_size`` images at a time (0: all at once).
+    """(X, C, S, S) images -> their ``Encoded`` tokens, ``batch_size`` images at a time (0: all at once).
 
     The one place a frozen backbone meets images: autocast as the run's precision, tokens after
     the final norm; patch tokens are kept only with ``patch_dtype`` (fp16 halves a cache).
@@ -236,7 +243,7 @@ def encode(
 
 
 def cls_features(backbone: MaskedViT, images: torch.Tensor, runtime: Runtime, batch_size: int = 0) -> torch.Tensor:
-    """(X, 3, S, S) images -> (X, D) fp32 [cls] of the last block, on the CPU."""
+    """(X, C, S, S) images -> (X, D) fp32 [cls] of the last block, on the CPU."""
     return encode(backbone, images, runtime, batch_size=batch_size).cls[:, -1]
 
 
@@ -340,6 +347,8 @@ def _cache_key(
         "image_size": cfg.eval_image_size,
         "crop_ratio": cfg.eval.crop_ratio,
         "max_image_pixels": cfg.data.max_image_pixels,  # changes which images are skipped
+        # How stored values become [0, 1] (ibot.data.reading): an override changes every pixel.
+        "reading": [cfg.data.intensity, list(cfg.data.intensity_percentiles), list(cfg.data.intensity_window)],
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "precision": runtime.precision,

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -19,6 +20,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from ibot.config import Config, FinetuneConfig
+from ibot.data.eval_transform import ArrayToTensor, UnitClamp
 from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import SkipLog
 from ibot.eval.features import build_eval_dataset, collate_eval, dataset_skips, require_labels, train_classes
@@ -76,17 +78,39 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
-def _train_transform(cfg: Config) -> T.Compose:
-    size = cfg.eval_image_size
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(0.4, 0.4, 0.4),
-            T.ToTensor(),
-            T.Normalize(cfg.data.mean, cfg.data.std),
-        ]
-    )
+class _BrightnessContrast:
+    """ColorJitter's brightness and contrast for any channel count: one factor per image for all
+    channels, contrast around the mean of every channel (torchvision's needs 1 or 3 channels)."""
+
+    def __init__(self, brightness: float, contrast: float) -> None:
+        self.brightness, self.contrast = brightness, contrast
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        b = float(torch.empty(1).uniform_(1 - self.brightness, 1 + self.brightness))
+        c = float(torch.empty(1).uniform_(1 - self.contrast, 1 + self.contrast))
+        image = (image * b).clamp(0, 1)
+        return (c * image + (1 - c) * image.mean()).clamp(0, 1)
+
+    def __repr__(self) -> str:
+        return f"_BrightnessContrast({self.brightness}, {self.contrast})"
+
+
+class _TrainTransform:
+    """The fine-tuning augmentation of an 8-bit RGB PIL image (torchvision's PIL path) or of an
+    (H, W, C) float32 array in [0, 1] (the same steps on a tensor; saturation only for 1 or 3
+    channels, where torchvision defines it)."""
+
+    def __init__(self, cfg: Config) -> None:
+        size, bicubic = cfg.eval_image_size, T.InterpolationMode.BICUBIC
+        crop = T.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=bicubic, antialias=True)
+        normalize = T.Normalize(cfg.data.mean, cfg.data.std)
+        self.pil = T.Compose([crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.ToTensor(), normalize])
+        rgb_like = cfg.data.channels in (1, 3)
+        jitter = T.ColorJitter(0.4, 0.4, 0.4) if rgb_like else _BrightnessContrast(0.4, 0.4)
+        self.array = T.Compose([ArrayToTensor(), crop, T.RandomHorizontalFlip(), jitter, UnitClamp(), normalize])
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        return self.array(image) if isinstance(image, np.ndarray) else self.pil(image)
 
 
 @torch.no_grad()
@@ -123,7 +147,7 @@ def finetune(
     settings: FinetuneConfig = cfg.finetune
     seed = cfg.train.seed
     torch.manual_seed(seed)
-    train_set = dataset_from_config(train_dir, _train_transform(cfg), cfg.data)
+    train_set = dataset_from_config(train_dir, _TrainTransform(cfg), cfg.data)
     skips.extend(dataset_skips(train_set))
     require_labels(train_set.labels, train_dir, "fine-tuning")  # type: ignore[attr-defined]
     classes = train_classes(train_set, train_dir, cfg, "fine-tuning")

@@ -22,7 +22,7 @@ from ibot.runtime import Runtime
 def _load_subset(
     folder: str, size: int, cfg: Config, seed: int, skips: SkipLog, train: TrainClasses | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, TrainClasses]:
-    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, 3, S, S) and labels (X,),
+    """``size`` images of ``folder`` drawn with ``seed`` (all if fewer), as (X, C, S, S) and labels (X,),
     and the folder's classes; with ``train`` (the test folder) the labels are its class indices.
 
     What the folder's scan and the drawn images' decoding left out goes into ``skips``.

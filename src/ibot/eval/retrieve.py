@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ibot.data.datasets import Sample
-from ibot.data.decode import decode_rgb, load_rgb
+from ibot.data.display import to_image
+from ibot.data.reading import RGB8, Reading, decode_image
 from ibot.data.skips import Skip, SkipLog, report_skips
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import DataError, IBOTError
@@ -102,7 +103,7 @@ def _retrieve(request: RetrieveRequest, out_dir: Path, cache_dir: Path) -> dict:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_NAME).write_text(json.dumps(result, indent=2))
-    sheet = write_contact_sheet(out_dir / SHEET_NAME, result, gallery, ids)
+    sheet = write_contact_sheet(out_dir / SHEET_NAME, result, gallery, ids, Reading.from_config(frozen.cfg.data))
     return {**result, "sheet": str(sheet), "json": str(out_dir / RESULT_NAME)}
 
 
@@ -121,7 +122,7 @@ def index_gallery(frozen: Frozen, request: RetrieveRequest, cache_dir: str, skip
 
 
 def load_queries(paths: tuple[str, ...], frozen: Frozen, skips: SkipLog) -> tuple[list[str], torch.Tensor]:
-    """Each query path is an image file or a folder of them: (names, (Q, 3, S, S) eval views)."""
+    """Each query path is an image file or a folder of them: (names, (Q, C, S, S) eval views)."""
     cfg = frozen.cfg
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     names, views = [], []
@@ -136,7 +137,7 @@ def load_queries(paths: tuple[str, ...], frozen: Frozen, skips: SkipLog) -> tupl
                     views.append(sample.view)
             skips.extend(dataset.skips)  # type: ignore[attr-defined]
         elif os.path.isfile(path):
-            image = decode_rgb(path, path, cfg.data.max_image_pixels)
+            image = decode_image(path, path, Reading.from_config(cfg.data), cfg.data.max_image_pixels)
             if isinstance(image, Skip):
                 skips.add(image)
                 continue
@@ -159,10 +160,15 @@ def format_retrieve(result: dict) -> str:
     return "\n".join(lines)
 
 
-def thumbnail_uri(path: str, side: int = THUMBNAIL) -> str:
-    """A ``data:`` URI of a JPEG thumbnail of ``path`` (longest side ``side``); "" if unreadable."""
+def thumbnail_uri(path: str, reading: Reading, side: int = THUMBNAIL) -> str:
+    """A ``data:`` URI of a JPEG thumbnail of ``path`` read as the run reads it (other than 3
+    channels: the first three, or the first in grey; ``ibot.data.display``), longest side ``side``;
+    "" if unreadable."""
     try:
-        image = load_rgb(path)
+        decoded = decode_image(path, path, reading)
+        if isinstance(decoded, Skip):
+            return ""
+        image = to_image(decoded)
     except Exception:  # noqa: BLE001 - a picture that cannot be drawn leaves an empty cell
         return ""
     image.thumbnail((side, side))
@@ -171,19 +177,22 @@ def thumbnail_uri(path: str, side: int = THUMBNAIL) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _cell(path: str, caption: str) -> str:
-    uri = thumbnail_uri(path)
+def _cell(path: str, caption: str, reading: Reading) -> str:
+    uri = thumbnail_uri(path, reading)
     picture = f'<img src="{uri}" alt="{html.escape(caption)}">' if uri else "<i>unreadable</i>"
     return f"<td>{picture}<br><small>{html.escape(caption)}</small></td>"
 
 
-def write_contact_sheet(path: Path, result: dict, gallery: Gallery, ids: np.ndarray) -> Path:
-    """One table row per query: the query, then its top-k thumbnails with rank, score and path."""
+def write_contact_sheet(
+    path: Path, result: dict, gallery: Gallery, ids: np.ndarray, reading: Reading = RGB8
+) -> Path:
+    """One table row per query: the query, then its top-k thumbnails with rank, score and path
+    (files read as ``reading`` says: the run's)."""
     rows = []
     for q, row_ids in zip(result["queries"], ids):
-        cells = [_cell(q["query"], f"query: {os.path.basename(q['query'])}")]
+        cells = [_cell(q["query"], f"query: {os.path.basename(q['query'])}", reading)]
         for rank, (r, i) in enumerate(zip(q["results"], row_ids), 1):
-            cells.append(_cell(gallery.paths[i], f"{rank}. {r['score']:.3f} {r['path']}"))
+            cells.append(_cell(gallery.paths[i], f"{rank}. {r['score']:.3f} {r['path']}", reading))
         rows.append('<tr class="query">' + "".join(cells) + "</tr>")
     title = html.escape(f"ibot retrieve: top-{result['k']} of {result['index_images']} images ({result['index']})")
     page = (

@@ -3,6 +3,9 @@
 A seeded subset of the test folder is corrupted with each of the 15 CIFAR-10-C corruptions at
 severities 1-5 (``ibot.eval.corruptions``), passed through the evaluation transform and the
 frozen backbone, and classified by the probe; the summary is the mean over the 75 sets.
+
+The corruptions are defined on 8-bit RGB images (CIFAR-10-C): other than 3 channels is refused
+(``require_rgb``); a 3-channel image read at full precision is quantised to 8 bits for them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ibot.config import Config
 from ibot.data.labels import TrainClasses
 from ibot.data.loaders import dataset_from_config
 from ibot.data.transforms import build_eval_transform
+from ibot.errors import IBOTError
 from ibot.eval.corruptions import CORRUPTIONS, corrupt
 from ibot.eval.features import aligned_dataset, encode, labelled_subset
 from ibot.eval.probes import ProbeResult
@@ -47,13 +51,29 @@ class RobustnessResult:
         }
 
 
+def require_rgb(cfg: Config) -> None:
+    """One line when the run's images are not RGB: the CIFAR-10-C corruptions (colour, JPEG, ...) need 3 channels."""
+    if cfg.data.channels != 3:
+        raise IBOTError(
+            f"eval robustness: data.channels={cfg.data.channels}; "
+            "the CIFAR-10-C corruptions are defined on RGB images only"
+        )
+
+
+def _eight_bit(view: np.ndarray) -> np.ndarray:
+    """A decoded image as (H, W, 3) uint8: a full-precision one in [0, 1] rounded to 8 bits."""
+    if view.dtype == np.uint8:
+        return view
+    return np.round(np.clip(view, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def _load_subset(
     folder: str, count: int, cfg: Config, seed: int, train: TrainClasses | None
 ) -> tuple[list[np.ndarray], torch.Tensor]:
     """``count`` raw RGB uint8 images of ``folder`` (seeded) and their labels (``train``'s indices)."""
     dataset = aligned_dataset(dataset_from_config(folder, np.asarray, cfg.data), folder, train)
     samples = labelled_subset(dataset, folder, count, seed, "the robustness benchmark")
-    return [s.view for s in samples], torch.tensor([s.label for s in samples])
+    return [_eight_bit(s.view) for s in samples], torch.tensor([s.label for s in samples])
 
 
 @torch.no_grad()
@@ -90,6 +110,7 @@ def corruption_benchmark(
 
     ``train``: the classes the probe was trained on; the test labels are mapped onto them by name.
     """
+    require_rgb(cfg)
     arrays, labels = _load_subset(test_folder, count, cfg, seed, train)
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     backbone = backbone.to(runtime.device).eval()

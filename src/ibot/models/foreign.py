@@ -6,9 +6,9 @@ chunked blocks flattened; register tokens and SwiGLU feed-forwards refused), and
 iBOT checkpoints (their ``teacher`` entry, with ``module.`` / ``backbone.`` prefixes).
 Classifier and projection heads are dropped. The
 architecture is read off the tensors: width from the [cls] token, depth from the blocks,
-patch size from the patch embedding, training resolution from the position embeddings; the
-number of heads is the one of the ``ARCHS`` entry with that width and depth (heads leave no
-trace in the weights).
+patch size and input channels from the patch embedding, training resolution from the position
+embeddings; the number of heads is the one of the ``ARCHS`` entry with that width and depth
+(heads leave no trace in the weights).
 """
 
 from __future__ import annotations
@@ -116,8 +116,16 @@ def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str,
         raise DataError(f"{source}: pos_embed of {tokens + 1} tokens is not 1 + a square grid")
     # timm and DINO have no [mask] token; evaluation never masks, so zeros stand in.
     state.setdefault("mask_token", torch.zeros(1, 1, 1, width))
-    config = {"model": {"arch": arch, "patch_size": patch_size}, "data": {"global_crop_size": side * patch_size}}
-    return state, config
+    data: dict[str, Any] = {"global_crop_size": side * patch_size, **_channel_keys(state)}
+    return state, {"model": {"arch": arch, "patch_size": patch_size}, "data": data}
+
+
+def _channel_keys(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``data.channels`` read off the patch embedding; for other than 3, ``data.mean`` / ``data.std``
+    "auto": a weights file does not say how its images were normalised (ImageNet's numbers, the
+    defaults, are RGB's), so the user gives them (``ibot.eval.features`` asks)."""
+    channels = int(state["vit.patch_embed.proj.weight"].shape[1])
+    return {} if channels == 3 else {"channels": channels, "mean": "auto", "std": "auto"}
 
 
 def block_count(state: dict[str, torch.Tensor]) -> int:

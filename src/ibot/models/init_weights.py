@@ -14,8 +14,12 @@ Layouts, told apart by their keys:
 
 Every check against the config is made here, before a run writes anything: width, depth, patch
 size, stem or any other backbone shape that differs is a one-line ``ConfigError``; position
-embeddings are resampled to the config's crop; heads whose shapes differ from the config's are
-left out (the run starts them fresh) with the reason.
+embeddings are resampled to the config's crop; an RGB backbone's first convolution (the patch
+embedding, or the conv stem's first layer) is adapted to ``data.channels`` as timm's
+``adapt_input_conv`` does (1 channel: the sum of the RGB filters, so a grey image gets the tokens
+its RGB copy got; N: the RGB filters repeated to N and scaled by 3/N, which keeps the response to
+a flat image as it was); heads whose shapes differ from the config's are left out (the run starts
+them fresh) with the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
 from torch import nn
 
 from ibot.config import ARCHS, ModelConfig
@@ -82,10 +87,11 @@ class InitWeights:
         return f"model.init_from: student and teacher {loaded} from {self.source} ({self.layout}){notes}"
 
 
-def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int) -> InitWeights:
-    """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px (every check made here)."""
+def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int, in_chans: int = 3) -> InitWeights:
+    """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px of ``in_chans`` channels
+    (``data.channels``; every check made here)."""
     source, name = _read_source(Path(path).expanduser())
-    backbone_shapes, head_shapes = _expected_shapes(cfg, img_size)
+    backbone_shapes, head_shapes = _expected_shapes(cfg, img_size, in_chans)
     _check_architecture(source, cfg, name)
     notes = list(source.notes)
     backbones = [_fit_backbone(b.backbone, backbone_shapes, name, notes) for b in (source.student, source.teacher)]
@@ -190,10 +196,12 @@ def _from_backbone(tensors: Tensors, source: str) -> _Source:
 # Fitting: _Source -> the config's shapes
 
 
-def _expected_shapes(cfg: ModelConfig, img_size: int) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
+def _expected_shapes(
+    cfg: ModelConfig, img_size: int, in_chans: int
+) -> tuple[dict[str, torch.Size], dict[str, torch.Size]]:
     """Parameter shapes of the config's backbone and head, from a model on the meta device (no memory)."""
     with torch.device("meta"):
-        backbone = MaskedViT.from_config(cfg, img_size)
+        backbone = MaskedViT.from_config(cfg, img_size, in_chans)
         head = ProjectionHead.from_config(cfg, backbone.embed_dim)
     return _shapes(backbone.state_dict()), _shapes(head.state_dict())
 
@@ -229,8 +237,10 @@ def _check_architecture(source: _Source, cfg: ModelConfig, name: str) -> None:
 
 
 def _fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, notes: list[str]) -> Tensors:
-    """Position embeddings resampled to the config's grid; any other difference is an error."""
+    """Position embeddings resampled to the config's grid, an RGB input convolution adapted to the
+    config's channels; any other difference is an error."""
     state = dict(state)
+    _adapt_channels(state, expected, name, notes)
     want = expected["vit.pos_embed"]
     if state["vit.pos_embed"].shape != want:
         old, new = _grid(state["vit.pos_embed"].shape[1], name), _grid(want[1], name)
@@ -247,6 +257,28 @@ def _fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, no
             f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {reshaped[:2]})"
         )
     return state
+
+
+# The first convolution over the pixels: the conv stem's first layer, else the linear patchify.
+_STEM_CONV, _PATCH_CONV = "vit.patch_embed.backbone.0.weight", "vit.patch_embed.proj.weight"
+
+
+def _adapt_channels(state: Tensors, expected: dict[str, torch.Size], name: str, notes: list[str]) -> None:
+    """``state``'s first convolution adapted from 3 (RGB) input channels to the config's, in place."""
+    key = _STEM_CONV if _STEM_CONV in state else _PATCH_CONV
+    have, want = state[key].shape[1], expected[key][1] if key in expected else state[key].shape[1]
+    if have == want:
+        return
+    if have != 3:
+        raise ConfigError(
+            f"{name}: a backbone of {have} input channels; the config has data.channels={want} "
+            "(only an RGB backbone is adapted to another channel count)"
+        )
+    state[key] = adapt_input_conv(want, state[key])
+    what = "conv stem's first convolution" if key == _STEM_CONV else "patch embedding"
+    note = f"{what} adapted from 3 to {want} input channels"
+    if note not in notes:
+        notes.append(note)
 
 
 def _grid(positions: int, name: str) -> int:

@@ -23,7 +23,7 @@ from ibot.models.drop_path import SubsetDropPathBlock
 from ibot.models.local_mlp import DepthwiseConvMlp
 
 
-def conv_stem(patch_size: int, embed_dim: int, convs_per_stage: int = 1) -> nn.Sequential:
+def conv_stem(patch_size: int, embed_dim: int, convs_per_stage: int = 1, in_chans: int = 3) -> nn.Sequential:
     """3x3 stride-2 convolutions down to the patch grid (Xiao et al. 2021, "Early convolutions
     help transformers see better"): a ViT with it trains faster and more stably than one with a
     linear patchify, which matters most when the budget is short. Channels double per stage and
@@ -34,11 +34,11 @@ def conv_stem(patch_size: int, embed_dim: int, convs_per_stage: int = 1) -> nn.S
     it lost 4-7 k-NN points in CIFAR-10's 20-minute pilots, docs/cifar10.md, session 11).
     The convolutions overlap patch borders (with one per stage a token sees its own patch and
     the 3 pixel rows and columns above and left of it), so ``MaskedViT`` blanks masked patches'
-    pixels before the stem.
+    pixels before the stem. ``in_chans``: the channels of the input images (``data.channels``).
     """
     stages = patch_size.bit_length() - 1
     layers: list[nn.Module] = []
-    in_channels = 3
+    in_channels = in_chans
     for i in range(stages):
         out_channels = embed_dim // 2 ** (stages - i)
         for j in range(convs_per_stage):
@@ -73,21 +73,24 @@ class MaskedViT(nn.Module):
         stem: str = "patch",
         stem_convs_per_stage: int = 1,
         mlp_dwconv: bool = False,
+        in_chans: int = 3,
     ) -> None:
         """``depth`` > 0 replaces the number of blocks of ``arch``; ``stem`` is "patch" (a linear
         patchify, the ViT's) or "conv" (``conv_stem``, for power-of-two patch sizes >= 2);
-        ``mlp_dwconv`` gives each block's MLP a depthwise convolution (``DepthwiseConvMlp``)."""
+        ``mlp_dwconv`` gives each block's MLP a depthwise convolution (``DepthwiseConvMlp``);
+        ``in_chans``: the channels of the input images (``data.channels``)."""
         super().__init__()
         shape = ARCHS[arch] | ({"depth": depth} if depth else {})
         if stem == "conv":
             if patch_size < 2 or patch_size & (patch_size - 1):
                 raise ValueError(f"model.stem=conv needs a power-of-two patch size >= 2, got {patch_size}")
-            backbone = conv_stem(patch_size, shape["embed_dim"], stem_convs_per_stage)
+            backbone = conv_stem(patch_size, shape["embed_dim"], stem_convs_per_stage, in_chans)
             embed: dict = {"embed_layer": partial(HybridEmbed, backbone), "patch_size": 1}
         else:
             embed = {"patch_size": patch_size}
         self.vit = VisionTransformer(
             img_size=img_size,
+            in_chans=in_chans,
             **embed,
             num_classes=0,
             dynamic_img_size=True,
@@ -98,6 +101,7 @@ class MaskedViT(nn.Module):
         )
         self.embed_dim: int = self.vit.embed_dim
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._run_blocks: Callable[[torch.Tensor], torch.Tensor] = self._plain_blocks
@@ -107,7 +111,9 @@ class MaskedViT(nn.Module):
         self.residual_dtype: torch.dtype | None = None
 
     @staticmethod
-    def from_config(cfg: ModelConfig, img_size: int) -> MaskedViT:
+    def from_config(cfg: ModelConfig, img_size: int, in_chans: int = 3) -> MaskedViT:
+        """The backbone of ``cfg`` for ``img_size`` px crops of ``in_chans`` channels: a run passes its
+        ``data.channels`` (the model has no channel key of its own: it sees what the data holds)."""
         return MaskedViT(
             cfg.arch,
             cfg.patch_size,
@@ -118,6 +124,7 @@ class MaskedViT(nn.Module):
             stem=cfg.stem,
             stem_convs_per_stage=cfg.stem_convs_per_stage,
             mlp_dwconv=cfg.mlp_dwconv,
+            in_chans=in_chans,
         )
 
     def no_weight_decay(self) -> set[str]:
@@ -155,7 +162,7 @@ class MaskedViT(nn.Module):
         return images.masked_fill(pixels.reshape(b, 1, h, w), 0.0)
 
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """images (B, 3, H, W) -> tokens (B, 1 + N, D) with [mask] tokens and position embeddings."""
+        """images (B, C, H, W) -> tokens (B, 1 + N, D) with [mask] tokens and position embeddings."""
         if mask is None:
             x = self.vit.patch_embed(images)  # (B, h, w, D)
         else:

@@ -244,7 +244,7 @@ def _read_init(cfg: Config, store: CheckpointStore, resume: Resume, env: DistEnv
         if env.is_main:
             logger.info("model.init_from ignored: the run resumes from its checkpoint")
         return None
-    init = read_init_weights(cfg.model.init_from, cfg.model, cfg.data.global_crop_size)
+    init = read_init_weights(cfg.model.init_from, cfg.model, cfg.data.global_crop_size, cfg.data.channels)
     if env.is_main:
         logger.info("%s", init.summary())
         if init.fresh_heads:
@@ -253,7 +253,7 @@ def _read_init(cfg: Config, store: CheckpointStore, resume: Resume, env: DistEnv
 
 
 def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = None) -> _Trainee:
-    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim)
+    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels)
     if init is not None:  # before sharding and wrapping: they take the weights as they find them
         load_branch(method.student, init.student)
         load_branch(method.teacher, init.teacher)
