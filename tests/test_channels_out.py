@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
+from test_method import make_batch
 from timm.models import adapt_input_conv
 
 from ibot.cli import main
@@ -35,7 +36,6 @@ from ibot.storage import TEACHER_NAME, save_backbone
 from ibot.visualize import to_pixels
 
 from conftest import tiny_overrides
-from test_method import make_batch
 
 SIDE = 20  # stored images: resized to the 16 px evaluation view
 PER_CLASS = 6
@@ -55,7 +55,9 @@ def make_tiffs(root: Path) -> Path:
         level = rng.integers(5000, 60000, size=5)
         for i in range(PER_CLASS):
             image = np.clip(level + rng.integers(-4000, 4000, size=(SIDE, SIDE, 5)), 0, 65535).astype(np.uint16)
-            tifffile.imwrite(root / f"class_{c}" / f"{i:03d}.tif", image, photometric="minisblack", planarconfig="contig")
+            tifffile.imwrite(
+                root / f"class_{c}" / f"{i:03d}.tif", image, photometric="minisblack", planarconfig="contig"
+            )
     return root
 
 
@@ -300,9 +302,7 @@ def _leaves(value: object) -> list[object]:
 
 
 @pytest.mark.parametrize("channels", [1, 5])
-def test_eval_finetune_runs_on_any_channels(
-    runs: dict[int, tuple[Path, Path]], tmp_path: Path, channels: int
-) -> None:
+def test_eval_finetune_runs_on_any_channels(runs: dict[int, tuple[Path, Path]], tmp_path: Path, channels: int) -> None:
     run, folder = runs[channels]
     settings = ["finetune.epochs=1", "finetune.batch_size=4", "finetune.num_workers=0", "finetune.warmup_epochs=0"]
     result = _eval("finetune", run, folder, tmp_path / "ft.json", *settings)
@@ -352,7 +352,11 @@ def test_to_pixels_draws_the_picked_channels() -> None:
     mean, std = (0.0,) * 5, (1.0,) * 5
     torch.testing.assert_close(to_pixels(images, mean, std, (4, 2, 0)), images[:, [4, 2, 0]].permute(0, 2, 3, 1))
     grey = to_pixels(images, mean, std, (3,))
-    assert grey.shape == (2, 4, 4, 3) and torch.equal(grey[..., 0], images[:, 3]) and torch.equal(grey[..., 2], images[:, 3])
+    assert (
+        grey.shape == (2, 4, 4, 3)
+        and torch.equal(grey[..., 0], images[:, 3])
+        and torch.equal(grey[..., 2], images[:, 3])
+    )
     assert torch.equal(to_pixels(images[:, :1], mean[:1], std[:1])[..., 1], images[:, 0])  # 1 channel: grey
 
 
@@ -385,7 +389,10 @@ def test_visualize_writes_pictures_of_the_picked_channels(
     assert main(["visualize", "attention", str(run), *base, "--output", str(out), "--channels", "0"]) == 0
     assert out.is_file()
     capsys.readouterr()
-    assert main(["visualize", "pca", str(run), *base, "--channels", str(channels), "--output", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(["visualize", "pca", str(run), *base, "--channels", str(channels), "--output", str(tmp_path / "x.png")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("ibot: error: --channels ") and "\n" not in err
     assert not (tmp_path / "x.png").exists()

@@ -61,7 +61,9 @@ def test_cli_prints_and_writes_a_snippet_the_config_reads(tmp_path: Path, capsys
     out = tmp_path / "stats.yaml"
     assert main(["stats", str(folder), "--images", "6", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| channel (6 images, seed 0, data.intensity=dtype) | mean | std |" in printed and "data:\n  mean: [" in printed
+    assert (
+        "| channel (6 images, seed 0, data.intensity=dtype) | mean | std |" in printed and "data:\n  mean: [" in printed
+    )
     cfg = load_config(out)
     expected = _pixels(folder)
     np.testing.assert_allclose(cfg.data.mean, expected.mean(axis=0), atol=1e-4)  # written to 4 decimals

@@ -183,9 +183,7 @@ def _cell(path: str, caption: str, reading: Reading) -> str:
     return f"<td>{picture}<br><small>{html.escape(caption)}</small></td>"
 
 
-def write_contact_sheet(
-    path: Path, result: dict, gallery: Gallery, ids: np.ndarray, reading: Reading = RGB8
-) -> Path:
+def write_contact_sheet(path: Path, result: dict, gallery: Gallery, ids: np.ndarray, reading: Reading = RGB8) -> Path:
     """One table row per query: the query, then its top-k thumbnails with rank, score and path
     (files read as ``reading`` says: the run's)."""
     rows = []
