@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import tiny_overrides
 from PIL import Image
 from test_device_pipeline import LEVEL, _assert_same_distribution
 from torchvision.transforms import functional as TF
@@ -38,6 +37,8 @@ from ibot.data.transforms import MultiCropTransform
 from ibot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
+
+from conftest import tiny_overrides
 
 PIPELINES = ("pil", "device")
 KINDS = ("global 1", "global 2", "local")
@@ -321,7 +322,8 @@ def test_a_12_bit_image_keeps_its_levels_in_the_crops(tmp_path: Path, pipeline: 
     stored = torch.tensor(values / 65535, dtype=torch.float32).flatten().sort().values
     for crops in (*finished.global_crops, *finished.local_crops):
         assert len(torch.unique(crops)) == 1024
-        torch.testing.assert_close(crops.flatten().sort().values, stored, rtol=0, atol=1e-6)  # the image, flipped or not
+        # the image itself, flipped or not
+        torch.testing.assert_close(crops.flatten().sort().values, stored, rtol=0, atol=1e-6)
 
 
 # --- training through the real loader ----------------------------------------------------------

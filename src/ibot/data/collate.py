@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ibot.config import MaskConfig
+from ibot.data.crops import Crops
 from ibot.data.datasets import Sample
 from ibot.data.masking import build_mask_generator, sample_mask_ratio
 from ibot.data.skips import UNREADABLE, Skip
-from ibot.data.crops import Crops
 
 
 @dataclass(frozen=True)

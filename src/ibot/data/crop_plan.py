@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ibot.config import DataConfig
-from ibot.data.photometric import CropKind, crop_kinds, draw_photometric
 from ibot.data.crops import Crops
+from ibot.data.photometric import CropKind, crop_kinds, draw_photometric
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
