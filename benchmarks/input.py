@@ -12,13 +12,19 @@ one measurement leaves behind do not bias the next):
   and 1 thread its images/s are one CPU core's, with W workers per worker process too; and,
   for ``data.pipeline=device``, the device half (``DeviceAugment`` on batches already there).
 
-Configs: ``cifar`` (configs/cifar10.yaml over CIFAR-10, ``--cifar``) and ``B``
+Configs: ``cifar`` (configs/cifar10.yaml over CIFAR-10, ``--cifar``), ``B``
 (configs/vit_small_imagenet.yaml: ViT-S/16, 2 x 224 + 10 x 96 crops, block masks, over an
-ImageNet-like folder from benchmarks/make_jpeg_folder.py, ``--folder``).
+ImageNet-like folder from benchmarks/make_jpeg_folder.py, ``--folder``), and ``png16`` /
+``tiff5``: the CIFAR-10 recipe's crops over the 12-bit single-channel PNGs / 5-channel TIFFs
+of benchmarks/make_domain_folder.py (``--domain``, the folder holding png16/ and tiff5/), read
+at full precision (``data.channels`` 1 / 5): the loader's rate for 16-bit and N-channel
+crops next to RGB's (``cifar``) in one run.
 
     python benchmarks/make_jpeg_folder.py runs/jpegs --images 2000 --source ../shared/data/cifar10/train
     python benchmarks/input.py --configs B --folder runs/jpegs --batch 8 --steps 6 --workers 0 2
     python benchmarks/input.py --device cuda --folder runs/jpegs --workers 0 8 16 --precision bf16
+    python benchmarks/make_domain_folder.py runs/domain --source ../shared/data/cifar10/train --per-class 100
+    python benchmarks/input.py --configs cifar png16 tiff5 --domain runs/domain --tables loader --workers 0
 
 Checkpoints are not written (the loop's save is stubbed out in the subprocess): the end of a
 run is not measured, and a ViT-S checkpoint costs seconds and hundreds of MB.
@@ -42,6 +48,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = {"cifar": ROOT / "configs" / "cifar10.yaml", "B": ROOT / "configs" / "vit_small_imagenet.yaml"}
+# The make_domain_folder.py sub-folders: the CIFAR-10 recipe over them, data.channels as stored.
+DOMAIN_CHANNELS = {"png16": 1, "tiff5": 5}
+CONFIG_FILES |= {name: CONFIG_FILES["cifar"] for name in DOMAIN_CHANNELS}
 PIPELINES = ("pil", "device")
 UNUSED_OUTPUT = "runs/input-benchmark"  # train.output_dir of the measurements that do not train (never made)
 
@@ -63,6 +72,7 @@ class Options:
     loader_seconds: float = 5.0  # loader alone: at least this long per measurement
     cifar: str = "../shared/data/cifar10/train"  # as in configs/cifar10.yaml: from the working directory
     folder: str = ""
+    domain: str = ""  # make_domain_folder.py's output (configs png16, tiff5)
     tables: tuple[str, ...] = ("training", "loader")  # which tables to measure
 
 
@@ -82,7 +92,7 @@ class Job:
 def batch_size(config: str, options: Options) -> int:
     if options.batch > 0:
         return options.batch
-    if config == "cifar":
+    if config == "cifar" or config in DOMAIN_CHANNELS:
         return 64  # configs/cifar10.yaml's
     return 256 if options.device.startswith("cuda") else 8
 
@@ -97,7 +107,7 @@ def build_config(job: Job, options: Options, output_dir: str):  # type: ignore[n
     """The config of ``job``: the config file, its data folder and the benchmark's run control."""
     from ibot.config import load_config
 
-    data_path = options.cifar if job.config == "cifar" else options.folder
+    data_path = {"cifar": options.cifar, "B": options.folder}.get(job.config) or str(Path(options.domain) / job.config)
     overrides = [
         f"data.path={data_path}",
         "data.index_cache=",
@@ -114,6 +124,10 @@ def build_config(job: Job, options: Options, output_dir: str):  # type: ignore[n
         "eval.monitor_every_minutes=0",
     ]
     overrides.append(f"data.pipeline={job.pipeline}")  # always: a config file may choose one
+    if job.config in DOMAIN_CHANNELS:  # read at full precision; a neutral mean / std per channel
+        channels = DOMAIN_CHANNELS[job.config]
+        overrides += [f"data.channels={channels}", f"data.mean=[{','.join(['0.5'] * channels)}]"]
+        overrides.append(f"data.std=[{','.join(['0.25'] * channels)}]")
     return load_config(CONFIG_FILES[job.config], overrides)
 
 
@@ -300,7 +314,8 @@ def loader_table(options: Options, pipelines: list[str]) -> dict[tuple[str, str]
     print_header(LOADER_COLUMNS)
     per_core: dict[tuple[str, str], float] = {}
     for config, pipeline in itertools.product(options.configs, pipelines):
-        part = "decode + crops + augment" if pipeline == "pil" else "decode + uint8 crops"
+        cut = "float32" if config in DOMAIN_CHANNELS else "uint8"
+        part = "decode + crops + augment" if pipeline == "pil" else f"decode + {cut} crops"
         for workers in options.workers:
             r = run_job(Job("loader", config, pipeline, workers), options)
             if isinstance(r, str):
@@ -318,7 +333,16 @@ def loader_table(options: Options, pipelines: list[str]) -> dict[tuple[str, str]
 
 
 def headline(options: Options, synthetic: dict[str, float], per_core: dict[tuple[str, str], float]) -> None:
-    """Config B's crops: images/s one CPU core makes, and the cores the step would need."""
+    """Config B's crops: images/s one CPU core makes, and the cores the step would need; the domain
+    folders' rates per core against CIFAR-10's (RGB, the same crops)."""
+    for (config, pipeline), core in per_core.items():
+        rgb = per_core.get(("cifar", pipeline))
+        if config in DOMAIN_CHANNELS and rgb:
+            channels = DOMAIN_CHANNELS[config]
+            print(
+                f"headline: {config} ({channels} channel(s), full precision, {pipeline}): {rate(core)} images/s "
+                f"per CPU core, {core / rgb:.2f}x RGB's {rate(rgb)} (cifar, the same crops)"
+            )
     for pipeline in ("pil", "device"):
         core = per_core.get(("B", pipeline))
         if core is None:
@@ -354,6 +378,9 @@ def parse_options() -> Options | tuple[Job, Options]:
     parser.add_argument("--loader-seconds", type=float, default=default.loader_seconds)
     parser.add_argument("--cifar", default=default.cifar, help="CIFAR-10 image folder (config cifar)")
     parser.add_argument("--folder", default="", help="ImageNet-like folder (config B; make_jpeg_folder.py)")
+    parser.add_argument(
+        "--domain", default="", help="png16/ and tiff5/ folder (configs png16, tiff5; make_domain_folder.py)"
+    )
     parser.add_argument("--tables", nargs="+", default=list(default.tables), choices=list(default.tables))
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -365,6 +392,8 @@ def parse_options() -> Options | tuple[Job, Options]:
         return Job(**payload["job"]), Options(**options)
     if "B" in args.configs and not args.folder:
         parser.error("config B needs --folder (make one with benchmarks/make_jpeg_folder.py)")
+    if set(args.configs) & set(DOMAIN_CHANNELS) and not args.domain:
+        parser.error("configs png16 and tiff5 need --domain (make one with benchmarks/make_domain_folder.py)")
     fields = {f.name for f in dataclasses.fields(Options)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in fields}
     return Options(**values)

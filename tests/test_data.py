@@ -208,6 +208,7 @@ def test_device_pipeline_batches_are_uint8_until_the_device_finishes_them(image_
     from ibot.config import load_config
     from ibot.data.loaders import build_train_loader
     from ibot.data.photometric import NUM_PARAMS, DeviceAugment
+    from ibot.data.pipeline import build_pipeline
 
     (image_folder / "class_0" / "broken.png").write_bytes(b"\x89PNG not really")
     overrides = [f"data.path={image_folder}", "data.index_cache=", "data.batch_size=17", "data.num_workers=0"]
@@ -227,7 +228,7 @@ def test_device_pipeline_batches_are_uint8_until_the_device_finishes_them(image_
     std, mean = torch.tensor(cfg.data.std), torch.tensor(cfg.data.mean)
     assert (done.local_crops.amax(dim=(0, 2, 3)) <= (1 - mean) / std + 1e-5).all()
     assert (done.local_crops.amin(dim=(0, 2, 3)) >= -mean / std - 1e-5).all()
-    assert DeviceAugment(replace(cfg.data, pipeline="pil"))(done) is done
+    assert build_pipeline(replace(cfg.data, pipeline="pil")).device_step(done) is done  # pil: the identity
 
 
 def test_jfif_avif_tga_and_other_pillow_formats_are_listed_and_read(tmp_path: Path) -> None:

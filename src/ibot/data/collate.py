@@ -1,4 +1,9 @@
-"""Collate multi-crop samples into a ``Batch`` and draw the patch masks (in the loader workers)."""
+"""Collate multi-crop samples into a ``Batch`` and draw the patch masks (in the loader workers).
+
+In ``data.pipeline=device`` one batch may hold uint8 crops (8-bit RGB files) and float32 crops
+(full-precision files: a 16-bit PNG in a folder of JPEGs); the uint8 ones are then promoted to
+float (value / 255), the scale ``ibot.data.photometric`` takes float crops on.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,10 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ibot.config import MaskConfig
+from ibot.data.crops import Crops
 from ibot.data.datasets import Sample
 from ibot.data.masking import build_mask_generator, sample_mask_ratio
 from ibot.data.skips import UNREADABLE, Skip
-from ibot.data.transforms import Crops
 
 
 @dataclass(frozen=True)
@@ -19,8 +24,8 @@ class Batch:
     """Crops of B images, crop-major: row ``g * B + b`` is global crop g of image b.
 
     Attributes:
-        global_crops: (G*B, 3, S, S) float.
-        local_crops: (L*B, 3, s, s) float (L may be 0).
+        global_crops: (G*B, C, S, S) float, C = ``data.channels``.
+        local_crops: (L*B, C, s, s) float (L may be 0).
         mask: (G*B, N) bool, True where the student sees the [mask] token.
         labels: (B,) int64, -1 when the folder has no classes.
         skipped: the images dropped from this batch, each with its reason.
@@ -28,7 +33,8 @@ class Batch:
             the collate in the loader workers so the step needs no host sync to gather tokens.
         indices: (B,) int64, the dataset index of each image (what the run reports as decoded);
             it stays on the CPU.
-        global_params, local_params: with ``data.pipeline=device``, the crops are uint8 and these
+        global_params, local_params: with ``data.pipeline=device``, the crops are not augmented yet
+            (uint8, or float in [0, 1] when any file of the batch was read at full precision) and these
             hold each crop's augmentation parameters, crop-major like the crops; they stay on
             the CPU (``to`` leaves them) until ``ibot.data.photometric.DeviceAugment`` applies them.
     """
@@ -75,27 +81,29 @@ class Batch:
 
 
 class MultiCropCollate:
-    """list[Sample | Skip] -> ``Batch`` with one mask per global crop."""
+    """list[Sample | Skip] -> ``Batch`` with one mask per global crop; ``channels``: the crops' C."""
 
-    def __init__(self, mask_cfg: MaskConfig, grid: int) -> None:
+    def __init__(self, mask_cfg: MaskConfig, grid: int, channels: int = 3) -> None:
         self.mask_cfg = mask_cfg
         self.grid = grid
+        self.channels = channels
         self.generator = build_mask_generator(mask_cfg, grid)
 
     def __call__(self, items: list[Sample | Skip | str]) -> Batch | None:
         samples = [s for s in items if isinstance(s, Sample)]
         skipped = skips_of(items)
         if not samples:
-            return None if not skipped else Batch(*_empty(), skipped=skipped)
+            return None if not skipped else Batch(*_empty(self.channels), skipped=skipped)
         crops: list[Crops] = [s.view for s in samples]
-        global_crops = torch.stack([c.global_crops for c in crops], dim=1).flatten(0, 1)  # (G*B, 3, S, S)
-        local_crops = torch.stack([c.local_crops for c in crops], dim=1).flatten(0, 1)  # (L*B, 3, s, s)
+        promote = len({c.global_crops.dtype for c in crops}) > 1  # uint8 and float crops in one batch
+        global_crops = _crop_major([c.global_crops for c in crops], promote)  # (G*B, C, S, S)
+        local_crops = _crop_major([c.local_crops for c in crops], promote)  # (L*B, C, s, s)
         num_global = crops[0].global_crops.shape[0]
         per_image = [self._image_masks(s.seed, num_global) for s in samples]  # B x (G, N)
         mask = torch.stack(per_image, dim=1).flatten(0, 1)  # (G*B, N), crop-major like the crops
         labels = torch.tensor([s.label for s in samples], dtype=torch.long)
         params = {}
-        if crops[0].global_params is not None:
+        if crops[0].global_params is not None:  # the crops carry their rows (data.pipeline=device): pass them on
             params = {
                 "global_params": torch.stack([c.global_params for c in crops], dim=1).flatten(0, 1),
                 "local_params": torch.stack([c.local_params for c in crops], dim=1).flatten(0, 1),
@@ -129,10 +137,20 @@ def skips_of(items: list) -> tuple[Skip, ...]:
     return tuple(s if isinstance(s, Skip) else Skip(s, UNREADABLE) for s in items if isinstance(s, (Skip, str)))
 
 
-def _empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _crop_major(per_image: list[torch.Tensor], promote: bool) -> torch.Tensor:
+    """B tensors (K, C, S, S) -> (K*B, C, S, S), row k * B + b; with ``promote``, float32 with uint8 / 255.
+
+    (``torch.stack`` would promote uint8 to float itself, but as 0..255, not on the [0, 1] scale.)
+    """
+    if promote:
+        per_image = [t.float().div_(255) if t.dtype == torch.uint8 else t for t in per_image]
+    return torch.stack(per_image, dim=1).flatten(0, 1)
+
+
+def _empty(channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
-        torch.empty(0, 3, 1, 1),
-        torch.empty(0, 3, 1, 1),
+        torch.empty(0, channels, 1, 1),
+        torch.empty(0, channels, 1, 1),
         torch.empty(0, 1, dtype=torch.bool),
         torch.empty(0, dtype=torch.long),
     )

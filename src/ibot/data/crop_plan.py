@@ -8,6 +8,10 @@ a JPEG is decoded at the largest DCT scale (1/2, 1/4, 1/8) at which every box st
 least as many pixels as its output: a crop is never upsampled further than in a full decode.
 The photometric parameters of every crop are drawn here too and applied on the device
 (``ibot.data.photometric``).
+
+An image read at full precision (16-bit, N channels: ``ibot.data.reading``) arrives whole as an
+(H, W, C) float32 array in [0, 1]: the same boxes are cut from it and resized in float, giving
+float32 crops of C channels.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ibot.config import DataConfig
+from ibot.data.crops import Crops
 from ibot.data.photometric import CropKind, crop_kinds, draw_photometric
-from ibot.data.transforms import Crops
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
@@ -76,7 +80,8 @@ class CropPlan:
 
 
 class DeviceMultiCrop:
-    """image seed + stored size -> ``CropPlan``; decoded image + plan -> uint8 ``Crops`` with parameters."""
+    """image seed + stored size -> ``CropPlan``; decoded image + plan -> ``Crops`` with parameters
+    (uint8 from 8-bit RGB pixels, float32 in [0, 1] from a full-precision array)."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
@@ -98,20 +103,28 @@ class DeviceMultiCrop:
         return CropPlan(stored_size, tuple(boxes), torch.tensor(rows, dtype=torch.float32))
 
     def cut(self, pixels: np.ndarray, plan: CropPlan) -> Crops:
-        """The plan's crops of (H, W, 3) uint8 RGB ``pixels`` (at the stored size or a DCT-reduced one)."""
+        """The plan's crops of ``pixels``: (H, W, 3) uint8 RGB (at the stored size or a DCT-reduced
+        one) -> uint8 crops, or (H, W, C) float32 in [0, 1] (whole) -> float32 crops of C channels."""
         with warnings.catch_warnings():
             # A read-only view of the decoder's buffer (no copy); nothing writes to it.
             warnings.simplefilter("ignore", UserWarning)
-            # (1, 3, H, W) with channels-last strides: torch's fast uint8 antialiased resize path.
+            # (1, C, H, W) with channels-last strides: torch's fast uint8 antialiased resize path.
             image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+        if image.dtype != torch.uint8:
+            # float32, not float16: half precision keeps 11 significant bits, a step of 1/2048 near 1,
+            # and would lose the 12-16 bits the array was read at.
+            image = image.float()
         sx, sy = image.shape[3] / plan.stored_size[0], image.shape[2] / plan.stored_size[1]
         crops = []
         for b in plan.boxes:
             top, left = int(b.top * sy), int(b.left * sx)
             height, width = max(1, round(b.height * sy)), max(1, round(b.width * sx))
             region = image[:, :, top : top + height, left : left + width]
-            crops.append(F.interpolate(region, size=(b.size, b.size), mode="bicubic", antialias=True)[0])
+            crop = F.interpolate(region, size=(b.size, b.size), mode="bicubic", antialias=True)[0]
+            # uint8 saturates; bicubic overshoot in float is clamped back into the intensity range.
+            crops.append(crop if image.dtype == torch.uint8 else crop.clamp_(0, 1))
         g = self.num_global
-        side = self.cfg.local_crop_size
-        local = torch.stack(crops[g:]) if len(crops) > g else torch.empty(0, 3, side, side, dtype=torch.uint8)
+        side, channels = self.cfg.local_crop_size, image.shape[1]
+        empty = torch.empty(0, channels, side, side, dtype=image.dtype)
+        local = torch.stack(crops[g:]) if len(crops) > g else empty
         return Crops(torch.stack(crops[:g]), local, plan.params[:g], plan.params[g:])

@@ -62,7 +62,8 @@ def decode_view(
     The transform receives an 8-bit RGB PIL image or an (H, W, C) float32 array in [0, 1]
     (``ibot.data.reading``). A transform with ``plan`` and ``cut``
     (``ibot.data.crop_plan.DeviceMultiCrop``) draws its crops from the seed and the stored size
-    first, so the decoder can reduce an 8-bit image.
+    first, so the decoder can reduce an 8-bit image. (A check of what the transform can do, not
+    of ``data.pipeline``, which ``ibot.data.pipeline`` decides once.)
     """
     if not hasattr(transform, "plan"):
         image = decode_image(source, name, reading, max_pixels)

@@ -13,12 +13,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ibot.config import Config, DataConfig, MaskConfig
 from ibot.data.collate import MultiCropCollate
-from ibot.data.crop_plan import DeviceMultiCrop
 from ibot.data.datasets import IMAGE_EXTENSIONS, ImageFolder
 from ibot.data.decode import DEFAULT_MAX_PIXELS
+from ibot.data.pipeline import Pipeline, build_pipeline
 from ibot.data.reading import RGB8, Reading
 from ibot.data.shards import TarShards
-from ibot.data.transforms import MultiCropTransform
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -108,15 +107,15 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def build_train_loader(
-    cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0
+    cfg: Config, rank: int = 0, world_size: int = 1, start_sample: int = 0, pipeline: Pipeline | None = None
 ) -> tuple[DataLoader, Dataset]:
     """Multi-crop, masked pre-training batches over ``cfg.data.path``.
 
-    With ``data.pipeline=device`` the batches hold uint8 crops and their parameters, for
-    ``ibot.data.photometric.DeviceAugment`` to finish on the training device.
+    The workers apply ``pipeline.cpu_transform`` (built from ``cfg.data`` when not given); the
+    batches are finished by its ``device_step`` (``ibot.data.pipeline``) on the training device.
     """
-    transform = DeviceMultiCrop(cfg.data) if cfg.data.pipeline == "device" else MultiCropTransform(cfg.data)
-    dataset = dataset_from_config(cfg.data.path, transform, cfg.data)
+    pipeline = pipeline or build_pipeline(cfg.data)
+    dataset = dataset_from_config(cfg.data.path, pipeline.cpu_transform, cfg.data)
     grid = cfg.data.global_crop_size // cfg.model.patch_size
     sampler = InfiniteSampler(len(dataset), cfg.train.seed, rank, world_size, start_sample)
     loader = DataLoader(
@@ -124,7 +123,7 @@ def build_train_loader(
         batch_size=cfg.data.batch_size,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=MultiCropCollate(training_mask_config(cfg), grid),
+        collate_fn=MultiCropCollate(training_mask_config(cfg), grid, cfg.data.channels),
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
         worker_init_fn=ignore_stop_signals,

@@ -6,32 +6,28 @@ each is a ``data.*_prob`` key).
 All crops: random resized crop (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
 p=0.8, grayscale p=0.2 (``data.color_jitter``, ``data.color_jitter_prob``,
 ``data.grayscale_prob``), then normalisation.
+
+An 8-bit RGB image (a PIL image) takes torchvision's PIL path, the official code's. PIL cannot
+hold a 16-bit or an N-channel crop, so a full-precision array (``ibot.data.reading``) takes the
+crop-plan way instead, on the CPU: the boxes and parameters of ``ibot.data.crop_plan``, drawn
+from a seed taken from torch's RNG (which ``transform_seeded`` seeds from the image's seed),
+float crops, then ``ibot.data.photometric.Photometric`` (the same distributions, tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from ibot.config import DataConfig
+from ibot.data.crop_plan import DeviceMultiCrop
+from ibot.data.crops import Crops
 from ibot.data.eval_transform import EvalTransform
+from ibot.data.photometric import Photometric
 
-
-@dataclass(frozen=True)
-class Crops:
-    """The views of one image: global crops (G, 3, S, S) and local crops (L, 3, s, s).
-
-    Float and augmented (``data.pipeline=pil``), or uint8 with a parameter row per crop that
-    the device applies (``data.pipeline=device``: ``ibot.data.photometric``).
-    """
-
-    global_crops: torch.Tensor
-    local_crops: torch.Tensor
-    global_params: torch.Tensor | None = None
-    local_params: torch.Tensor | None = None
+__all__ = ["Crops", "MultiCropTransform", "build_eval_transform"]
 
 
 def _blur(p: float, size: int) -> T.RandomApply:
@@ -41,7 +37,8 @@ def _blur(p: float, size: int) -> T.RandomApply:
 
 
 class MultiCropTransform:
-    """image -> ``Crops``; the official iBOT augmentation pipeline built from torchvision."""
+    """image -> normalised float ``Crops``: torchvision's PIL pipeline for an 8-bit RGB PIL image, the
+    crop plan and ``Photometric`` on the CPU for an (H, W, C) float32 array in [0, 1]."""
 
     def __init__(self, cfg: DataConfig) -> None:
         brightness, contrast, saturation, hue = cfg.color_jitter
@@ -64,14 +61,26 @@ class MultiCropTransform:
         self.local = T.Compose([local_crop, jitter, _blur(cfg.local_blur_prob, local_size), normalize])
         self.num_local_crops = cfg.num_local_crops
         self.local_crop_size = local_size
+        self.planner = DeviceMultiCrop(cfg)
+        self.photometric = Photometric(cfg)
 
-    def __call__(self, image: Image.Image) -> Crops:
+    def __call__(self, image: Image.Image | np.ndarray) -> Crops:
+        if isinstance(image, np.ndarray):
+            return self._from_array(image)
         global_crops = torch.stack([self.global_1(image), self.global_2(image)])
         if self.num_local_crops:
             local_crops = torch.stack([self.local(image) for _ in range(self.num_local_crops)])
         else:
             local_crops = torch.empty(0, 3, self.local_crop_size, self.local_crop_size)
         return Crops(global_crops, local_crops)
+
+    def _from_array(self, pixels: np.ndarray) -> Crops:
+        """The crop-plan way: the plan's seed comes from torch's RNG, so ``transform_seeded`` fixes it."""
+        seed = int(torch.randint(0, 2**62, ()).item())
+        cut = self.planner.cut(pixels, self.planner.plan((pixels.shape[1], pixels.shape[0]), seed))
+        local = cut.local_crops
+        local = self.photometric(local, cut.local_params) if len(local) else local
+        return Crops(self.photometric(cut.global_crops, cut.global_params), local)
 
 
 def build_eval_transform(  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ibot.config import Config, RunPlan, config_from_dict
 from ibot.data.collate import Batch
 from ibot.data.loaders import build_train_loader, listed_images
-from ibot.data.photometric import DeviceAugment
+from ibot.data.pipeline import build_pipeline
 from ibot.data.skips import SkipLog, report_skips
 from ibot.data.stats import resolve_auto_stats
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
@@ -439,7 +439,7 @@ class _Session:
     monitor: Monitor | None  # rank 0 only, with eval.monitor_every_minutes
     bar: tqdm
     skipped_images: SkipLog  # the scan's skips, then decoding's: once per path, not per epoch
-    augment: DeviceAugment  # data.pipeline=device: the augmentations that run on the training device
+    augment: Callable[[Batch], Batch]  # the pipeline's device step (data.pipeline=pil: the identity)
     window: _Window = field(default_factory=_Window)
     warned: set[tuple[str, str]] = field(default_factory=set)
     saved_step: int = -1  # the step of the newest checkpoint this process wrote or resumed from
@@ -671,7 +671,8 @@ def _open_session(
         # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.
         raise ConfigError("eval.monitor_every_minutes: the k-NN monitor needs train.parallel=ddp; set it to 0")
     step, minutes_before = _start(trainee, store, cfg, run, env, resume)
-    loader, dataset = build_train_loader(cfg, env.rank, env.world_size, start_sample=step * cfg.data.batch_size)
+    pipeline = build_pipeline(cfg.data)
+    loader, dataset = build_train_loader(cfg, env.rank, env.world_size, step * cfg.data.batch_size, pipeline)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
     if env.is_main:
         logger.info(
@@ -703,7 +704,7 @@ def _open_session(
         monitor=monitor(cfg, run) if monitor is not None and use_monitor and env.is_main else None,
         bar=tqdm(total=plan.total_steps, initial=step, disable=not shown, dynamic_ncols=True, desc="pretrain"),
         skipped_images=SkipLog(dataset.skips),
-        augment=DeviceAugment(cfg.data),
+        augment=pipeline.device_step,
     )
 
 
