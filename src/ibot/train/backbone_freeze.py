@@ -44,7 +44,7 @@ def freeze_line(cfg: OptimConfig, frozen_steps: int, fresh_heads: bool, step: in
     if frozen_steps > step:
         why = " while the fresh heads learn" if fresh_heads or cfg.freeze_backbone_epochs == AUTO else ""
         value = "auto" if cfg.freeze_backbone_epochs == AUTO else f"{cfg.freeze_backbone_epochs:g}"
-        until = f"for {frozen_steps} steps" if step == 0 else f"until step {frozen_steps}"
+        until = f"for {frozen_steps} step{'s' * (frozen_steps != 1)}" if step == 0 else f"until step {frozen_steps}"
         parts.append(f"backbone frozen {until}{why} (optim.freeze_backbone_epochs={value})")
     if cfg.backbone_lr_scale != 1:
         parts.append(f"backbone lr x {cfg.backbone_lr_scale:g} (optim.backbone_lr_scale)")
@@ -54,10 +54,11 @@ def freeze_line(cfg: OptimConfig, frozen_steps: int, fresh_heads: bool, step: in
 
 
 def skip_backbone_backward(optimizer: torch.optim.Optimizer, frozen: bool) -> None:
-    """A frozen student backbone outside autograd: backward stops at the heads (most of a step's
-    backward saved). Only for an unwrapped model: DDP and FSDP expect a gradient for every parameter
-    they were built with, so there the gradients are computed and dropped (``clip_and_step``).
-    The parameters are the optimiser's backbone groups: what trains, and nothing else, is switched."""
+    """A frozen student backbone outside autograd: backward stops at the heads, the backbone's part
+    of it is not computed. Only for an unwrapped model: DDP and FSDP expect a gradient for every
+    parameter they were built with, so there the gradients are computed and dropped
+    (``clip_and_step``). The parameters are the optimiser's backbone groups: what trains, and
+    nothing else, is switched."""
     params = [p for g in optimizer.param_groups if g.get("is_backbone") for p in g["params"]]
     if params and params[0].requires_grad == frozen:
         for p in params:
