@@ -224,6 +224,21 @@ def test_checkpoints_before_the_backbone_groups_resume(tiny_config: Config) -> N
         assert all(torch.equal(v, new.state[p][k]) for k, v in state.items())
     assert upgrade_optimizer_state(new.state_dict(), method) == new.state_dict()  # today's: as it is
 
+    # FSDP's full state names the parameters: the names stay, the groups are today's.
+    name_of = {id(p): f"student.{n}" for n, p in method.student.named_parameters()}
+    before = [p for g in method.param_groups(split_backbone=False) for p in g["params"]]
+    by_index = dict(zip(range(len(before)), (name_of[id(p)] for p in before)))
+    named = {
+        "state": {by_index[i]: v for i, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [by_index[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    upgraded = upgrade_optimizer_state(named, method)
+    assert upgraded["state"] is named["state"]
+    today = method.param_groups()
+    assert [g["params"] for g in upgraded["param_groups"]] == [[name_of[id(p)] for p in g["params"]] for g in today]
+    assert [g["is_backbone"] for g in upgraded["param_groups"]] == [g["is_backbone"] for g in today]
+    assert all(g["betas"] == saved["param_groups"][0]["betas"] for g in upgraded["param_groups"])
+
 
 @pytest.mark.parametrize(
     ("override", "message"),

@@ -310,7 +310,8 @@ def _start(
     if t.sharded:
         from ibot.train.sharding import load_full_state_dicts
 
-        load_full_state_dicts(t.method, t.optimizer, state["method"], state["optimizer"])
+        optimizer_state = upgrade_optimizer_state(state["optimizer"], t.method)
+        load_full_state_dicts(t.method, t.optimizer, state["method"], optimizer_state)
     else:
         t.method.load_state_dict(state["method"])
         t.optimizer.load_state_dict(upgrade_optimizer_state(state["optimizer"], t.method))

@@ -29,28 +29,35 @@ def set_lr_wd(
 
 def upgrade_optimizer_state(saved: dict[str, Any], method: IBOT) -> dict[str, Any]:
     """A checkpoint's AdamW state as today's groups hold it: one written before the backbone had
-    groups of its own (no ``is_backbone`` key) is re-keyed, parameter by parameter, to them."""
+    groups of its own (no ``is_backbone`` key) is re-keyed, parameter by parameter, to them.
+
+    Both layouts of ``_save``: a plain optimizer's (parameters as indices) and FSDP's full state
+    (parameters as names); a state that fits neither is returned as it is, for torch to refuse.
+    """
     groups = saved["param_groups"]
     if not groups or "is_backbone" in groups[0]:
         return saved
-    before = [p for g in method.param_groups(split_backbone=False) for p in g["params"]]
-    indices = [i for g in groups for i in g["params"]]
-    if len(before) != len(indices):
-        return saved  # not this model's: torch's load refuses it
-    # A parameter without state (a last layer still frozen) stays without.
-    state_of = {id(p): saved["state"][i] for p, i in zip(before, indices) if i in saved["state"]}
-    state: dict[int, Any] = {}
-    new_groups: list[dict[str, Any]] = []
-    index = 0
+    keys = [k for g in groups for k in g["params"]]
+    if keys and isinstance(keys[0], str):  # FSDP: names, which stay
+        name_of = {id(p): f"student.{n}" for n, p in method.student.named_parameters()}
+        key_of = {id(p): name_of[id(p)] for g in method.param_groups() for p in g["params"]}
+        if set(key_of.values()) != set(keys):
+            return saved
+        state = saved["state"]
+    else:  # indices: the order of the groups of before, renumbered in today's
+        before = [p for g in method.param_groups(split_backbone=False) for p in g["params"]]
+        if len(before) != len(keys):
+            return saved
+        old_index = {id(p): k for p, k in zip(before, keys)}
+        today = [p for g in method.param_groups() for p in g["params"]]
+        key_of = {id(p): i for i, p in enumerate(today)}
+        # A parameter without state (a last layer still frozen) stays without.
+        state = {key_of[id(p)]: saved["state"][old_index[id(p)]] for p in today if old_index[id(p)] in saved["state"]}
+    new_groups = []
     for group in method.param_groups():
-        params = []
-        for p in group["params"]:
-            if id(p) in state_of:
-                state[index] = state_of[id(p)]
-            params.append(index)
-            index += 1
         kind = (group["apply_wd"], group["is_last_layer"])
         old = next(g for g in groups if (g["apply_wd"], g["is_last_layer"]) == kind)
+        params = [key_of[id(p)] for p in group["params"]]
         new_groups.append({**old, "is_backbone": group["is_backbone"], "params": params})
     return {"state": state, "param_groups": new_groups}
 
