@@ -64,6 +64,12 @@ def test_monitor_every_period_and_at_the_end_not_on_a_signal() -> None:
     assert signalled[-1] == (15, True, True, False, SIGNAL)
 
 
+def test_monitor_every_so_many_steps_and_at_the_end() -> None:
+    cadence = Cadence(log_every=10, checkpoint_every=100, monitor_every_steps=4)
+    assert [d[0] for d in _run(cadence, total=10) if d[3]] == [4, 8, 10]
+    assert not any(cadence.reads_clock(s, 10) for s in range(1, 11))  # no clock needed
+
+
 def test_a_signal_saves_at_once_and_the_end_wins_over_it() -> None:
     cadence = Cadence(log_every=10, checkpoint_every=100)
     assert _run(cadence, total=50, signal_at=13)[-1] == (13, True, True, False, SIGNAL)

@@ -76,6 +76,31 @@ def test_two_process_ddp_matches_one_process(image_folder: Path, tmp_path: Path,
     _assert_same_training(tmp_path, "single", "ddp")
 
 
+def test_two_process_ddp_freezes_the_backbone_like_one_process(image_folder: Path, tmp_path: Path) -> None:
+    """optim.freeze_backbone_epochs under DDP: the backbone's gradients are reduced and dropped (one
+    process skips its backward instead); the backbones stay as built, the heads train alike."""
+    from ibot.method import IBOT
+
+    common = tiny_overrides(image_folder, tmp_path / "unused") + ["optim.freeze_backbone_epochs=1", "train.max_steps=2"]
+    single = load_config(None, common + ["data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"])
+    train(single, progress=False)
+    _torchrun_pretrain(tmp_path, common + ["data.batch_size=4", f"train.output_dir={tmp_path / 'ddp'}"])
+    torch.manual_seed(single.train.seed)  # every rank builds this IBOT before anything else draws
+    built = IBOT(single.model, single.loss, 16, single.mim).state_dict()
+    a = load_checkpoint(tmp_path / "single" / CHECKPOINT_NAME)["method"]
+    b = load_checkpoint(tmp_path / "ddp" / CHECKPOINT_NAME)["method"]
+    for key in built:
+        if ".backbone." in key:
+            assert torch.equal(b[key], built[key]), key
+        else:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    assert not torch.equal(b["student.head.mlp.0.weight"], built["student.head.mlp.0.weight"])
+    # At lr 0 a step would leave the weights too: AdamW must not have seen the backbone at all.
+    optimizer = load_checkpoint(tmp_path / "ddp" / CHECKPOINT_NAME)["optimizer"]
+    backbone = [i for g in optimizer["param_groups"] if g["is_backbone"] for i in g["params"]]
+    assert backbone and not any(i in optimizer["state"] for i in backbone)
+
+
 def test_two_process_fsdp_matches_one_process_across_a_resume(image_folder: Path, tmp_path: Path) -> None:
     """FSDP2: 2 steps, a gathered checkpoint, a resume that re-shards it, 2 more steps == 4 steps in one process."""
     common = tiny_overrides(image_folder, tmp_path / "unused")

@@ -129,6 +129,15 @@ def test_run_logs_knn_at_start_and_end(image_folder: Path, tmp_path: Path) -> No
     assert 0 <= result.knn_top1 <= 100
 
 
+def test_run_logs_knn_every_so_many_steps(image_folder: Path, tmp_path: Path) -> None:
+    cfg = _monitored(image_folder, tmp_path, "eval.monitor_every_steps=3")
+    train(cfg, progress=False, monitor=KNNMonitor)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "knn_top1" in r]
+    assert [r["step"] for r in rows] == [0, 3, 6, 8]  # the start, every 3 steps, the end
+    with pytest.raises(ConfigError, match="eval.monitor_every_steps: set it or eval.monitor_every_minutes"):
+        _monitored(image_folder, tmp_path, "eval.monitor_every_steps=3", "eval.monitor_every_minutes=1")
+
+
 def test_monitor_needs_labelled_folders(tmp_path: Path) -> None:
     flat = tmp_path / "flat"
     make_image_folder(tmp_path / "src", classes=1, per_class=4)

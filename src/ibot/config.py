@@ -263,6 +263,13 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     freeze_last_layer_epochs: float = 1
     betas: tuple[float, float] = (0.9, 0.999)
+    # Continuing pre-training from a backbone (docs/init-from.md): for this many epochs the
+    # student backbone takes no step (no gradient, no weight decay, no AdamW state) and the
+    # teacher backbone no EMA, while the heads learn; its learning rate then warms up again over
+    # optim.warmup_epochs. -1 = auto: ibot.train.backbone_freeze.AUTO_FREEZE_STEPS steps when
+    # model.init_from gives fresh heads (random heads' gradients would wreck the backbone), else 0.
+    freeze_backbone_epochs: float = -1
+    backbone_lr_scale: float = 1.0  # the backbone's lr is lr times this for the whole run (heads: lr)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "optim.epochs", "must be > 0")
@@ -275,6 +282,12 @@ class OptimConfig:
             _check(0 <= getattr(self, key) <= 1, f"optim.{key}", "must be in [0, 1]")
         _check(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each must be in [0, 1)")
+        _check(
+            self.freeze_backbone_epochs >= 0 or self.freeze_backbone_epochs == -1,
+            "optim.freeze_backbone_epochs",
+            "must be >= 0, or -1 (auto: frozen a while when model.init_from gives fresh heads)",
+        )
+        _check(self.backbone_lr_scale > 0, "optim.backbone_lr_scale", "must be > 0 (to freeze: freeze_backbone_epochs)")
 
 
 @dataclass(frozen=True)
@@ -352,6 +365,7 @@ class EvalConfig:
     # k-NN monitor during pre-training: a fixed subset of train_path / test_path, scored on the
     # teacher every so many minutes of training (monitor time is not counted as training time).
     monitor_every_minutes: float = 0.0  # 0 disables
+    monitor_every_steps: int = 0  # or every so many steps (a curve comparable across machines); 0 disables
     monitor_train_images: int = 5000
     monitor_test_images: int = 1000
     monitor_k: int = 20
@@ -389,6 +403,12 @@ class EvalConfig:
         self._check_cluster_lowshot()
         _check(self.unknown_test_classes in ("error", "skip"), "eval.unknown_test_classes", "must be error or skip")
         _check(self.monitor_every_minutes >= 0, "eval.monitor_every_minutes", "must be >= 0")
+        _check(self.monitor_every_steps >= 0, "eval.monitor_every_steps", "must be >= 0")
+        _check(
+            not (self.monitor_every_minutes and self.monitor_every_steps),
+            "eval.monitor_every_steps",
+            "set it or eval.monitor_every_minutes, not both",
+        )
         for key in ("monitor_train_images", "monitor_test_images", "monitor_k"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
         _check(0 < self.crop_ratio <= 1, "eval.crop_ratio", "must be in (0, 1]")
@@ -407,6 +427,11 @@ class EvalConfig:
         _check(0 < self.probe_val_fraction < 1, "eval.probe_val_fraction", "must be in (0, 1)")
         for key in ("dense_grid", "dense_train_mosaics", "dense_test_mosaics", "robustness_images"):
             _check(getattr(self, key) >= 1, f"eval.{key}", "must be >= 1")
+
+    @property
+    def monitoring(self) -> bool:
+        """Whether the k-NN monitor runs during pre-training (every so many minutes or steps)."""
+        return self.monitor_every_minutes > 0 or self.monitor_every_steps > 0
 
     def _check_cluster_lowshot(self) -> None:
         _check(self.cluster_split in ("test", "train"), "eval.cluster_split", "must be test or train")
@@ -506,6 +531,9 @@ class RunPlan:
     lr: float  # peak learning rate after the linear scaling rule
     dataset_size: int = 0  # files listed in data.path (a checkpoint before this field: 0)
     world_size: int = 1
+    # optim.freeze_backbone_epochs in steps, auto resolved at the start (ibot.train.backbone_freeze)
+    # and kept in the checkpoint, so that a resume freezes exactly as the run began.
+    freeze_backbone_steps: int = 0
 
     @staticmethod
     def derive(cfg: Config, dataset_size: int, world_size: int = 1) -> RunPlan:

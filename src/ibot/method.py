@@ -148,6 +148,10 @@ class IBOT(nn.Module):
         """
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
+        # The heads' pairs alone, for steps whose backbones are frozen (optim.freeze_backbone_epochs).
+        heads = [name for name in self.student if name != "backbone"]
+        self._student_head_params = [p for name in heads for p in self.student[name].parameters()]
+        self._teacher_head_params = [p for name in heads for p in self.teacher[name].parameters()]
 
     def train(self, mode: bool = True) -> IBOT:
         """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""
@@ -246,22 +250,35 @@ class IBOT(nn.Module):
         return out
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, as one multi-tensor op."""
-        torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - momentum)
+    def update_teacher(self, momentum: float, backbone: bool = True) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, as one multi-tensor op.
 
-    def param_groups(self) -> list[dict]:
-        """Student parameters split by weight decay (no decay for biases, norms, tokens) and last layer."""
+        ``backbone=False``: the heads alone; the teacher's backbone stays as it is, also where the
+        student's differs from it (a checkpoint's student and teacher, whose heads did not fit).
+        """
+        if backbone:
+            torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - momentum)
+        else:
+            torch._foreach_lerp_(self._teacher_head_params, self._student_head_params, 1.0 - momentum)
+
+    def param_groups(self, split_backbone: bool = True) -> list[dict]:
+        """Student parameters split by backbone or head (``optim.backbone_lr_scale``, the backbone
+        freeze), weight decay (no decay for biases, norms, tokens) and last layer.
+
+        ``split_backbone=False``: the groups of checkpoints written before the backbone had its own.
+        """
         backbone = self.student["backbone"]
         no_decay_names = {f"backbone.{n}" for n in backbone.no_weight_decay()}
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
         for name, param in self.student.named_parameters():
             if not param.requires_grad:
                 continue
+            in_backbone = split_backbone and name.startswith("backbone.")
             decay = param.ndim > 1 and name not in no_decay_names
             last_layer = "last_layer" in name
-            groups.setdefault((decay, last_layer), []).append(param)
+            groups.setdefault((in_backbone, decay, last_layer), []).append(param)
         return [
             {"params": params, "apply_wd": decay, "is_last_layer": last_layer}
-            for (decay, last_layer), params in sorted(groups.items())
+            | ({"is_backbone": in_backbone} if split_backbone else {})
+            for (in_backbone, decay, last_layer), params in sorted(groups.items())
         ]

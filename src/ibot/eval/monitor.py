@@ -43,7 +43,9 @@ class KNNMonitor:
     def __init__(self, cfg: Config, runtime: Runtime) -> None:
         e = cfg.eval
         if not e.train_path or not e.test_path:
-            raise IBOTError("eval.monitor_every_minutes needs eval.train_path and eval.test_path")
+            raise IBOTError(
+                "the k-NN monitor (eval.monitor_every_minutes / _steps) needs eval.train_path and eval.test_path"
+            )
         self.skips = SkipLog()
         self.train_images, self.train_labels, classes = _load_subset(
             e.train_path, e.monitor_train_images, cfg, 0, self.skips

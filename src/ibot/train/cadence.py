@@ -30,7 +30,7 @@ class Actions:
 @dataclass(frozen=True)
 class Cadence:
     """``train.log_every`` / ``checkpoint_every`` / ``max_steps`` / ``max_minutes`` / ``budget_minutes`` and
-    ``eval.monitor_every_minutes`` turned into decisions."""
+    ``eval.monitor_every_minutes`` / ``monitor_every_steps`` turned into decisions."""
 
     log_every: int
     checkpoint_every: int
@@ -38,6 +38,7 @@ class Cadence:
     max_minutes: float = 0.0
     budget_minutes: float = 0.0
     monitor_every_minutes: float = 0.0
+    monitor_every_steps: int = 0
 
     @staticmethod
     def from_config(cfg: Config) -> Cadence:
@@ -49,6 +50,7 @@ class Cadence:
             t.max_minutes,
             t.budget_minutes,
             cfg.eval.monitor_every_minutes,
+            cfg.eval.monitor_every_steps,
         )
 
     def finished(self, step: int, total_steps: int) -> bool:
@@ -72,13 +74,14 @@ class Cadence:
         a stop was asked for (SIGTERM, SIGINT, SLURM's warning).
         """
         stop = self._stop_reason(step, total_steps, minutes, signalled)
-        every = self.monitor_every_minutes
+        every, every_steps = self.monitor_every_minutes, self.monitor_every_steps
         monitor_due = every > 0 and minutes is not None and minutes >= (monitors_done + 1) * every
+        monitor_due = monitor_due or (every_steps > 0 and step % every_steps == 0)
         return Actions(
             log=bool(stop) or step % self.log_every == 0,
             save=bool(stop) or step % self.checkpoint_every == 0,
             # A stop for a signal saves at once: the grace time before a kill is short.
-            monitor=(monitor_due or bool(stop)) and every > 0 and stop != SIGNAL,
+            monitor=(monitor_due or bool(stop)) and (every > 0 or every_steps > 0) and stop != SIGNAL,
             stop=stop,
         )
 

@@ -29,6 +29,7 @@ from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
 from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
 from ibot.storage import remove_debris, save_backbone, sub_state_dict
+from ibot.train.backbone_freeze import freeze_backbone_steps, freeze_line, skip_backbone_backward
 from ibot.train.cadence import END, SIGNAL, Actions, Cadence, DecodeWatch
 from ibot.train.checkpoint import CheckpointStore, rng_state, set_rng_state
 from ibot.train.distributed import (
@@ -42,7 +43,7 @@ from ibot.train.distributed import (
     shutdown,
 )
 from ibot.train.metrics import MetricsLogger
-from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd
+from ibot.train.optim import build_optimizer, clip_and_step, set_lr_wd, upgrade_optimizer_state
 from ibot.train.pace import PaceWatch
 from ibot.train.schedules import Schedules, budget_total_steps
 from ibot.train.signals import StopRequests
@@ -190,11 +191,13 @@ def train(
     run (an error if the folder holds checkpoints of another). A worker that torchrun restarts
     (``--max-restarts``) resumes "auto". Under torchrun every process runs this; gradients are
     averaged by DDP, the centers are all-reduced, and rank 0 alone writes metrics and checkpoints.
-    ``monitor`` builds rank 0's monitor when ``eval.monitor_every_minutes`` > 0 (the caller chooses
+    ``monitor`` builds rank 0's monitor when ``eval.monitor_every_minutes`` or ``_steps`` > 0 (the caller chooses
     it: ``ibot.eval.monitor.KNNMonitor``, so that training does not depend on evaluation).
     """
-    if cfg.eval.monitor_every_minutes > 0 and monitor is None:
-        raise ConfigError("eval.monitor_every_minutes > 0, but this caller of train() gave no monitor; set it to 0")
+    if cfg.eval.monitoring and monitor is None:
+        raise ConfigError(
+            "eval.monitor_every_minutes / monitor_every_steps > 0, but this caller of train() gave no monitor; set 0"
+        )
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"
     run = Runtime.resolve(cfg.train)
@@ -285,8 +288,9 @@ def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = N
 
 def _start(
     t: _Trainee, store: CheckpointStore, cfg: Config, run: Runtime, env: DistEnv, resume: Resume
-) -> tuple[int, float]:
-    """Load the newest checkpoint when resuming; returns the step to continue from and the training minutes so far."""
+) -> tuple[int, float, dict | None]:
+    """Load the newest checkpoint when resuming; returns the step to continue from, the training minutes
+    so far and the checkpoint's plan (None: a new run)."""
     found = store.load_newest("cpu" if t.sharded else run.device, set_aside=env.is_main) if resume else None
     if found is None:
         if resume is True:
@@ -296,7 +300,7 @@ def _start(
                 f"train.output_dir: {store.folder} holds checkpoints of an earlier run; "
                 "continue it with --resume or choose another folder"
             )
-        return 0, 0.0
+        return 0, 0.0, None
     state, path = found
     _check_resume_config(state["config"], cfg, path)
     _check_resume_plan(state, cfg, env.world_size, path)
@@ -307,16 +311,17 @@ def _start(
     if t.sharded:
         from ibot.train.sharding import load_full_state_dicts
 
-        load_full_state_dicts(t.method, t.optimizer, state["method"], state["optimizer"])
+        optimizer_state = upgrade_optimizer_state(state["optimizer"], t.method)
+        load_full_state_dicts(t.method, t.optimizer, state["method"], optimizer_state)
     else:
         t.method.load_state_dict(state["method"])
-        t.optimizer.load_state_dict(state["optimizer"])
+        t.optimizer.load_state_dict(upgrade_optimizer_state(state["optimizer"], t.method))
     if t.scaler is not None and state.get("scaler"):
         t.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     if env.is_main:
         logger.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"]), float(state.get("train_minutes", 0.0))
+    return int(state["step"]), float(state.get("train_minutes", 0.0)), state.get("plan") or {}
 
 
 def _save(
@@ -369,8 +374,12 @@ def _train_step(
         "teacher_momentum": schedules.teacher_momentum(step),
         "teacher_temp": schedules.teacher_temp(step),
         "koleo_weight": schedules.koleo_weight(step),
+        "backbone_lr": schedules.backbone_lr(step),
     }
-    set_lr_wd(t.optimizer, values["lr"], values["weight_decay"])
+    set_lr_wd(t.optimizer, values["lr"], values["weight_decay"], values["backbone_lr"])
+    backbone_frozen = schedules.backbone_frozen(step)
+    if t.model is t.method and not t.sharded:  # DDP / FSDP: the gradients are dropped in clip_and_step
+        skip_backbone_backward(t.optimizer, backbone_frozen)
     with run.autocast():
         out = t.model(batch, values["teacher_temp"], monitors, values["koleo_weight"])
     (t.scaler.scale(out.total) if t.scaler is not None else out.total).backward()
@@ -378,8 +387,10 @@ def _train_step(
         t.optimizer.zero_grad(set_to_none=True)  # every rank saw the same mean: all skip together
         return out, values, None, True
     last_layer_frozen = schedules.last_layer_frozen(step)
-    grad_norm = clip_and_step(t.optimizer, t.scaler, t.clip_sets, cfg.optim.clip_grad, last_layer_frozen)
-    t.method.update_teacher(values["teacher_momentum"])
+    grad_norm = clip_and_step(
+        t.optimizer, t.scaler, t.clip_sets, cfg.optim.clip_grad, last_layer_frozen, backbone_frozen
+    )
+    t.method.update_teacher(values["teacher_momentum"], backbone=not backbone_frozen)
     return out, values, grad_norm, False
 
 
@@ -666,14 +677,17 @@ def _open_session(
     cfg = _measured_stats(cfg, RunFolder(store.folder), resume)
     init = _read_init(cfg, store, resume, env)
     trainee = _build(cfg, run, env, init)
-    use_monitor = cfg.eval.monitor_every_minutes > 0
+    use_monitor = cfg.eval.monitoring
     if trainee.sharded and use_monitor:
         # The monitor runs the teacher on rank 0 alone; sharded, every rank must take part.
         raise ConfigError("eval.monitor_every_minutes: the k-NN monitor needs train.parallel=ddp; set it to 0")
-    step, minutes_before = _start(trainee, store, cfg, run, env, resume)
+    step, minutes_before, resumed_plan = _start(trainee, store, cfg, run, env, resume)
     pipeline = build_pipeline(cfg.data)
     loader, dataset = build_train_loader(cfg, env.rank, env.world_size, step * cfg.data.batch_size, pipeline)
     plan = RunPlan.derive(cfg, len(dataset), env.world_size)
+    fresh_heads = init is not None and bool(init.fresh_heads)
+    frozen = freeze_backbone_steps(cfg.optim, plan, fresh_heads, resumed_plan)
+    plan = replace(plan, freeze_backbone_steps=frozen)
     if env.is_main:
         logger.info(
             "%d image files listed in %s (each decoded when drawn), %s, %d process(es), "
@@ -687,6 +701,8 @@ def _open_session(
             run.attention,
             str(run.residual_dtype or torch.float32).removeprefix("torch."),
         )
+        if line := freeze_line(cfg.optim, frozen, fresh_heads, step):
+            logger.info("%s", line)
     shown = progress and env.is_main
     return _Session(
         cfg,
@@ -719,7 +735,7 @@ def _train(
         s.close()
         return s.result("", resumed=True, already_finished=True)
     s.open_folder()
-    if s.step == 0 and cfg.eval.monitor_every_minutes > 0:
+    if s.step == 0 and cfg.eval.monitoring:
         s.run_monitor()  # the untrained starting point of the curve
     act = Actions()
     per_rank = max(1, s.plan.dataset_size // env.world_size)  # the sampler's epoch on each rank

@@ -53,3 +53,19 @@ class Schedules:
 
     def last_layer_frozen(self, step: int) -> bool:
         return step < self._steps(self.cfg.optim.freeze_last_layer_epochs)
+
+    def backbone_frozen(self, step: int) -> bool:
+        """Whether the backbones wait at ``step`` while the heads learn (``RunPlan.freeze_backbone_steps``)."""
+        return step < self.plan.freeze_backbone_steps
+
+    def backbone_lr(self, step: int) -> float:
+        """The backbone's learning rate: 0 while frozen, then warmed up again from 0 over
+        ``optim.warmup_epochs`` (its AdamW moments start then: a first step at the full rate would
+        move every weight by about the rate at once), times ``optim.backbone_lr_scale``."""
+        frozen = self.plan.freeze_backbone_steps
+        if step < frozen:
+            return 0.0
+        o = self.cfg.optim
+        rewarm = self._steps(o.warmup_epochs) if frozen else 0
+        ramp = (step - frozen) / rewarm if step < frozen + rewarm else 1.0
+        return self.lr(step) * o.backbone_lr_scale * ramp
