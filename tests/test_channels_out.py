@@ -459,3 +459,5 @@ def test_a_bare_five_channel_vit_file_needs_its_mean_and_std(tmp_path: Path) -> 
     frozen = load_frozen(str(path), stats)
     assert frozen.backbone.in_chans == 5 and frozen.cfg.data.channels == 5
     assert torch.equal(frozen.backbone.vit.patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    with pytest.raises(ConfigError, match=r"data.mean / data.std=auto is measured by ibot pretrain only"):
+        load_frozen(str(path), ("data.mean=auto", "data.std=[0.2,0.2,0.2,0.2,0.2]"))

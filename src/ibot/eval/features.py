@@ -101,10 +101,17 @@ def _read(path: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, torch.T
     their config with ``overrides`` applied."""
     tensors, config_dict = read_backbone(path)
     cfg = config_from_dict(config_dict, list(overrides))
-    if cfg.data.auto_stats:  # a weights file of other than 3 channels: its normalisation is unknown
+    if cfg.data.auto_stats:
+        # An N-channel weights file without its run's config, or an "auto" override: pre-training
+        # measures auto once and writes the numbers; evaluating with other numbers would lie.
+        given = (
+            "data.mean / data.std=auto is measured by ibot pretrain only"
+            if any(o.split("=", 1)[0] in ("data.mean", "data.std") for o in overrides)
+            else f"a {cfg.data.channels}-channel backbone whose data.mean / data.std are unknown"
+        )
         raise ConfigError(
-            f"{path}: a {cfg.data.channels}-channel backbone whose data.mean / data.std are unknown; "
-            f"give data.mean=[...] data.std=[...] ({cfg.data.channels} values each; `ibot stats DIR` measures them)"
+            f"{path}: {given}; give data.mean=[...] data.std=[...] "
+            f"({cfg.data.channels} values each; `ibot stats DIR` measures them)"
         )
     return tensors, cfg
 
