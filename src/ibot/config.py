@@ -267,7 +267,8 @@ class OptimConfig:
     # student backbone takes no step (no gradient, no weight decay, no AdamW state) and the
     # teacher backbone no EMA, while the heads learn; its learning rate then warms up again over
     # optim.warmup_epochs. -1 = auto: ibot.train.backbone_freeze.AUTO_FREEZE_STEPS steps when
-    # model.init_from gives fresh heads (random heads' gradients would wreck the backbone), else 0.
+    # model.init_from gives fresh heads, else 0. Provisional: on a weak CIFAR-10 backbone the
+    # freeze did not prevent the dip fresh heads cause (docs/init-from.md, measured).
     freeze_backbone_epochs: float = -1
     backbone_lr_scale: float = 1.0  # the backbone's lr is lr times this for the whole run (heads: lr)
 
