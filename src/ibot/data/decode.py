@@ -75,12 +75,12 @@ def decode_rgb(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Skip(name, TOO_MANY_PIXELS)
     except UnidentifiedImageError:
-        return Skip(name, NOT_AN_IMAGE if _pillow_reads(name) else UNSUPPORTED_FORMAT)
+        return Skip(name, NOT_AN_IMAGE if pillow_reads(name) else UNSUPPORTED_FORMAT)
     except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
         return Skip(name, UNREADABLE)
 
 
-def _pillow_reads(name: str) -> bool:
+def pillow_reads(name: str) -> bool:
     """Whether the installed Pillow (with its plugins) has a decoder for ``name``'s extension."""
     return os.path.splitext(name)[1].lower() in Image.registered_extensions()  # loads every plugin once
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ibot.data.decode import WIDE_MODES, allow_pixels, composite_on_black
+from ibot.data.decode import WIDE_MODES, allow_pixels, composite_on_black, pillow_reads
 from ibot.data.skips import (
     AMBIGUOUS_SHAPE,
     EMPTY,
@@ -197,8 +197,7 @@ def read_pillow(source: str | bytes, name: str, max_pixels: int) -> Pixels | Ski
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Skip(name, TOO_MANY_PIXELS)
     except UnidentifiedImageError:
-        pillow_reads = os.path.splitext(name)[1].lower() in Image.registered_extensions()
-        return Skip(name, NOT_AN_IMAGE if pillow_reads else UNSUPPORTED_FORMAT)
+        return Skip(name, NOT_AN_IMAGE if pillow_reads(name) else UNSUPPORTED_FORMAT)
 
 
 def high_precision_pixels(img: Image.Image) -> Pixels:
