@@ -11,7 +11,9 @@ variant and seed:
 - ``freeze``: the backbones frozen for ``--freeze-steps`` steps while the heads learn;
 - ``lrscale``: the backbone's learning rate times ``--lr-scale`` for the whole run;
 - ``both``: the two together;
-- ``auto``: what a user gets by default (``freeze_backbone_epochs=-1``: auto).
+- ``auto``: what a user gets by default (``freeze_backbone_epochs=-1``: auto);
+- ``heads``: the control: the source run's checkpoint, its trained heads included (``--backbone``
+  must be a run folder), as ``fresh`` otherwise: a drop here is not the fresh heads' doing.
 
     python benchmarks/continue_pretraining.py --backbone runs/teacher --train runs/domain/png16_train \\
         --test runs/domain/png16_test --out runs/continue --steps 600 --monitor-every 50
@@ -43,8 +45,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("fresh", "freeze", "lrscale", "both", "auto")
+VARIANTS = ("fresh", "freeze", "lrscale", "both", "auto", "heads")
 BACKBONE_COPY = "backbone.safetensors"
+HEADS_COPY = "heads-checkpoint.pt"  # the control's source: backbones and heads
 SETTINGS = "continue_pretraining.json"  # in each run folder: what it was run with
 
 
@@ -81,12 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def backbone_file(path: Path) -> Path:
-    """The weights file of ``--backbone``: a run folder's teacher.safetensors (the backbone alone), or the file."""
-    file = path / "teacher.safetensors" if path.is_dir() else path
+def backbone_file(path: Path, heads: bool = False) -> Path:
+    """The weights file of ``--backbone``: a run folder's teacher.safetensors (the backbone alone), or the
+    file; with ``heads``, the run folder's checkpoint.pt (backbones and heads, for the ``heads`` control)."""
+    if heads and not path.is_dir():
+        raise BenchError(f"--backbone {path}: the 'heads' variant needs a run folder (its checkpoint.pt)")
+    file = (path / ("checkpoint.pt" if heads else "teacher.safetensors")) if path.is_dir() else path
     if not file.is_file():
         raise BenchError(f"--backbone {path}: no {file.name} there")
-    return file
+    return file.resolve()
 
 
 def sha256(path: Path) -> str:
@@ -97,9 +103,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def snapshot_backbone(source: Path, out: Path) -> Path:
-    """``source`` copied to ``out`` once (its digest beside it); later calls check it did not change."""
-    copy, digest_file = out / BACKBONE_COPY, out / f"{BACKBONE_COPY}.source.json"
+def snapshot_backbone(source: Path, out: Path, name: str = BACKBONE_COPY) -> Path:
+    """``source`` copied to ``out/name`` once (its digest beside it); later calls check it did not change."""
+    copy, digest_file = out / name, out / f"{name}.source.json"
     digest = sha256(source)
     if copy.exists():
         recorded = json.loads(digest_file.read_text()) if digest_file.exists() else {}
@@ -136,18 +142,20 @@ def variant_overrides(variant: str, args: argparse.Namespace, per_epoch: int) ->
         "lrscale": ["optim.freeze_backbone_epochs=0", scale],
         "both": [freeze, scale],
         "auto": ["optim.freeze_backbone_epochs=-1", "optim.backbone_lr_scale=1.0"],
+        "heads": ["optim.freeze_backbone_epochs=0", "optim.backbone_lr_scale=1.0"],
     }[variant]
 
 
-def run_overrides(variant: str, seed: int, args: argparse.Namespace, backbone: Path, per_epoch: int) -> list[str]:
-    """Every override of one run: the recipe's, the measurement's, the variant's, then ``overrides``."""
+def run_overrides(variant: str, seed: int, args: argparse.Namespace, source: Path, per_epoch: int) -> list[str]:
+    """Every override of one run: the recipe's, the measurement's, the variant's, then ``overrides``;
+    ``source`` is the snapshot ``model.init_from`` reads."""
     # ceil(epochs * steps per epoch) = schedule_steps exactly: half a step below it.
     epochs = (args.schedule_steps - 0.5) / per_epoch
     return [
         f"data.path={args.train}",
         f"eval.train_path={args.train}",
         f"eval.test_path={args.test}",
-        f"model.init_from={backbone}",
+        f"model.init_from={source}",
         f"train.seed={seed}",
         f"optim.epochs={epochs!r}",
         "train.budget_minutes=0",
@@ -239,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     source = backbone_file(Path(args.backbone))
     backbone = out / BACKBONE_COPY if args.dry_run else snapshot_backbone(source, out)
+    sources = {variant: backbone for variant in args.variants}
+    if "heads" in args.variants:
+        checkpoint = backbone_file(Path(args.backbone), heads=True)
+        sources["heads"] = out / HEADS_COPY if args.dry_run else snapshot_backbone(checkpoint, out, HEADS_COPY)
     per_epoch = steps_per_epoch(args)
     print(
         f"# {args.config}, {args.steps} steps ({args.schedule_steps} scheduled, {per_epoch} per epoch), "
@@ -248,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     curves: dict[str, list[dict[int, float]]] = {}
     for variant in args.variants:
         for seed in args.seeds:
-            overrides = run_overrides(variant, seed, args, backbone, per_epoch)
+            overrides = run_overrides(variant, seed, args, sources[variant], per_epoch)
             curve = run_one(out / variant / f"seed{seed}", args.config, overrides, args.steps, args.dry_run)
             curves.setdefault(variant, []).append(curve)
     if args.dry_run:

@@ -26,9 +26,9 @@ from ibot.data.display import drawn_channels
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import ConfigError, IBOTError
 from ibot.eval.embed import EmbedRequest, read_sidecar, run_embed
-from ibot.eval.features import encode, extract_features, load_frozen, load_frozen_backbone
+from ibot.eval.features import encode, extract_features, load_frozen
 from ibot.method import IBOT
-from ibot.models.init_weights import load_branch, read_init_weights
+from ibot.models.init_weights import read_init_weights
 from ibot.models.vit import MaskedViT
 from ibot.run_folder import RunFolder
 from ibot.runtime import Runtime
@@ -178,7 +178,7 @@ def test_eval_transform_of_an_rgb_image_keeps_the_pil_path() -> None:
 
 
 def _ours(run: Path, images: torch.Tensor) -> torch.Tensor:
-    backbone, _ = load_frozen_backbone(str(run))
+    backbone = load_frozen(str(run), on_cpu=True).backbone
     with torch.no_grad():
         out = backbone(images)
     return torch.cat([out.cls[:, None], out.patches], dim=1)
@@ -233,7 +233,8 @@ def test_embed_cls_and_patch_rows_are_the_backbone_on_the_full_precision_views(
     runs: dict[int, tuple[Path, Path]], tmp_path: Path, channels: int
 ) -> None:
     run, folder = runs[channels]
-    backbone, cfg = load_frozen_backbone(str(run))
+    frozen = load_frozen(str(run), on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     expected = encode(backbone, eval_views(folder, cfg), Runtime.resolve(cfg.train), patch_dtype=torch.float32)
     options = {"num_workers": 0, "progress": False, "batch_size": 5}
     run_embed(EmbedRequest(str(run), str(folder), str(tmp_path / "cls.npy"), pool="cls", **options))
@@ -406,7 +407,7 @@ def test_visualize_writes_pictures_of_the_picked_channels(
 def test_init_from_adapts_an_rgb_backbone_as_timm_does(tmp_path: Path, channels: int, stem: str) -> None:
     rgb = load_config(None, [*tiny_overrides(tmp_path, tmp_path / "o"), f"model.stem={stem}"])
     rgb_run = make_run(tmp_path / "rgb", rgb)
-    rgb_backbone, _ = load_frozen_backbone(str(rgb_run))
+    rgb_backbone = load_frozen(str(rgb_run), on_cpu=True).backbone
     cfg = run_config(tmp_path, tmp_path / "o", channels, f"model.stem={stem}")
     init = read_init_weights(rgb_run, cfg.model, 16, cfg.data.channels)
     key = "vit.patch_embed.backbone.0.weight" if stem == "conv" else "vit.patch_embed.proj.weight"
@@ -420,14 +421,13 @@ def test_init_from_adapts_an_rgb_backbone_as_timm_does(tmp_path: Path, channels:
     what = "conv stem's first convolution" if stem == "conv" else "patch embedding"
     assert f"{what} adapted from 3 to {channels} input channels" in init.summary()
     method = IBOT(cfg.model, cfg.loss, 16, cfg.mim, cfg.data.channels)
-    load_branch(method.student, init.student)
-    load_branch(method.teacher, init.teacher)
+    init.load_into(method.student, method.teacher)
     assert torch.equal(method.teacher["backbone"].state_dict()[key], want)
 
 
 def test_init_from_sums_rgb_so_a_grey_image_keeps_its_tokens(tmp_path: Path) -> None:
     rgb = load_config(None, tiny_overrides(tmp_path, tmp_path / "o"))
-    rgb_backbone, _ = load_frozen_backbone(str(make_run(tmp_path / "rgb", rgb)))
+    rgb_backbone = load_frozen(str(make_run(tmp_path / "rgb", rgb)), on_cpu=True).backbone
     cfg = run_config(tmp_path, tmp_path / "o", 1)
     init = read_init_weights(tmp_path / "rgb", cfg.model, 16, 1)
     grey_backbone = MaskedViT.from_config(cfg.model, 16, 1).eval()
@@ -454,7 +454,7 @@ def test_a_bare_five_channel_vit_file_needs_its_mean_and_std(tmp_path: Path) -> 
     path = tmp_path / "vit5.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
     with pytest.raises(ConfigError, match=r"5-channel backbone whose data.mean / data.std are unknown"):
-        load_frozen_backbone(str(path))
+        load_frozen(str(path), on_cpu=True)
     stats = ("data.mean=[0.5,0.5,0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2,0.2,0.2]")
     frozen = load_frozen(str(path), stats)
     assert frozen.backbone.in_chans == 5 and frozen.cfg.data.channels == 5

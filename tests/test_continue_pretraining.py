@@ -75,3 +75,24 @@ def test_the_backbone_is_copied_once_and_a_changed_source_refused(tmp_path: Path
     with pytest.raises(SystemExit, match="is not the backbone the runs in"):
         bench.snapshot_backbone(source, tmp_path / "out")
     assert copy.read_bytes() == b"weights 1"
+
+
+def test_the_heads_control_reads_the_run_folders_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "source"
+    run.mkdir()
+    (run / "teacher.safetensors").write_bytes(b"backbone")
+    with pytest.raises(SystemExit, match="no checkpoint.pt there"):
+        bench.backbone_file(run, heads=True)
+    (run / "checkpoint.pt").write_bytes(b"checkpoint")
+    assert bench.backbone_file(run).name == "teacher.safetensors"
+    assert bench.backbone_file(run, heads=True).name == "checkpoint.pt"
+    with pytest.raises(SystemExit, match="'heads' variant needs a run folder"):
+        bench.backbone_file(run / "teacher.safetensors", heads=True)
+    # Its own copy beside the backbone's, and otherwise the fresh variant's settings.
+    copy = bench.snapshot_backbone(bench.backbone_file(run, heads=True), tmp_path / "out", bench.HEADS_COPY)
+    assert copy.name == bench.HEADS_COPY and copy.read_bytes() == b"checkpoint"
+    args = _args(tmp_path)
+    heads = dict(o.split("=", 1) for o in bench.run_overrides("heads", 0, args, copy, 78))
+    fresh = dict(o.split("=", 1) for o in bench.run_overrides("fresh", 0, args, Path("b"), 78))
+    assert heads.pop("model.init_from") == str(copy) and fresh.pop("model.init_from") == "b"
+    assert heads == fresh

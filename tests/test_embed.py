@@ -16,7 +16,7 @@ from ibot.data.transforms import build_eval_transform
 from ibot.errors import IBOTError
 from ibot.eval import embed as embed_module
 from ibot.eval.embed import EmbedRequest, read_sidecar, run_embed
-from ibot.eval.features import encode, load_frozen_backbone
+from ibot.eval.features import encode, load_frozen
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 from ibot.storage import TEACHER_NAME, save_backbone
@@ -50,7 +50,8 @@ READABLE = [f"class_{c}/{i:03d}.png" for c in range(2) for i in range(8)]
 
 def expected_embeddings(run: Path, folder: Path, pool: str = "cls") -> np.ndarray:
     """``encode`` of the readable images, in folder order, through the evaluation transform."""
-    backbone, cfg = load_frozen_backbone(str(run))
+    frozen = load_frozen(str(run), on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     images = torch.stack([transform(load_rgb(folder / name)) for name in READABLE])
     encoded = encode(backbone, images, Runtime.resolve(cfg.train), patch_dtype=torch.float32)
@@ -218,7 +219,8 @@ def test_npy_and_parquet_outputs_keep_their_own_side_files(tiny_run: Path, messy
 
 def expected_patch_grids(run: Path, folder: Path) -> np.ndarray:
     """``encode``'s fp32 patch tokens of the readable images, on their (h, w) grid."""
-    backbone, cfg = load_frozen_backbone(str(run))
+    frozen = load_frozen(str(run), on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     transform = build_eval_transform(cfg.eval_image_size, cfg.eval.crop_ratio, cfg.data.mean, cfg.data.std)
     images = torch.stack([transform(load_rgb(folder / name)) for name in READABLE])
     patches = encode(backbone, images, Runtime.resolve(cfg.train), patch_dtype=torch.float32).patches

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ibot import export as export_module
 from ibot.cli import main
 from ibot.config import Config, load_config
-from ibot.eval.features import load_frozen_backbone
+from ibot.eval.features import load_frozen
 from ibot.models.vit import MaskedViT
 from ibot.storage import save_backbone
 
@@ -53,7 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ours(run: Path, images: torch.Tensor) -> torch.Tensor:
-    backbone, _ = load_frozen_backbone(str(run))
+    backbone = load_frozen(str(run), on_cpu=True).backbone
     with torch.no_grad():
         out = backbone(images)
     return torch.cat([out.cls[:, None], out.patches], dim=1)

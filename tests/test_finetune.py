@@ -10,7 +10,7 @@ import torch
 
 from ibot.config import Config
 from ibot.errors import DataError
-from ibot.eval.features import load_frozen_backbone
+from ibot.eval.features import load_frozen
 from ibot.eval.finetune import Classifier, finetune, param_groups
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -51,7 +51,7 @@ def test_weights_of_another_architecture_are_named(tiny_config: Config, tmp_path
     tensors["vit.cls_token"] = torch.zeros(1, 1, 7)
     save_backbone(tmp_path / "w.safetensors", tensors, tiny_config.to_dict())
     with pytest.raises(DataError) as info:
-        load_frozen_backbone(str(tmp_path / "w.safetensors"))
+        load_frozen(str(tmp_path / "w.safetensors"), on_cpu=True)
     message = str(info.value)
     assert "\n" not in message
     assert (

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ibot.errors import DataError
-from ibot.eval.features import load_frozen_backbone
+from ibot.eval.features import load_frozen
 
 
 def _timm_vit(embed_dim: int = 48) -> VisionTransformer:
@@ -23,7 +23,8 @@ def _timm_vit(embed_dim: int = 48) -> VisionTransformer:
 
 
 def _assert_same_cls(path: Path, vit: VisionTransformer) -> None:
-    backbone, cfg = load_frozen_backbone(str(path))
+    frozen = load_frozen(str(path), on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     assert (cfg.model.arch, cfg.model.patch_size, cfg.data.global_crop_size) == ("vit_pico", 4, 16)
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -47,7 +48,7 @@ def test_ibot_checkpoint_teacher_with_prefixes_and_mask_token(tmp_path: Path) ->
     teacher["module.head.last_layer.weight_g"] = torch.ones(64, 1)
     torch.save({"teacher": teacher, "student": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
     _assert_same_cls(tmp_path / "checkpoint.pth", vit)
-    backbone, _ = load_frozen_backbone(str(tmp_path / "checkpoint.pth"))
+    backbone = load_frozen(str(tmp_path / "checkpoint.pth"), on_cpu=True).backbone
     torch.testing.assert_close(backbone.mask_token.flatten(), masked_embed.flatten())
 
 
@@ -74,19 +75,19 @@ def test_dinov2_layer_scale_and_chunked_blocks(tmp_path: Path) -> None:
 def test_unknown_width_names_it(tmp_path: Path) -> None:
     torch.save(_timm_vit(embed_dim=40).state_dict(), tmp_path / "vit.pth")
     with pytest.raises(DataError, match="width 40 and depth 2 is none of"):
-        load_frozen_backbone(str(tmp_path / "vit.pth"))
+        load_frozen(str(tmp_path / "vit.pth"), on_cpu=True)
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"teacher": _timm_vit().state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
     with pytest.raises(DataError, match="without unpickling"):
-        load_frozen_backbone(str(tmp_path / "full.pth"))
+        load_frozen(str(tmp_path / "full.pth"), on_cpu=True)
 
 
 def test_not_a_vit(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "linear.pt")
     with pytest.raises(DataError, match="no 'cls_token'"):
-        load_frozen_backbone(str(tmp_path / "linear.pt"))
+        load_frozen(str(tmp_path / "linear.pt"), on_cpu=True)
 
 
 def _garbage_files(folder: Path) -> dict[str, str]:
@@ -115,10 +116,10 @@ def _garbage_files(folder: Path) -> dict[str, str]:
 def test_garbage_weights_are_not_called_a_pickle_problem(tmp_path: Path) -> None:
     for name, says in _garbage_files(tmp_path).items():
         with pytest.raises(DataError) as info:
-            load_frozen_backbone(str(tmp_path / name))
+            load_frozen(str(tmp_path / name), on_cpu=True)
         message = str(info.value)
         assert message.startswith(f"{tmp_path / name}: {says}"), message
         assert "unpickling" not in message and "\n" not in message
     torch.save({"teacher": _timm_vit().state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "full.pth")
     with pytest.raises(DataError, match=r"without unpickling argparse\.Namespace, which can run arbitrary code"):
-        load_frozen_backbone(str(tmp_path / "full.pth"))
+        load_frozen(str(tmp_path / "full.pth"), on_cpu=True)

@@ -21,7 +21,7 @@ from ibot.config import Config, load_config
 from ibot.errors import ConfigError, DataError
 from ibot.method import IBOT
 from ibot.models.heads import ProjectionHead
-from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
+from ibot.models.init_weights import InitWeights, read_init_weights
 from ibot.storage import load_checkpoint
 from ibot.train.loop import train
 
@@ -74,8 +74,7 @@ def _official_branch(vit: VisionTransformer, head: dict[str, torch.Tensor], pref
 def _method(cfg: Config, init: InitWeights) -> IBOT:
     torch.manual_seed(1)
     method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim)
-    load_branch(method.student, init.student)
-    load_branch(method.teacher, init.teacher)
+    init.load_into(method.student, method.teacher)
     return method.eval()
 
 

@@ -69,7 +69,7 @@ class TestFixedTokenizers:
     def test_frozen_target_names_the_file_when_shapes_differ(self, tiny_config: Config, tmp_path: Path) -> None:
         other = IBOT(replace(tiny_config.model, out_dim=64), tiny_config.loss, 16)
         torch.save({"method": other.state_dict()}, tmp_path / "checkpoint.pt")
-        with pytest.raises(DataError, match="checkpoint.pt.*other shape"):
+        with pytest.raises(DataError, match="checkpoint.pt.*wrong shape"):
             build(tiny_config, target="frozen", tokenizer_path=str(tmp_path))
         with pytest.raises(DataError, match="checkpoint not found"):
             build(tiny_config, target="frozen", tokenizer_path=str(tmp_path / "missing"))

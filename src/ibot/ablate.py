@@ -77,9 +77,9 @@ def final_monitors(run_dir: Path) -> dict[str, float]:
 def score_run(cfg: Config, run_dir: Path, knn_monitor, patch_probe: bool, progress: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """k-NN top-1 of the teacher on the monitor subsets, the patch probe's test mIoU, monitors."""
     from ibot.eval.commands import EvalRequest, run_dense
-    from ibot.eval.features import load_frozen_backbone
+    from ibot.eval.features import load_frozen
 
-    backbone, _ = load_frozen_backbone(str(run_dir))
+    backbone = load_frozen(str(run_dir), on_cpu=True).backbone
     scores: dict[str, Any] = {"knn_top1": knn_monitor(backbone)["knn_top1"]}
     if patch_probe:
         dense = run_dense(EvalRequest(str(run_dir), progress=progress)).dense

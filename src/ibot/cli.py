@@ -326,9 +326,10 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
     from ibot import visualize
     from ibot.data.display import drawn_channels
     from ibot.data.skips import SkipLog, report_skips
-    from ibot.eval.features import load_frozen_backbone
+    from ibot.eval.features import load_frozen
 
-    backbone, cfg = load_frozen_backbone(args.weights)
+    frozen = load_frozen(args.weights, on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     cfg = visualize.at_size(cfg, args.size)
     channels = drawn_channels(args.channels, cfg.data.channels)
     folder = visualize.image_folder(args.images, cfg)

@@ -150,8 +150,9 @@ def run_demo(cfg: Config, seeds: int = 1, init_seeds: int = 3, progress: bool = 
 
 def _run_demo(cfg: Config, seeds: int, init_seeds: int, progress: bool) -> DemoResult:
     from ibot import visualize
-    from ibot.eval.features import frozen_backbone, load_frozen_backbone
+    from ibot.eval.features import load_frozen
     from ibot.eval.monitor import KNNMonitor
+    from ibot.models.fit import frozen_backbone
     from ibot.report import write_report
     from ibot.train.loop import train
 
@@ -176,11 +177,12 @@ def _run_demo(cfg: Config, seeds: int, init_seeds: int, progress: bool) -> DemoR
     ks = cfg.eval.knn_k
     teacher = Scores("iBOT teacher", tuple(range(base, base + seeds)), {k: [] for k in ks})
     for out in runs:
-        backbone, run_cfg = load_frozen_backbone(str(out))
+        frozen = load_frozen(str(out), on_cpu=True)
+        backbone, run_cfg = frozen.backbone, frozen.cfg
         for k, top1 in _knn(backbone, run_cfg, train_dir, test_dir, progress).items():
             teacher.top1[k].append(top1)
     # The random inits are built from the first run's saved config: the very shape that was trained.
-    _, run_cfg = load_frozen_backbone(str(run_dir))
+    run_cfg = load_frozen(str(run_dir), on_cpu=True).cfg
     random_init = Scores("random init, same shape", tuple(range(init_seeds)), {k: [] for k in ks})
     for seed in range(init_seeds):
         backbone = frozen_backbone(run_cfg, None, seed=seed)
@@ -198,7 +200,8 @@ def _run_demo(cfg: Config, seeds: int, init_seeds: int, progress: bool) -> DemoR
     _save_eval(run, teacher, False, train_dir, test_dir)
     _save_eval(run, random_init, True, train_dir, test_dir)
     report = write_report(run_dir)
-    backbone, run_cfg = load_frozen_backbone(str(run_dir))
+    frozen = load_frozen(str(run_dir), on_cpu=True)
+    backbone, run_cfg = frozen.backbone, frozen.cfg
     images = visualize.spread_images(test_dir, run_cfg, 8)
     attention = visualize.draw_attention(backbone, images, run_cfg, run.picture("attention"))
     return DemoResult(

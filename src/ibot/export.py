@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from ibot.config import Config
 from ibot.errors import ExportError
-from ibot.eval.features import load_frozen_backbone
+from ibot.eval.features import load_frozen
 from ibot.extras import require
 from ibot.models.vit import MaskedViT
 from ibot.run_folder import RunFolder
@@ -439,7 +439,8 @@ def export(weights: str | Path, fmt: str, out: str | Path, force: bool = False) 
     require_extra(fmt)
     out = Path(out)
     check_out(out, force, weights)
-    backbone, cfg = load_frozen_backbone(str(weights))
+    frozen = load_frozen(str(weights), on_cpu=True)
+    backbone, cfg = frozen.backbone, frozen.cfg
     refuse_unexpressible(cfg, fmt)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ from ibot.config import LossConfig, MimConfig, ModelConfig
 from ibot.data.collate import Batch
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, build_patch_targets
 from ibot.losses.patch_targets import gather_patches
+from ibot.models.fit import tokenizer_branch
 from ibot.models.heads import ProjectionHead
-from ibot.models.reader import load_teacher_branch
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -116,7 +116,7 @@ class IBOT(nn.Module):
         self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
         tokenizer = None
         if mim_cfg.target == "frozen":  # an earlier run's teacher branch, read here: the losses read no files
-            tokenizer = load_teacher_branch(copy.deepcopy(self.teacher), mim_cfg.tokenizer_path)
+            tokenizer = tokenizer_branch(copy.deepcopy(self.teacher), mim_cfg.tokenizer_path)
         self.patch_targets = build_patch_targets(
             mim_cfg.target,
             self.teacher,

@@ -1,4 +1,5 @@
-"""Frozen backbones and the one feature-extraction pass every probe uses (cached on disk).
+"""Frozen backbones for evaluation (``load_frozen``) and the one feature-extraction pass every probe
+uses (cached on disk).
 
 Every evaluation reads its labelled folders here: a test folder through ``build_eval_dataset``
 / ``extract_features`` with the train folder's ``TrainClasses``, so its labels are the train
@@ -28,6 +29,7 @@ from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import ConfigError, DataError, IBOTError
+from ibot.models.fit import frozen_backbone
 from ibot.models.reader import read_backbone
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
@@ -62,13 +64,6 @@ class Features:
         return self.cls[:, -1]
 
 
-def load_frozen_backbone(path: str) -> tuple[MaskedViT, Config]:
-    """The backbone at ``path`` (a run folder, its ``teacher.safetensors`` or a foreign ViT), in eval
-    mode on the CPU, with its config."""
-    tensors, cfg = _read(path)
-    return frozen_backbone(cfg, tensors, path), cfg
-
-
 @dataclass(frozen=True)
 class Frozen:
     """A frozen backbone with its config (overrides applied) and runtime."""
@@ -79,9 +74,15 @@ class Frozen:
 
 
 def load_frozen(
-    weights: str, overrides: tuple[str, ...] = (), random_init: bool = False, finetune: bool = False
+    weights: str,
+    overrides: tuple[str, ...] = (),
+    random_init: bool = False,
+    finetune: bool = False,
+    on_cpu: bool = False,
 ) -> Frozen:
-    """The backbone at ``weights`` in eval mode, on its runtime's device, with ``train.threads`` applied.
+    """The backbone at ``weights`` (a run folder, its ``teacher.safetensors`` or a foreign ViT) in
+    eval mode with its config: on its runtime's device with ``train.threads`` applied, or
+    (``on_cpu``: export, pictures) on the CPU with the process's threads left alone.
 
     The weights file is read once for weights and config; the ``overrides`` apply before the
     backbone is built (``finetune``: with ``finetune.drop_path``; ``random_init``: the same
@@ -90,7 +91,9 @@ def load_frozen(
     tensors, cfg = _read(weights, overrides)
     drop_path = cfg.finetune.drop_path if finetune else 0.0
     backbone = frozen_backbone(cfg, None if random_init else tensors, weights, drop_path_rate=drop_path)
-    if cfg.train.threads > 0:
+    if on_cpu:
+        cfg = replace(cfg, train=replace(cfg.train, device="cpu"))
+    elif cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     runtime = Runtime.resolve(cfg.train)
     return Frozen(backbone.to(runtime.device), cfg, runtime)
@@ -114,42 +117,6 @@ def _read(path: str, overrides: tuple[str, ...] = ()) -> tuple[dict[str, torch.T
             f"({cfg.data.channels} values each; `ibot stats DIR` measures them)"
         )
     return tensors, cfg
-
-
-def frozen_backbone(
-    cfg: Config,
-    tensors: dict[str, torch.Tensor] | None,
-    source: str = "",
-    seed: int = 0,
-    drop_path_rate: float = 0.0,
-) -> MaskedViT:
-    """``cfg.model``'s backbone holding ``tensors`` (read from ``source``), in eval mode.
-
-    ``tensors`` None: the same architecture from seed ``seed``, untrained (the random-init
-    baseline). ``drop_path_rate`` is for fine-tuning.
-    """
-    torch.manual_seed(seed)
-    model = replace(cfg.model, drop_path_rate=drop_path_rate)
-    backbone = MaskedViT.from_config(model, cfg.data.global_crop_size, cfg.data.channels)
-    if tensors is not None:
-        _check_fits(source, backbone.state_dict(), tensors)
-        backbone.load_state_dict(tensors)
-    return backbone.eval().requires_grad_(False)
-
-
-def _check_fits(path: str, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
-    """One line naming the keys that are missing, unexpected or of the wrong shape."""
-    problems = []
-    for label, keys in (
-        ("missing", sorted(expected.keys() - tensors.keys())),
-        ("unexpected", sorted(tensors.keys() - expected.keys())),
-        ("wrong shape", sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)),
-    ):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
-    if problems:
-        raise DataError(f"{path}: weights do not fit the architecture in their config; " + "; ".join(problems))
 
 
 def collate_eval(items: list[Sample | Skip]) -> tuple[torch.Tensor, torch.Tensor, tuple[Skip, ...]]:

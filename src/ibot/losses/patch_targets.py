@@ -171,7 +171,7 @@ def build_patch_targets(
     """The module named by ``mim.target`` (``none`` uses the online module on zero masked tokens).
 
     ``tokenizer``: for ``frozen``, the earlier run's teacher branch, built and loaded by the caller
-    (``ibot.models.reader.load_teacher_branch``): the losses read no files.
+    (``ibot.models.fit.tokenizer_branch``): the losses read no files.
     """
     if target in ("online", "none"):
         return TeacherTargets(centering)

@@ -37,6 +37,7 @@ from torch import nn
 
 from ibot.config import ARCHS, ModelConfig
 from ibot.errors import ConfigError, DataError
+from ibot.models.fit import load_fitted, misfit, shapes
 from ibot.models.foreign import block_count, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.reader import INIT, read, resolve
@@ -86,6 +87,12 @@ class InitWeights:
         notes = "".join(f"; {n}" for n in self.notes)
         return f"model.init_from: student and teacher {loaded} from {self.source} ({self.layout}){notes}"
 
+    def load_into(self, student: nn.ModuleDict, teacher: nn.ModuleDict) -> None:
+        """Both ``IBOT`` branches hold what was read; what a file lacks (a [mask] token, fresh heads)
+        stays as built, anything else missing or unexpected is one line."""
+        for branch, state in ((student, self.student), (teacher, self.teacher)):
+            load_fitted(branch, state, self.source, "model.init_from does not fit the run's model", _may_lack)
+
 
 def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int, in_chans: int = 3) -> InitWeights:
     """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px of ``in_chans`` channels
@@ -100,11 +107,9 @@ def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int, in_chan
     return InitWeights(name, source.layout, student, teacher, tuple(notes), fresh)
 
 
-def load_branch(branch: nn.ModuleDict, state: Tensors) -> None:
-    """Copy ``state`` into an ``IBOT`` branch; what it lacks (a [mask] token, fresh heads) stays as built."""
-    result = branch.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"model.init_from: keys the branch does not have: {result.unexpected_keys[:3]}")
+def _may_lack(key: str) -> bool:
+    """What a branch may keep as built: a [mask] token (DINO and backbone files have none), fresh heads."""
+    return key == "backbone.mask_token" or not key.startswith("backbone.")
 
 
 # Reading: file or folder (ibot.models.reader) -> _Source
@@ -203,11 +208,7 @@ def _expected_shapes(
     with torch.device("meta"):
         backbone = MaskedViT.from_config(cfg, img_size, in_chans)
         head = ProjectionHead.from_config(cfg, backbone.embed_dim)
-    return _shapes(backbone.state_dict()), _shapes(head.state_dict())
-
-
-def _shapes(state: Tensors) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in state.items()}
+    return shapes(backbone.state_dict()), shapes(head.state_dict())
 
 
 def _check_architecture(source: _Source, cfg: ModelConfig, name: str) -> None:
@@ -248,14 +249,8 @@ def _fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, no
         note = f"pos-embed resampled {old}x{old} -> {new}x{new}"
         if note not in notes:
             notes.append(note)
-    missing = sorted(set(expected) - set(state) - {"mask_token"})
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or reshaped:
-        raise ConfigError(
-            f"{name}: its backbone does not fit model.* of the config "
-            f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {reshaped[:2]})"
-        )
+    if problem := misfit(expected, state, may_lack=lambda key: key == "mask_token"):
+        raise ConfigError(f"{name}: its backbone does not fit model.* of the config; {problem}")
     return state
 
 

@@ -5,8 +5,8 @@ A run folder holds two kinds of file: full checkpoints (``checkpoint-<step>.pt``
 by ``checkpoint.pt``: student, teacher, heads, optimiser) and ``teacher.safetensors`` (the teacher's
 backbone alone, with its config in the metadata). Which one a consumer reads from a folder is
 stated once, in ``FOLDER_RULE``, with the reason. Files are read with ``weights_only=True``
-(``ibot.storage.load_torch_weights``) or as safetensors; fitting what was read to a model is the
-consumer's (``ibot.models.init_weights``, ``load_teacher_branch`` here, ``ibot.eval.features``).
+(``ibot.storage.load_torch_weights``) or as safetensors; fitting what was read to a model is
+``ibot.models.fit`` (and, for ``model.init_from``, ``ibot.models.init_weights``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ibot.errors import DataError
 from ibot.models.foreign import import_vit, unwrap
 from ibot.run_folder import RunFolder
-from ibot.storage import load_torch_weights, read_safetensors, sub_state_dict
+from ibot.storage import load_torch_weights, read_safetensors
 
 Tensors = dict[str, torch.Tensor]
 
@@ -107,24 +106,3 @@ def read_backbone(path: str | Path) -> tuple[Tensors, dict[str, Any]]:
         return held.loaded, json.loads(held.metadata["config"])
     tensors = held.loaded if held.is_safetensors else unwrap(held.loaded, str(held.path))
     return import_vit(tensors, str(held.path))
-
-
-def load_teacher_branch(branch: nn.ModuleDict, path: str) -> nn.ModuleDict:
-    """``branch`` (same shape as the run's) with the teacher of an earlier run's checkpoint (``mim.tokenizer_path``)."""
-    if not path:
-        raise DataError("mim.tokenizer_path: the 'frozen' target needs an earlier run's folder or checkpoint.pt")
-    held = read(path, TOKENIZER)
-    if not isinstance(held.loaded, dict) or "method" not in held.loaded:
-        raise DataError(f"{held.path}: not an ibot pre-training checkpoint (no 'method' entry)")
-    weights = sub_state_dict(held.loaded["method"], "teacher.")
-    own = branch.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
-    if missing or unexpected or reshaped:
-        raise DataError(
-            f"{held.path}: its teacher does not match model.* of this run "
-            f"(missing {missing[:2]}, unexpected {unexpected[:2]}, other shape {reshaped[:2]})"
-        )
-    branch.load_state_dict(weights)
-    return branch

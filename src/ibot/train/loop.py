@@ -25,7 +25,7 @@ from ibot.data.skips import SkipLog, report_skips
 from ibot.data.stats import resolve_auto_stats
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
-from ibot.models.init_weights import InitWeights, load_branch, read_init_weights
+from ibot.models.init_weights import InitWeights, read_init_weights
 from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
 from ibot.storage import remove_debris, save_backbone, sub_state_dict
@@ -258,8 +258,7 @@ def _read_init(cfg: Config, store: CheckpointStore, resume: Resume, env: DistEnv
 def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = None) -> _Trainee:
     method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels)
     if init is not None:  # before sharding and wrapping: they take the weights as they find them
-        load_branch(method.student, init.student)
-        load_branch(method.teacher, init.teacher)
+        init.load_into(method.student, method.teacher)
     method = method.to(run.device)
     method.use_runtime(run)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
