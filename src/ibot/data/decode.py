@@ -17,13 +17,15 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from ibot.data.skips import EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS, UNREADABLE, UNSUPPORTED_FORMAT, Skip
+
+T = TypeVar("T")
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS: about a 9,459 x 9,459 image
 
@@ -60,24 +62,37 @@ def decode_rgb(
     try:
         if (len(source) if isinstance(source, bytes) else os.path.getsize(source)) == 0:
             return Skip(name, EMPTY)
-        allow_pixels(max_pixels)
+
+        def load(img: Image.Image) -> Image.Image:
+            wanted = draft(img.size) if draft is not None else None
+            if wanted is not None:
+                img.draft(None, wanted)
+            img.load()
+            return img if keep_wide and img.mode in WIDE_MODES else _to_rgb(img)
+
+        return with_pillow_image(source, name, max_pixels, load)
+    except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
+        return Skip(name, UNREADABLE)
+
+
+def with_pillow_image(source: str | bytes, name: str, max_pixels: int, use: Callable[[Image.Image], T]) -> T | Skip:
+    """``use(img)`` of the image Pillow opens in ``source``, behind the guards every Pillow read shares:
+    over ``max_pixels`` (0: no limit) is a skip known from the header, before anything is decoded,
+    and so is PIL's own bomb warning; a file Pillow cannot identify is "not an image" when its
+    extension is one Pillow reads, else "unsupported format"."""
+    allow_pixels(max_pixels)
+    try:
         with warnings.catch_warnings():
             # Between PIL's limit and twice it PIL only warns; the file is skipped either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 if max_pixels and img.width * img.height > max_pixels:
-                    return Skip(name, TOO_MANY_PIXELS)  # known from the header: nothing decoded yet
-                wanted = draft(img.size) if draft is not None else None
-                if wanted is not None:
-                    img.draft(None, wanted)
-                img.load()
-                return img if keep_wide and img.mode in WIDE_MODES else _to_rgb(img)
+                    return Skip(name, TOO_MANY_PIXELS)
+                return use(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return Skip(name, TOO_MANY_PIXELS)
     except UnidentifiedImageError:
         return Skip(name, NOT_AN_IMAGE if pillow_reads(name) else UNSUPPORTED_FORMAT)
-    except Exception:  # noqa: BLE001 - any other decoder or I/O failure means "unreadable", never a crash
-        return Skip(name, UNREADABLE)
 
 
 def pillow_reads(name: str) -> bool:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ibot.data.decode import WIDE_MODES, allow_pixels, composite_on_black, pillow_reads
+from ibot.data.decode import WIDE_MODES, composite_on_black, with_pillow_image
 from ibot.data.skips import (
     AMBIGUOUS_SHAPE,
     EMPTY,
@@ -38,7 +37,6 @@ from ibot.data.skips import (
     NOT_FINITE,
     TOO_MANY_PIXELS,
     UNREADABLE,
-    UNSUPPORTED_FORMAT,
     VOLUME,
     Skip,
 )
@@ -180,24 +178,17 @@ def _read_tiff(source: str | bytes, name: str, max_pixels: int) -> Pixels | Skip
 
 def read_pillow(source: str | bytes, name: str, max_pixels: int) -> Pixels | Skip:
     """A Pillow-readable file's pixels: 8-bit as stored, 16-bit grey as its 16-bit values."""
-    allow_pixels(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-                if max_pixels and img.width * img.height > max_pixels:
-                    return Skip(name, TOO_MANY_PIXELS)
-                img.load()
-                if img.mode in WIDE_MODES:
-                    return high_precision_pixels(img)
-                if img.mode in ("L", "1", "LA", "La"):  # grey stays one channel
-                    grey = img.convert("L") if img.mode in ("L", "1") else composite_on_black(img).convert("L")
-                    return Pixels(np.asarray(grey)[:, :, None], 0.0, 255.0)
-                return Pixels(np.asarray(composite_on_black(img)), 0.0, 255.0)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return Skip(name, TOO_MANY_PIXELS)
-    except UnidentifiedImageError:
-        return Skip(name, NOT_AN_IMAGE if pillow_reads(name) else UNSUPPORTED_FORMAT)
+
+    def pixels(img: Image.Image) -> Pixels:
+        img.load()
+        if img.mode in WIDE_MODES:
+            return high_precision_pixels(img)
+        if img.mode in ("L", "1", "LA", "La"):  # grey stays one channel
+            grey = img.convert("L") if img.mode in ("L", "1") else composite_on_black(img).convert("L")
+            return Pixels(np.asarray(grey)[:, :, None], 0.0, 255.0)
+        return Pixels(np.asarray(composite_on_black(img)), 0.0, 255.0)
+
+    return with_pillow_image(source, name, max_pixels, pixels)
 
 
 def high_precision_pixels(img: Image.Image) -> Pixels:
