@@ -99,8 +99,12 @@ def channel_stats(folder: str, data: DataConfig, images: int, seed: int, workers
     """
     if images < 1:
         raise DataError(f"--images {images}: must be at least 1")
+    return _measure(dataset_from_config(folder, to_unit_array, data), folder, images, seed, workers)
+
+
+def _measure(dataset, folder: str, images: int, seed: int, workers: int) -> ChannelStats:  # type: ignore[no-untyped-def]
+    """``channel_stats`` over a dataset already built from ``folder``."""
     workers = min(workers, len(os.sched_getaffinity(0)))  # more loader processes than cores only contend
-    dataset = dataset_from_config(folder, to_unit_array, data)
     order = _order(dataset, seed)
     log = SkipLog(getattr(dataset, "skips", ()))
     moments = _Moments()
@@ -152,28 +156,28 @@ def resolve_auto_stats(data: DataConfig, seed: int = 0, images: int = AUTO_IMAGE
         ]
     )
     cache = cache_path(data.index_cache, STATS_CACHE_KIND, key) if data.index_cache else None
-    stats = _cached_stats(cache, data, seed) if cache is not None else None
+    dataset = dataset_from_config(data.path, to_unit_array, data)  # built once: the cache check and the measure
+    stats = _cached_stats(cache, dataset, seed) if cache is not None else None
     if stats is None:
-        stats = channel_stats(data.path, data, images, seed, data.num_workers)
+        stats = _measure(dataset, data.path, images, seed, data.num_workers)
         if cache is not None:
-            write_cache(cache, _sample_fingerprint(data, seed, stats.drawn), [stats.mean, stats.std, stats.drawn])
+            write_cache(cache, _sample_fingerprint(dataset, seed, stats.drawn), [stats.mean, stats.std, stats.drawn])
         logger.info("data.mean / data.std measured over %d images of %s", stats.images, data.path)
     return replace(data, mean=data.mean or stats.mean, std=data.std or stats.std)
 
 
-def _sample_fingerprint(data: DataConfig, seed: int, drawn: int) -> list:
+def _sample_fingerprint(dataset, seed: int, drawn: int) -> list:  # type: ignore[no-untyped-def]
     """[files listed, hash of (path, size, mtime) of each file the sample read]."""
-    dataset = dataset_from_config(data.path, None, data)
     order = _order(dataset, seed)[:drawn]
     files = [dataset.item_path(i) for i in order] if hasattr(dataset, "item_path") else dataset.shards
     return [len(dataset), files_digest(str(f) for f in files)]
 
 
-def _cached_stats(cache: Path, data: DataConfig, seed: int) -> ChannelStats | None:
+def _cached_stats(cache: Path, dataset, seed: int) -> ChannelStats | None:  # type: ignore[no-untyped-def]
     entry = read_entry(cache)
     try:
         mean, std, drawn = entry[1] if entry is not None else (None, None, None)
-        if mean is None or entry[0] != _sample_fingerprint(data, seed, int(drawn)):
+        if mean is None or entry[0] != _sample_fingerprint(dataset, seed, int(drawn)):
             return None
         return ChannelStats(tuple(map(float, mean)), tuple(map(float, std)), 0, 0, (), int(drawn))
     except (TypeError, ValueError):  # a hand-edited or foreign file: measure again
