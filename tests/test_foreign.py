@@ -74,8 +74,34 @@ def test_dinov2_layer_scale_and_chunked_blocks(tmp_path: Path) -> None:
 
 def test_unknown_width_names_it(tmp_path: Path) -> None:
     torch.save(_timm_vit(embed_dim=40).state_dict(), tmp_path / "vit.pth")
-    with pytest.raises(DataError, match="width 40 and depth 2 is none of"):
+    with pytest.raises(DataError, match="width 40 is none of"):
         load_frozen(str(tmp_path / "vit.pth"), on_cpu=True)
+
+
+@pytest.mark.parametrize(("stem", "convs", "depth"), [("conv", 1, 3), ("conv", 2, 2), ("patch", 1, 3)])
+def test_shallower_and_conv_stem_files_without_metadata_build_the_same_model(
+    tmp_path: Path, stem: str, convs: int, depth: int
+) -> None:
+    from ibot.config import ModelConfig
+    from ibot.models.vit import MaskedViT
+
+    torch.manual_seed(0)
+    model = ModelConfig(arch="vit_pico", patch_size=4, depth=depth, stem=stem, stem_convs_per_stage=convs)
+    vit = MaskedViT.from_config(model, 16).eval()
+    # timm's names (what `ibot export --format timm` and timm's HybridEmbed write), no ibot metadata.
+    torch.save({k.removeprefix("vit."): v for k, v in vit.state_dict().items()}, tmp_path / "vit.pth")
+    frozen = load_frozen(str(tmp_path / "vit.pth"), on_cpu=True)
+    got = frozen.cfg.model
+    assert (got.arch, got.patch_size, got.stem, got.stem_convs_per_stage) == ("vit_pico", 4, stem, convs)
+    assert frozen.backbone.vit.patch_embed.grid_size == (4, 4) and len(frozen.backbone.vit.blocks) == depth
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.backbone(images).cls, vit(images).cls)
+    # model.init_from reads the same file for the same config (patch size from the stem's stages).
+    from ibot.models.init_weights import read_init_weights
+
+    init = read_init_weights(tmp_path / "vit.pth", model, 16)
+    assert torch.equal(init.teacher["backbone.vit.pos_embed"], vit.state_dict()["vit.pos_embed"])
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ iBOT checkpoints (their ``teacher`` entry, with ``module.`` / ``backbone.`` pref
 Classifier and projection heads are dropped. The
 architecture is read off the tensors: width from the [cls] token, depth from the blocks,
 patch size and input channels from the patch embedding, training resolution from the position
-embeddings; the number of heads is the one of the ``ARCHS`` entry with that width and depth
-(heads leave no trace in the weights).
+embeddings; the number of heads is the one of the ``ARCHS`` entry of that width (heads leave no
+trace in the weights), another depth than the entry's is ``model.depth``, and a conv stem
+(``patch_embed.backbone``) gives ``model.stem=conv`` with the patch size of its stages.
 """
 
 from __future__ import annotations
@@ -105,11 +106,15 @@ def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str,
     state, _ = vit_state(tensors, source)
     width = state["vit.cls_token"].shape[-1]
     depth = block_count(state)
-    arch = next((name for name, a in ARCHS.items() if a["embed_dim"] == width and a["depth"] == depth), None)
+    # Heads leave no trace in the weights: the width names the arch (and its heads); another depth
+    # is model.depth, as a shallower ViT of this package is saved.
+    arch = next((name for name, a in ARCHS.items() if a["embed_dim"] == width), None)
     if arch is None:
-        known = ", ".join(f"{n} ({a['embed_dim']}x{a['depth']})" for n, a in ARCHS.items())
-        raise DataError(f"{source}: a ViT of width {width} and depth {depth} is none of {known}")
-    patch_size = state["vit.patch_embed.proj.weight"].shape[-1]
+        known = ", ".join(f"{n} ({a['embed_dim']})" for n, a in ARCHS.items())
+        raise DataError(f"{source}: a ViT of width {width} is none of {known}")
+    model: dict[str, Any] = {"arch": arch, **({"depth": depth} if depth != ARCHS[arch]["depth"] else {})}
+    model.update(stem_keys(state))
+    patch_size = model["patch_size"]
     tokens = state["vit.pos_embed"].shape[1] - 1
     side = math.isqrt(tokens)
     if side * side != tokens:
@@ -117,14 +122,33 @@ def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str,
     # timm and DINO have no [mask] token; evaluation never masks, so zeros stand in.
     state.setdefault("mask_token", torch.zeros(1, 1, 1, width))
     data: dict[str, Any] = {"global_crop_size": side * patch_size, **_channel_keys(state)}
-    return state, {"model": {"arch": arch, "patch_size": patch_size}, "data": data}
+    return state, {"model": model, "data": data}
+
+
+def stem_keys(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``model.patch_size`` (and ``stem``, ``stem_convs_per_stage``) read off the patch embedding:
+    a linear patchify's kernel is the patch; a conv stem (timm's ``HybridEmbed``: 3x3 convolutions
+    under ``patch_embed.backbone``, then a 1x1 projection) halves the grid once per stage, and its
+    stages are told apart by their channels (each stage doubles them)."""
+    indices = _layer_indices(state)
+    if not indices:
+        return {"patch_size": int(state["vit.patch_embed.proj.weight"].shape[-1])}
+    convs = [state[f"vit.patch_embed.backbone.{i}.weight"] for i in sorted(indices)]
+    stages = len({int(w.shape[0]) for w in convs})
+    return {"patch_size": 2**stages, "stem": "conv", "stem_convs_per_stage": len(convs) // stages}
+
+
+def _layer_indices(state: dict[str, torch.Tensor]) -> set[int]:
+    """Indices of the conv stem's layers that hold a weight (the GELUs between them hold none)."""
+    return {int(m.group(1)) for k in state if (m := re.match(r"vit\.patch_embed\.backbone\.(\d+)\.weight$", k))}
 
 
 def _channel_keys(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``data.channels`` read off the patch embedding; for other than 3, ``data.mean`` / ``data.std``
     "auto": a weights file does not say how its images were normalised (ImageNet's numbers, the
     defaults, are RGB's), so the user gives them (``ibot.eval.features`` asks)."""
-    channels = int(state["vit.patch_embed.proj.weight"].shape[1])
+    first = "vit.patch_embed.backbone.0.weight" if _layer_indices(state) else "vit.patch_embed.proj.weight"
+    channels = int(state[first].shape[1])  # the first convolution over the pixels
     return {} if channels == 3 else {"channels": channels, "mean": "auto", "std": "auto"}
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from ibot.config import ARCHS, ModelConfig
 from ibot.errors import ConfigError, DataError
 from ibot.models.fit import load_fitted, misfit, shapes
-from ibot.models.foreign import block_count, unwrap, vit_state
+from ibot.models.foreign import block_count, stem_keys, unwrap, vit_state
 from ibot.models.heads import ProjectionHead
 from ibot.models.reader import INIT, read, resolve
 from ibot.models.vit import MaskedViT
@@ -229,7 +229,7 @@ def _check_architecture(source: _Source, cfg: ModelConfig, name: str) -> None:
     if conv_stem != (cfg.stem == "conv"):
         stem = "conv" if conv_stem else "patch"
         raise ConfigError(f"{name}: a {stem} stem; the config has model.stem={cfg.stem}")
-    patch_size = source.patch_size or backbone["vit.patch_embed.proj.weight"].shape[-1]
+    patch_size = source.patch_size or stem_keys(backbone)["patch_size"]
     if patch_size != cfg.patch_size:
         raise ConfigError(
             f"{name}: patch size {patch_size}; the config has model.patch_size={cfg.patch_size} "
