@@ -154,3 +154,113 @@ def test_the_students_features_approach_the_teachers(images: Path, tmp_path: Pat
     first, last = rows[0]["distill_cls_cos"], sum(r["distill_cls_cos"] for r in rows[-4:]) / 4
     assert last > first + 0.3, (first, last)
     assert rows[-1]["distill_patch_cos"] > rows[0]["distill_patch_cos"] + 0.1
+
+
+def refused(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *overrides: str, command="distill") -> str:
+    """``ibot COMMAND`` with a pico student and ``overrides``: exit 2, one line, no run folder."""
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    out = tmp_path / "run"
+    argv = [command, "--config", str(config), "--no-progress", *tiny_overrides(images, out), "model.depth=1"]
+    assert main([*argv, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ibot: error: ") and "\n" not in err
+    assert not out.exists()
+    return err
+
+
+def test_bad_teachers_are_one_line_before_anything_is_written(
+    images: Path, tmp_path: Path, backbone_teacher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.pt"
+    assert f"distill.teacher: {missing}: no such file or folder" in refused(
+        images, tmp_path, capsys, f"distill.teacher={missing}"
+    )
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert str(garbage) in refused(images, tmp_path, capsys, f"distill.teacher={garbage}")
+    cnn = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, cnn)
+    assert f"{cnn}: no 'cls_token'" in refused(images, tmp_path, capsys, f"distill.teacher={cnn}")
+    pico = save_teacher(tmp_path / "pico.safetensors", "model.arch=vit_pico")
+    wider = refused(images, tmp_path, capsys, f"distill.teacher={pico}", "model.arch=vit_tiny")
+    assert "model.arch: the student (192 x 1, patch 4) is wider than the teacher" in wider
+    assert "(48 x 1, patch 4): distillation is into a smaller model" in wider
+    coarse = save_teacher(tmp_path / "p8.safetensors", "model.patch_size=8")
+    err = refused(images, tmp_path, capsys, f"distill.teacher={coarse}", "data.global_crop_size=12")
+    assert "distill.teacher: " in err and "patch size 8, which does not divide data.global_crop_size=12" in err
+    err = refused(images, tmp_path, capsys, f"distill.teacher={backbone_teacher}", "distill.objective=prototypes")
+    assert "distill.objective=prototypes: " in err and "has no projection heads that load" in err
+    grey = save_teacher(tmp_path / "grey.safetensors", in_chans=1)
+    assert "a backbone of 1 input channels; the config has data.channels=3" in refused(
+        images, tmp_path, capsys, f"distill.teacher={grey}"
+    )
+    assert "train.parallel=fsdp is not supported by ibot distill yet" in refused(
+        images, tmp_path, capsys, f"distill.teacher={backbone_teacher}", "train.parallel=fsdp"
+    )
+
+
+def test_the_commands_point_to_each_other(
+    images: Path, tmp_path: Path, backbone_teacher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "ibot distill needs the teacher's weights (distill.teacher=PATH)" in refused(images, tmp_path, capsys)
+    err = refused(images, tmp_path, capsys, f"distill.teacher={backbone_teacher}", command="pretrain")
+    assert "distil with `ibot distill`" in err
+
+
+def test_an_rgb_teacher_is_adapted_to_grey_images(backbone_teacher: Path) -> None:
+    teacher = read_teacher(backbone_teacher, 16, 1)
+    assert teacher.backbone.in_chans == 1 and "patch embedding adapted from 3 to 1 input channels" in teacher.notes
+
+
+def test_a_coarser_teachers_patches_are_resized_to_the_students_grid(
+    images: Path, tmp_path: Path, heads_teacher: Path
+) -> None:
+    assert torch.equal(resize_patches(torch.ones(2, 4, 3), 4), torch.ones(2, 16, 3))
+    tokens = torch.randn(2, 16, 3)
+    assert resize_patches(tokens, 4) is tokens
+    # A /8 teacher (a 2 x 2 grid) teaches a /4 student (4 x 4), with its heads.
+    run = tmp_path / "p8"
+    train(load_config(None, [*tiny_overrides(images, run), "model.patch_size=8", "optim.epochs=1"]), progress=False)
+    result = train(distill_config(images, tmp_path / "run", run), progress=False)
+    assert result.step == 8 and torch.isfinite(torch.tensor(result.last_loss))
+
+
+def test_a_distill_run_folder_is_the_students_for_monitor_eval_and_export(
+    images: Path,
+    tmp_path: Path,
+    backbone_teacher: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import timm
+
+    from ibot.eval.monitor import KNNMonitor
+
+    built = _captured_method(monkeypatch)
+    scored: list[torch.nn.Module] = []
+    score = KNNMonitor.__call__
+    monkeypatch.setattr(KNNMonitor, "__call__", lambda self, backbone: scored.append(backbone) or score(self, backbone))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"distill": {"teacher": str(backbone_teacher)}}))
+    run = tmp_path / "run"
+    monitor = ["eval.monitor_every_steps=4", f"eval.train_path={images}", f"eval.test_path={images}", "eval.monitor_k=5"]
+    argv = ["distill", "--config", str(config), "--no-progress", *tiny_overrides(images, run), "model.depth=1"]
+    assert main([*argv, *monitor]) == 0
+    assert scored and all(b is built[0].student["backbone"] for b in scored)  # the monitor scores the student
+    assert "knn_top1" in read_metrics(run / "metrics.jsonl")[-1]
+    knn = ["eval", "knn", str(run), "--train-dir", str(images), "--test-dir", str(images), "--no-progress"]
+    assert main([*knn, "--json", str(tmp_path / "knn.json"), "eval.knn_k=[5]"]) == 0
+    assert json.loads((tmp_path / "knn.json").read_text())
+    out = tmp_path / "timm"
+    assert main(["export", str(run), "--format", "timm", "--out", str(out)]) == 0
+    capsys.readouterr()
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    student = MaskedViT.from_config(load_config(None, tiny_overrides(images, run) + ["model.depth=1"]).model, 16)
+    weights = load_checkpoint(run / CHECKPOINT_NAME)["method"]
+    student.load_state_dict({k.removeprefix("student.backbone."): v for k, v in weights.items() if "backbone." in k})
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = student.eval()(x)
+        theirs = model.forward_features(x)
+    assert len(model.blocks) == 1 and (theirs[:, 0] - ours.cls).abs().max() < 1e-5
