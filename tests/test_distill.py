@@ -156,7 +156,9 @@ def test_the_students_features_approach_the_teachers(images: Path, tmp_path: Pat
     assert rows[-1]["distill_patch_cos"] > rows[0]["distill_patch_cos"] + 0.1
 
 
-def refused(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *overrides: str, command="distill") -> str:
+def refused(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *overrides: str, command="distill"
+) -> str:
     """``ibot COMMAND`` with a pico student and ``overrides``: exit 2, one line, no run folder."""
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
@@ -244,7 +246,12 @@ def test_a_distill_run_folder_is_the_students_for_monitor_eval_and_export(
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"distill": {"teacher": str(backbone_teacher)}}))
     run = tmp_path / "run"
-    monitor = ["eval.monitor_every_steps=4", f"eval.train_path={images}", f"eval.test_path={images}", "eval.monitor_k=5"]
+    monitor = [
+        "eval.monitor_every_steps=4",
+        f"eval.train_path={images}",
+        f"eval.test_path={images}",
+        "eval.monitor_k=5",
+    ]
     argv = ["distill", "--config", str(config), "--no-progress", *tiny_overrides(images, run), "model.depth=1"]
     assert main([*argv, *monitor]) == 0
     assert scored and all(b is built[0].student["backbone"] for b in scored)  # the monitor scores the student
@@ -264,3 +271,28 @@ def test_a_distill_run_folder_is_the_students_for_monitor_eval_and_export(
         ours = student.eval()(x)
         theirs = model.forward_features(x)
     assert len(model.blocks) == 1 and (theirs[:, 0] - ours.cls).abs().max() < 1e-5
+
+
+def test_two_process_ddp_distils_like_one_process(images: Path, tmp_path: Path, heads_teacher: Path) -> None:
+    """torchrun (gloo, 2 x batch 4) == one process of batch 8: the centers and gradients are reduced."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    common = [*tiny_overrides(images, tmp_path / "unused"), "model.depth=1", f"distill.teacher={heads_teacher}"]
+    train(load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"]), progress=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    torchrun += ["--master_port", str(free_port()), "-m", "ibot", "distill", "--config", str(config), "--no-progress"]
+    overrides = [*common, "data.batch_size=4", f"train.output_dir={tmp_path / 'ddp'}", "train.threads=1"]
+    done = subprocess.run([*torchrun, *overrides, "train.device=cpu"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, ddp = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("single", "ddp"))
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    a, b = (load_checkpoint(tmp_path / run / CHECKPOINT_NAME)["method"] for run in ("single", "ddp"))
+    assert a.keys() == b.keys() and a.pop("_extra_state") == b.pop("_extra_state")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
