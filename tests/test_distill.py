@@ -14,7 +14,7 @@ import yaml
 from ibot.cli import main
 from ibot.config import Config, load_config
 from ibot.distill_method import Distill, resize_patches
-from ibot.errors import ConfigError, DataError
+from ibot.errors import ConfigError
 from ibot.models.reader import read_backbone
 from ibot.models.teacher_file import read_teacher
 from ibot.models.vit import MaskedViT
