@@ -15,6 +15,7 @@ from ibot.cli import main
 from ibot.config import Config, load_config
 from ibot.distill_method import Distill, resize_patches
 from ibot.errors import ConfigError
+from ibot.models.init_weights import read_init_weights
 from ibot.models.reader import read_backbone
 from ibot.models.teacher_file import read_teacher
 from ibot.models.vit import MaskedViT
@@ -108,6 +109,9 @@ def test_a_run_trains_the_student_and_leaves_the_teacher_as_read(
     assert all(torch.equal(v, state[f"student.backbone.{k}"]) for k, v in tensors.items())
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(-1 <= r["distill_cls_cos"] <= 1 and r["loss_koleo"] > 0 for r in rows)
+    # model.init_from of the run folder (its checkpoint, which holds no teacher) starts from the student.
+    init = read_init_weights(tmp_path / "run", cfg.model, 16)
+    assert all(torch.equal(v, state[f"student.{k}"]) for k, v in init.teacher.items() if k.startswith("backbone."))
 
 
 @pytest.mark.parametrize("objective", ["regression", "prototypes"])
@@ -296,3 +300,15 @@ def test_two_process_ddp_distils_like_one_process(images: Path, tmp_path: Path, 
     assert a.keys() == b.keys() and a.pop("_extra_state") == b.pop("_extra_state")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_model_init_from_starts_the_student(images: Path, tmp_path: Path, heads_teacher: Path) -> None:
+    """A pico student (48 x 2) started from a pico run's weights, taught by a 192-wide teacher."""
+    teacher = save_teacher(tmp_path / "teacher.safetensors")
+    cfg = distill_config(images, tmp_path / "run", teacher, "model.depth=0", f"model.init_from={heads_teacher}")
+    method = Distill.from_config(cfg)
+    method.start_from(read_init_weights(heads_teacher, cfg.model, 16))
+    weights = load_checkpoint(heads_teacher / CHECKPOINT_NAME)["method"]
+    student = method.student["backbone"].state_dict()
+    assert all(torch.equal(v, weights[f"teacher.backbone.{k}"]) for k, v in student.items())
+    assert train(cfg, progress=False).step == 8

@@ -139,9 +139,11 @@ class Distill(nn.Module):
     # --- the loop's interface (``IBOT``'s) ---------------------------------------------------------
 
     def start_from(self, init: InitWeights) -> None:
-        """``model.init_from``'s backbone into the student (heads and projections start fresh)."""
-        backbone = sub_state_dict(init.student, "backbone.")
-        load_fitted(self.student["backbone"], backbone, init.source, "model.init_from does not fit the student")
+        """``model.init_from``'s backbone into the student (heads and projections start fresh): the
+        file's teacher branch, the model of the run that wrote it (a backbone file: its only one)."""
+        backbone = sub_state_dict(init.teacher, "backbone.")
+        where = "model.init_from does not fit the student"
+        load_fitted(self.student["backbone"], backbone, init.source, where, lambda key: key == "mask_token")
 
     def pair_ema_parameters(self) -> None:
         """No EMA: the teacher is fixed."""
