@@ -312,3 +312,29 @@ def test_model_init_from_starts_the_student(images: Path, tmp_path: Path, heads_
     student = method.student["backbone"].state_dict()
     assert all(torch.equal(v, weights[f"teacher.backbone.{k}"]) for k, v in student.items())
     assert train(cfg, progress=False).step == 8
+
+
+def test_foreign_teachers_are_built_with_their_own_architecture(images: Path, tmp_path: Path) -> None:
+    """A DINO checkpoint (192 x 1, /8, with its head) -> prototypes; a timm state dict alone -> regression."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ibot.models.heads import ProjectionHead
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=192, depth=1, num_heads=3, num_classes=0).eval()
+    head = ProjectionHead(192, 32, hidden_dim=32, bottleneck_dim=16)
+    keys = {f"head.{k}": v for k, v in head.state_dict().items()}
+    keys = {k.replace("parametrizations.weight.original0", "weight_g"): v for k, v in keys.items()}
+    keys = {k.replace("parametrizations.weight.original1", "weight_v"): v for k, v in keys.items()}
+    teacher = {**{f"backbone.{k}": v for k, v in vit.state_dict().items()}, **keys}
+    torch.save({"student": teacher, "teacher": teacher}, tmp_path / "dino.pth")
+    torch.save(vit.state_dict(), tmp_path / "timm.pth")
+    x = torch.randn(2, 3, 16, 16)
+    for name, layout, objective in (("dino.pth", "official DINO", "prototypes"), ("timm.pth", "ViT", "regression")):
+        cfg = distill_config(images, tmp_path / f"run-{objective}", tmp_path / name)
+        method = Distill.from_config(cfg)
+        assert method.objective == objective and layout in method.teacher_file.layout
+        assert "192 x 1, patch 8" in method.start_line()
+        with torch.no_grad():
+            torch.testing.assert_close(method.teacher["backbone"](x).cls, vit.forward_features(x)[:, 0])
+        assert train(cfg, progress=False).step == 8
