@@ -338,3 +338,17 @@ def test_foreign_teachers_are_built_with_their_own_architecture(images: Path, tm
         with torch.no_grad():
             torch.testing.assert_close(method.teacher["backbone"](x).cls, vit.forward_features(x)[:, 0])
         assert train(cfg, progress=False).step == 8
+
+
+def test_a_distill_run_resumes_only_as_a_distill_run(
+    images: Path, tmp_path: Path, backbone_teacher: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = distill_config(images, tmp_path / "run", backbone_teacher)
+    train(replace(cfg, train=replace(cfg.train, max_steps=2)), progress=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    argv = ["pretrain", "--config", str(config), "--no-progress", *tiny_overrides(images, tmp_path / "run")]
+    assert main([*argv, "model.depth=1", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint was written by ibot distill (distill.teacher set); resume it the same way" in err
+    assert "\n" not in err

@@ -122,6 +122,9 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
     # model.init_from only chose the starting weights: the checkpoint's weights rule now.
     if replace(old.model, init_from="") != replace(cfg.model, init_from=""):
         raise ConfigError(f"{path}: checkpoint was trained with a different model config; start a new output_dir")
+    if bool(old.distill.teacher) != bool(cfg.distill.teacher):  # a student without its teacher, or the reverse
+        was = "ibot distill (distill.teacher set)" if old.distill.teacher else "ibot pretrain (no distill.teacher)"
+        raise ConfigError(f"{path}: checkpoint was written by {was}; resume it the same way")
     changes = {
         "data.path": (old.data.path, cfg.data.path, _same_path(old.data.path, cfg.data.path)),
         "data.batch_size": (old.data.batch_size, cfg.data.batch_size, old.data.batch_size == cfg.data.batch_size),
