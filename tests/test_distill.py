@@ -256,8 +256,10 @@ def test_a_distill_run_folder_is_the_students_for_monitor_eval_and_export(
         f"eval.test_path={images}",
         "eval.monitor_k=5",
     ]
-    argv = ["distill", "--config", str(config), "--no-progress", *tiny_overrides(images, run), "model.depth=1"]
+    argv = ["distill", "--config", str(config), *tiny_overrides(images, run), "model.depth=1"]
     assert main([*argv, *monitor]) == 0
+    progress = capsys.readouterr().err
+    assert "teacher_ms=" in progress and "student_ms=" in progress  # the progress line's step times
     assert scored and all(b is built[0].student["backbone"] for b in scored)  # the monitor scores the student
     assert "knn_top1" in read_metrics(run / "metrics.jsonl")[-1]
     knn = ["eval", "knn", str(run), "--train-dir", str(images), "--test-dir", str(images), "--no-progress"]

@@ -581,6 +581,12 @@ class _Session:
             lr=f"{row['lr']:.2e}",
             img_s=f"{self.images_per_second:.1f}",
             wait=f"{row['data_wait_share']:.0%}",
+            # ibot distill: the teacher's and the student's forward on the logged step
+            **{
+                k.removeprefix("distill_"): f"{row[k]:.0f}"
+                for k in ("distill_teacher_ms", "distill_student_ms")
+                if k in row
+            },
         )
 
     def warn_input_bound(self, share: float) -> None:
