@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ibot.train import loop
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import free_port, make_image_folder, tiny_overrides
 
 
 def save_teacher(path: Path, *overrides: str, seed: int = 1, in_chans: int = 3) -> Path:
@@ -281,11 +283,6 @@ def test_a_distill_run_folder_is_the_students_for_monitor_eval_and_export(
 
 def test_two_process_ddp_distils_like_one_process(images: Path, tmp_path: Path, heads_teacher: Path) -> None:
     """torchrun (gloo, 2 x batch 4) == one process of batch 8: the centers and gradients are reduced."""
-    import subprocess
-    import sys
-
-    from conftest import free_port
-
     common = [*tiny_overrides(images, tmp_path / "unused"), "model.depth=1", f"distill.teacher={heads_teacher}"]
     train(load_config(None, [*common, "data.batch_size=8", f"train.output_dir={tmp_path / 'single'}"]), progress=False)
     config = tmp_path / "c.yaml"

@@ -1,5 +1,4 @@
-"""The frozen teacher of ``ibot distill``: a weights file -> a backbone (and its projection heads)
-built with the file's own architecture.
+"""The frozen teacher of ``ibot distill``: a weights file -> its backbone and heads, in its own architecture.
 
 Any file ``model.init_from`` reads (``ibot.models.init_weights.read_source``: this package's run
 folders, checkpoints and ``teacher.safetensors``, official iBOT / DINO checkpoints, timm / DINO /
