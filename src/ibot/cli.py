@@ -1,4 +1,4 @@
-"""The ``ibot`` command: pretrain, submit, eval (knn, probe, robustness, dense, finetune, retrieval, cluster,
+"""The ``ibot`` command: pretrain, distill, submit, eval (knn, probe, robustness, dense, finetune, retrieval, cluster,
 lowshot), embed, retrieve, export, ablate, visualize, stats, report, demo.
 
 Config path + dotted overrides, few flags.
@@ -57,11 +57,25 @@ def _pretrain_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_config(args.config, overrides)
 
 
+def _check_distill(cfg, command: str) -> None:  # type: ignore[no-untyped-def]
+    """``ibot distill`` needs ``distill.teacher``; ``ibot pretrain`` points a config that sets it there."""
+    from ibot.errors import ConfigError
+
+    if command == "distill" and not cfg.distill.teacher:
+        raise ConfigError("distill.teacher: ibot distill needs the teacher's weights (distill.teacher=PATH)")
+    if command == "pretrain" and cfg.distill.teacher:
+        raise ConfigError(
+            f"distill.teacher is set ({cfg.distill.teacher}): distil with `ibot distill`, or unset it to pre-train"
+        )
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    """``ibot pretrain`` and ``ibot distill`` (the same run, with a frozen teacher read from a file)."""
     from ibot.eval.monitor import KNNMonitor
     from ibot.train.loop import train
 
     cfg = _pretrain_config(args)
+    _check_distill(cfg, args.command)
     result = train(cfg, resume=args.resume, progress=not args.no_progress, monitor=KNNMonitor)
     if result.already_finished:
         logger.info("already finished at step %d; weights in %s", result.step, result.output_dir)
@@ -95,8 +109,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The ``ibot pretrain`` command line that continues this run."""
-    words = ["ibot", "pretrain", "--config", args.config]
+    """The ``ibot pretrain`` (``ibot distill``) command line that continues this run."""
+    words = ["ibot", args.command, "--config", args.config]
     if args.output_dir:
         words += ["--output-dir", args.output_dir]
     if args.budget:
@@ -397,6 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted.key=value")
 
     p = sub.add_parser("pretrain", help="pre-train a ViT with iBOT")
+    pretrain_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("distill", help="distil a frozen teacher (distill.teacher=PATH) into a smaller ViT (model.*)")
     pretrain_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
     p.add_argument("--no-progress", action="store_true")

@@ -43,6 +43,9 @@ AUTO_KEYS = ("data.mean", "data.std")
 # The keys a resume may change when ``train.resume_allow_changes`` names them: the run goes on
 # over other images or in other batches. The model and the world size never change on resume.
 RESUME_CHANGES = ("data.path", "data.batch_size")
+# distill.objective / distill.regression_loss (ibot.distill_method).
+DISTILL_OBJECTIVES = ("auto", "prototypes", "regression")
+REGRESSION_LOSSES = ("cosine", "smooth_l1")
 
 
 @dataclass(frozen=True)
@@ -474,6 +477,30 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """``ibot distill``: a frozen teacher read from a file teaches the ``model`` section's student."""
+
+    # The teacher: any file model.init_from reads (a run folder, checkpoint.pt, teacher.safetensors,
+    # an official iBOT/DINO checkpoint, a timm/DINO/DINOv2 ViT); "" = no distillation (ibot pretrain).
+    teacher: str = ""
+    # prototypes: DINOv2's recipe over the teacher's own projection heads (the file must hold them);
+    # regression: the teacher's normalised [cls] and patch tokens through a learned projection;
+    # auto: prototypes when the teacher file's heads load, else regression (docs/distill.md).
+    objective: str = "auto"
+    regression_loss: str = "cosine"  # cosine (1 - cos) or smooth_l1 (on the normalised vectors)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.objective in DISTILL_OBJECTIVES, "distill.objective", f"must be one of {', '.join(DISTILL_OBJECTIVES)}"
+        )
+        _check(
+            self.regression_loss in REGRESSION_LOSSES,
+            "distill.regression_loss",
+            f"must be one of {', '.join(REGRESSION_LOSSES)}",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: one section per stage of the data flow."""
 
@@ -486,6 +513,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         """Checks that span sections (each section checks its own values)."""
@@ -731,6 +759,8 @@ def _check_paths(cfg: Config) -> None:
         "model.init_from",
         f"{init_from}: no such file or folder",
     )
+    teacher = cfg.distill.teacher
+    _check(not teacher or Path(teacher).expanduser().exists(), "distill.teacher", f"{teacher}: no such file or folder")
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:

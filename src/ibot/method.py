@@ -24,6 +24,7 @@ from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, 
 from ibot.losses.patch_targets import gather_patches
 from ibot.models.fit import tokenizer_branch
 from ibot.models.heads import ProjectionHead
+from ibot.models.init_weights import InitWeights
 from ibot.models.vit import MaskedViT
 from ibot.runtime import Runtime
 
@@ -98,6 +99,10 @@ def _rename_patch_center(state_dict: dict, prefix: str, *args) -> None:  # type:
 class IBOT(nn.Module):
     """Student/teacher pair with the DINO [cls] loss and the iBOT masked-patch loss."""
 
+    # The branch whose backbone is the run's model: saved as RUN/teacher.safetensors, scored by
+    # the k-NN monitor (``ibot.distill_method.Distill``: the student).
+    evaluated = "teacher"
+
     def __init__(
         self,
         model_cfg: ModelConfig,
@@ -140,6 +145,14 @@ class IBOT(nn.Module):
         self.koleo_loss = KoLeoLoss() if loss_cfg.koleo_weight > 0 else None
         self.pair_ema_parameters()
         self.teacher.train(False)
+
+    def start_from(self, init: InitWeights) -> None:
+        """``model.init_from``'s weights into both branches."""
+        init.load_into(self.student, self.teacher)
+
+    def start_line(self) -> str:
+        """What a run logs about its method at the start ("": nothing beyond the run's own line)."""
+        return ""
 
     def pair_ema_parameters(self) -> None:
         """Pair student and teacher parameters for the EMA (again after sharding replaces them).
@@ -262,23 +275,28 @@ class IBOT(nn.Module):
             torch._foreach_lerp_(self._teacher_head_params, self._student_head_params, 1.0 - momentum)
 
     def param_groups(self, split_backbone: bool = True) -> list[dict]:
-        """Student parameters split by backbone or head (``optim.backbone_lr_scale``, the backbone
-        freeze), weight decay (no decay for biases, norms, tokens) and last layer.
+        """The student's AdamW groups (``student_param_groups``).
 
         ``split_backbone=False``: the groups of checkpoints written before the backbone had its own.
         """
-        backbone = self.student["backbone"]
-        no_decay_names = {f"backbone.{n}" for n in backbone.no_weight_decay()}
-        groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.student.named_parameters():
-            if not param.requires_grad:
-                continue
-            in_backbone = split_backbone and name.startswith("backbone.")
-            decay = param.ndim > 1 and name not in no_decay_names
-            last_layer = "last_layer" in name
-            groups.setdefault((in_backbone, decay, last_layer), []).append(param)
-        return [
-            {"params": params, "apply_wd": decay, "is_last_layer": last_layer}
-            | ({"is_backbone": in_backbone} if split_backbone else {})
-            for (in_backbone, decay, last_layer), params in sorted(groups.items())
-        ]
+        return student_param_groups(self.student, split_backbone)
+
+
+def student_param_groups(student: nn.ModuleDict, split_backbone: bool = True) -> list[dict]:
+    """A student's parameters split by backbone or head (``optim.backbone_lr_scale``, the backbone
+    freeze), weight decay (no decay for biases, norms, tokens) and last layer."""
+    backbone = student["backbone"]
+    no_decay_names = {f"backbone.{n}" for n in backbone.no_weight_decay()}
+    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
+    for name, param in student.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_backbone = split_backbone and name.startswith("backbone.")
+        decay = param.ndim > 1 and name not in no_decay_names
+        last_layer = "last_layer" in name
+        groups.setdefault((in_backbone, decay, last_layer), []).append(param)
+    return [
+        {"params": params, "apply_wd": decay, "is_last_layer": last_layer}
+        | ({"is_backbone": in_backbone} if split_backbone else {})
+        for (in_backbone, decay, last_layer), params in sorted(groups.items())
+    ]

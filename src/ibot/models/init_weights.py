@@ -66,6 +66,7 @@ class _Source:
     teacher: _Branch
     patch_size: int | None = None  # from a saved config; else read off the patch embedding
     notes: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  # the saved config's model section (this package's files)
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,11 @@ class InitWeights:
 def read_init_weights(path: str | Path, cfg: ModelConfig, img_size: int, in_chans: int = 3) -> InitWeights:
     """Read ``path`` and fit it to the model of ``cfg`` at ``img_size`` px of ``in_chans`` channels
     (``data.channels``; every check made here)."""
-    source, name = _read_source(Path(path).expanduser())
+    source, name = read_source(Path(path).expanduser())
     backbone_shapes, head_shapes = _expected_shapes(cfg, img_size, in_chans)
     _check_architecture(source, cfg, name)
     notes = list(source.notes)
-    backbones = [_fit_backbone(b.backbone, backbone_shapes, name, notes) for b in (source.student, source.teacher)]
+    backbones = [fit_backbone(b.backbone, backbone_shapes, name, notes) for b in (source.student, source.teacher)]
     heads, fresh = _fit_heads(source, head_shapes, cfg.shared_head, notes)
     student, teacher = ({**_prefixed(b, "backbone."), **h} for b, h in zip(backbones, heads))
     return InitWeights(name, source.layout, student, teacher, tuple(notes), fresh)
@@ -115,14 +116,15 @@ def _may_lack(key: str) -> bool:
 # Reading: file or folder (ibot.models.reader) -> _Source
 
 
-def _read_source(path: Path) -> tuple[_Source, str]:
+def read_source(path: Path, key: str = "model.init_from") -> tuple[_Source, str]:
     """What ``path`` (a file, or a run folder as ``ibot.models.reader.FOLDER_RULE`` says) holds, and
-    the file read."""
+    the file read; ``key``: the option that named ``path`` (for the errors); also ``ibot distill``'s
+    teacher (``ibot.models.teacher_file``)."""
     if not path.exists():
-        raise ConfigError(f"model.init_from: {path}: no such file or folder")
+        raise ConfigError(f"{key}: {path}: no such file or folder")
     file = resolve(path, INIT)
     if not file.is_file():
-        raise ConfigError(f"model.init_from: {path}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
+        raise ConfigError(f"{key}: {path}: no {CHECKPOINT_NAME}, checkpoint-*.pt or {TEACHER_NAME} in it")
     held = read(file, INIT)
     name = str(held.path)
     loaded = held.loaded
@@ -138,16 +140,18 @@ def _read_source(path: Path) -> tuple[_Source, str]:
 def _from_safetensors(tensors: Tensors, metadata: dict[str, str], source: str) -> _Source:
     if "config" not in metadata:
         return _from_backbone(tensors, source)
-    patch_size = json.loads(metadata["config"]).get("model", {}).get("patch_size")
+    model = json.loads(metadata["config"]).get("model", {})
     branch = _Branch(tensors, None, f"{TEACHER_NAME} holds the backbone alone")
-    return _Source(f"ibot {TEACHER_NAME}", branch, branch, patch_size)
+    return _Source(f"ibot {TEACHER_NAME}", branch, branch, model.get("patch_size"), model=model)
 
 
 def _from_ibot_checkpoint(state: dict[str, Any], source: str) -> _Source:
     method = state["method"]
     student, teacher = (_our_branch(sub_state_dict(method, f"{b}.")) for b in ("student", "teacher"))
-    patch_size = state.get("config", {}).get("model", {}).get("patch_size")
-    return _Source("ibot checkpoint", student, teacher, patch_size)
+    if not teacher.backbone:  # an ``ibot distill`` run's (its teacher is not saved): its model is the student
+        teacher = student
+    model = state.get("config", {}).get("model", {})
+    return _Source("ibot checkpoint", student, teacher, model.get("patch_size"), model=model)
 
 
 def _our_branch(state: Tensors) -> _Branch:
@@ -237,7 +241,7 @@ def _check_architecture(source: _Source, cfg: ModelConfig, name: str) -> None:
         )
 
 
-def _fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, notes: list[str]) -> Tensors:
+def fit_backbone(state: Tensors, expected: dict[str, torch.Size], name: str, notes: list[str]) -> Tensors:
     """Position embeddings resampled to the config's grid, an RGB input convolution adapted to the
     config's channels; any other difference is an error."""
     state = dict(state)

@@ -23,6 +23,7 @@ from ibot.data.loaders import build_train_loader, listed_images
 from ibot.data.pipeline import build_pipeline
 from ibot.data.skips import SkipLog, report_skips
 from ibot.data.stats import resolve_auto_stats
+from ibot.distill_method import Distill
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
 from ibot.models.init_weights import InitWeights, read_init_weights
@@ -121,6 +122,9 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
     # model.init_from only chose the starting weights: the checkpoint's weights rule now.
     if replace(old.model, init_from="") != replace(cfg.model, init_from=""):
         raise ConfigError(f"{path}: checkpoint was trained with a different model config; start a new output_dir")
+    if bool(old.distill.teacher) != bool(cfg.distill.teacher):  # a student without its teacher, or the reverse
+        was = "ibot distill (distill.teacher set)" if old.distill.teacher else "ibot pretrain (no distill.teacher)"
+        raise ConfigError(f"{path}: checkpoint was written by {was}; resume it the same way")
     changes = {
         "data.path": (old.data.path, cfg.data.path, _same_path(old.data.path, cfg.data.path)),
         "data.batch_size": (old.data.batch_size, cfg.data.batch_size, old.data.batch_size == cfg.data.batch_size),
@@ -230,7 +234,7 @@ def _run_folder_lock(folder: RunFolder, env: DistEnv) -> Iterator[None]:
 class _Trainee:
     """What the loop steps: the method (and its DDP wrapper), optimiser and loss scaler."""
 
-    method: IBOT
+    method: IBOT | Distill
     model: torch.nn.Module  # ``method`` or DDP(method): forward through this one
     optimizer: torch.optim.AdamW
     scaler: torch.amp.GradScaler | None
@@ -256,9 +260,14 @@ def _read_init(cfg: Config, store: CheckpointStore, resume: Resume, env: DistEnv
 
 
 def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = None) -> _Trainee:
-    method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels)
+    if cfg.distill.teacher:  # ibot distill: a frozen teacher read from its file
+        method: IBOT | Distill = Distill.from_config(cfg)
+    else:
+        method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels)
+    if env.is_main and (line := method.start_line()):
+        logger.info("%s", line)
     if init is not None:  # before sharding and wrapping: they take the weights as they find them
-        init.load_into(method.student, method.teacher)
+        method.start_from(init)
     method = method.to(run.device)
     method.use_runtime(run)
     method.set_activation_checkpointing(cfg.train.activation_checkpointing)
@@ -350,8 +359,8 @@ def _save(
         }
         try:
             store.save(state, step)
-            teacher = sub_state_dict(method_state, "teacher.backbone.")
-            save_backbone(RunFolder(store.folder).teacher, teacher, cfg.to_dict(), step)
+            evaluated = sub_state_dict(method_state, f"{t.method.evaluated}.backbone.")  # the run's model
+            save_backbone(RunFolder(store.folder).teacher, evaluated, cfg.to_dict(), step)
         except CheckpointWriteError as exc:
             error = str(exc)
     (failed,) = broadcast_values([float(bool(error))], env)  # also the barrier after the write
@@ -572,6 +581,12 @@ class _Session:
             lr=f"{row['lr']:.2e}",
             img_s=f"{self.images_per_second:.1f}",
             wait=f"{row['data_wait_share']:.0%}",
+            # ibot distill: the teacher's and the student's forward on the logged step
+            **{
+                k.removeprefix("distill_"): f"{row[k]:.0f}"
+                for k in ("distill_teacher_ms", "distill_student_ms")
+                if k in row
+            },
         )
 
     def warn_input_bound(self, share: float) -> None:
@@ -594,9 +609,11 @@ class _Session:
         self.saved_step = self.step
 
     def run_monitor(self) -> None:
-        """k-NN of the teacher on the monitor subset, logged at this step (rank 0; the others wait)."""
+        """k-NN of the run's model (the teacher; distill: the student) on the monitor subset, logged at
+        this step (rank 0; the others wait)."""
         if self.monitor is not None and self.metrics is not None:
-            values = self.clock.pause_during(self.monitor, self.trainee.method.teacher["backbone"])
+            method = self.trainee.method
+            values = self.clock.pause_during(self.monitor, getattr(method, method.evaluated)["backbone"])
             self.knn_top1 = values["knn_top1"]
             self.metrics.log(self.step, {**values, "train_minutes": self.clock.minutes()})
             logger.info("step %d, %.1f min: k-NN top-1 %.2f %%", self.step, self.clock.minutes(), self.knn_top1)
