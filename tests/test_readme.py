@@ -24,6 +24,7 @@ SCRIPTS = {"bash scripts/demo.sh", "bash scripts/test.sh"}
 _MODEL = [o for o in tiny_overrides(Path("."), Path(".")) if not o.startswith(("data.path=", "train.output_dir="))]
 _TINY = {
     ("pretrain",): [*_MODEL, "train.max_steps=2", "eval.monitor_every_minutes=0"],
+    ("distill",): [*_MODEL, "train.max_steps=2", "eval.monitor_every_minutes=0"],
     ("eval", "probe"): ["eval.probe_epochs=1", "eval.probe_lrs=[1e-3]"],
 }
 
@@ -61,10 +62,10 @@ def test_every_readme_ibot_command_runs_on_the_sample(tmp_path: Path, monkeypatc
         extra = next((v for k, v in _TINY.items() if tuple(words[: len(k)]) == k), [])
         assert main([*words, *extra, *(["--no-progress"] if _takes_no_progress(words) else [])]) == 0, command
         ran.append(words[0])
-    assert {"pretrain", "eval", "embed", "export", "visualize", "report", "stats"} <= set(ran)
+    assert {"pretrain", "distill", "eval", "embed", "export", "visualize", "report", "stats"} <= set(ran)
     assert (tmp_path / "exports" / "mine-onnx" / "model.onnx").is_file()
     assert (tmp_path / "runs" / "mine" / "report.html").is_file()
 
 
 def _takes_no_progress(words: list[str]) -> bool:
-    return words[0] in ("pretrain", "embed") or words[:1] == ["eval"]
+    return words[0] in ("pretrain", "distill", "embed") or words[:1] == ["eval"]
