@@ -1,5 +1,5 @@
-"""Continuing pre-training from a backbone: ``optim.freeze_backbone_epochs`` (auto when
-``model.init_from`` gives fresh heads) and ``optim.backbone_lr_scale``."""
+"""Continuing pre-training from a backbone: ``optim.freeze_backbone_epochs`` (off by default; -1,
+auto: frozen a while when ``model.init_from`` gives fresh heads) and ``optim.backbone_lr_scale``."""
 
 from __future__ import annotations
 
@@ -87,10 +87,12 @@ def test_frozen_backbones_stay_bit_identical_while_the_heads_learn(
 def test_auto_freezes_only_when_init_from_gives_fresh_heads(
     source: Path, image_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    auto = "optim.freeze_backbone_epochs=-1"
     cases = {
-        "fresh": (f"model.init_from={source / TEACHER_NAME}",),  # a backbone alone
-        "heads": (f"model.init_from={source}",),  # the source's checkpoint: its heads fit
-        "none": (),
+        "fresh": (f"model.init_from={source / TEACHER_NAME}", auto),  # a backbone alone
+        "heads": (f"model.init_from={source}", auto),  # the source's checkpoint: its heads fit
+        "none": (auto,),
+        "default": (f"model.init_from={source / TEACHER_NAME}",),  # off unless asked for (measured)
     }
     frozen = {}
     for name, extra in cases.items():
@@ -107,12 +109,13 @@ def test_auto_freezes_only_when_init_from_gives_fresh_heads(
             ]
         else:
             assert lines == []
-    assert frozen == {"fresh": 2, "heads": 0, "none": 0}
+    assert frozen == {"fresh": 2, "heads": 0, "none": 0, "default": 0}
 
 
 def test_auto_resolution() -> None:
-    cfg = load_config(None, []).optim
+    cfg = load_config(None, ["optim.freeze_backbone_epochs=-1"]).optim
     plan = RunPlan(global_batch_size=64, steps_per_epoch=781, total_steps=100_000, lr=1e-3)
+    assert freeze_backbone_steps(load_config(None, []).optim, plan, fresh_heads=True, resumed_plan=None) == 0
     assert freeze_backbone_steps(cfg, plan, fresh_heads=True, resumed_plan=None) == AUTO_FREEZE_STEPS
     assert freeze_backbone_steps(cfg, plan, fresh_heads=False, resumed_plan=None) == 0
     # A resume takes what the run resolved at its start (it has no init_from to ask) ...
@@ -125,10 +128,10 @@ def test_auto_resolution() -> None:
 
 def test_resume_inside_the_auto_freeze_is_exact(source: Path, image_folder: Path, tmp_path: Path) -> None:
     """8 steps == 1 step, stop, resume, 7 steps, with the auto freeze (2 steps) resolved from init_from."""
-    init = f"model.init_from={source / TEACHER_NAME}"
-    train(_config(image_folder, tmp_path / "full", init), progress=False)
-    train(_config(image_folder, tmp_path / "part", init, "train.max_steps=1"), progress=False)
-    train(_config(image_folder, tmp_path / "part", init), resume=True, progress=False)
+    init = f"model.init_from={source / TEACHER_NAME}", "optim.freeze_backbone_epochs=-1"
+    train(_config(image_folder, tmp_path / "full", *init), progress=False)
+    train(_config(image_folder, tmp_path / "part", *init, "train.max_steps=1"), progress=False)
+    train(_config(image_folder, tmp_path / "part", *init), resume=True, progress=False)
     full = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)
     part = load_checkpoint(tmp_path / "part" / CHECKPOINT_NAME)
     assert full["plan"] == part["plan"] and part["plan"]["freeze_backbone_steps"] == 2

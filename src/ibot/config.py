@@ -270,9 +270,9 @@ class OptimConfig:
     # student backbone takes no step (no gradient, no weight decay, no AdamW state) and the
     # teacher backbone no EMA, while the heads learn; its learning rate then warms up again over
     # optim.warmup_epochs. -1 = auto: ibot.train.backbone_freeze.AUTO_FREEZE_STEPS steps when
-    # model.init_from gives fresh heads, else 0. Provisional: on a weak CIFAR-10 backbone the
-    # freeze did not prevent the dip fresh heads cause (docs/init-from.md, measured).
-    freeze_backbone_epochs: float = -1
+    # model.init_from gives fresh heads, else 0. Off by default: measured from a CIFAR-10 backbone
+    # on a shifted domain, the freeze ended every run below fresh heads (docs/init-from.md).
+    freeze_backbone_epochs: float = 0
     backbone_lr_scale: float = 1.0  # the backbone's lr is lr times this for the whole run (heads: lr)
 
     def __post_init__(self) -> None:

@@ -18,9 +18,9 @@ import torch
 from ibot.config import OptimConfig, RunPlan
 
 AUTO = -1.0  # optim.freeze_backbone_epochs: frozen a while when model.init_from gives fresh heads
-# The auto freeze in steps (the heads learn per step, whatever the dataset's size). Provisional:
-# benchmarks/continue_pretraining.py on a weak CIFAR-10 backbone found no gain from a 30-step
-# freeze in a 120-step run (docs/init-from.md); a stronger backbone is still to be measured.
+# The auto freeze in steps (the heads learn per step, whatever the dataset's size). Not the
+# default: benchmarks/continue_pretraining.py from a CIFAR-10 backbone found it ending below
+# fresh heads in 120- and 240-step runs (docs/init-from.md).
 AUTO_FREEZE_STEPS = 300
 # ... and at most this share of the steps planned at the start, so that a short run still trains its backbone.
 AUTO_MAX_SHARE = 0.25
