@@ -357,7 +357,7 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ibot.config import load_config
-    from ibot.demo import REPORT_K, run_demo, verdict
+    from ibot.demo import REPORT_K, own_folder_commands, run_demo, verdict
 
     start = time.monotonic()
     cfg = load_config(args.config, list(args.overrides))
@@ -375,6 +375,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"k-NN table: {result.knn_table}")
     print(f"report: {result.report[0]} and {result.report[1]}")
     print(f"attention picture: {result.attention}")
+    print("\nThe same on your own images (DIR: an image folder; TRAIN_DIR, TEST_DIR: labelled class sub-folders):")
+    for command in own_folder_commands(args.config):
+        print(f"  {command}")
     return 0
 
 
