@@ -94,6 +94,10 @@ def test_mlflow_history_equals_metrics_through_a_kill_and_resume(image_folder: P
     top1 = {k: v for k, v in client.get_run(run.info.run_id).data.metrics.items() if k.startswith("eval/knn/")}
     k = next(iter(result["knn"]))
     assert top1[f"eval/knn/knn/{k}/top1"] == pytest.approx(result["knn"][k]["top1"])
+    # So does the report: the page with its figures, so that its links hold.
+    assert main(["report", str(out)]) == 0
+    assert "report.html" in [f.path for f in client.list_artifacts(run.info.run_id)]
+    assert "report/losses.png" in [f.path for f in client.list_artifacts(run.info.run_id, "report")]
 
 
 def _order(metric) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -184,6 +188,20 @@ def test_wandb_offline_keeps_config_summary_and_the_run_id_through_a_resume(imag
                     if not key.startswith("_"):
                         sent[key].append((row["_step"], float(value)))
     _same_history(dict(sent), out)
+
+    # A picture drawn into the run goes to its W&B run as an image, under the same id.
+    assert main(["visualize", "attention", str(out), "--images", str(image_folder), "--count", "2"]) == 0
+    (added,) = set((out / "wandb").glob("offline-run-*/run-*.wandb")) - set(logs)
+    assert added.name == f"run-{run_id}.wandb"
+    image = {  # a logged dict comes as one item per field: nested_key [name, field]
+        u.nested_key[1]: json.loads(u.value_json)
+        for kind, r in _wandb_records(added)
+        if kind == "history"
+        for u in r.history.item
+        if list(u.nested_key[:1]) == ["pictures/attention"]
+    }
+    assert image["_type"] == "image-file" and image["format"] == "png"
+    assert (added.parent / "files" / image["path"]).is_file()
 
 
 def test_a_missing_extra_is_one_line_naming_it(
