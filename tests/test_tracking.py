@@ -17,7 +17,7 @@ from ibot.cli import main
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
 from ibot.run_folder import RunFolder
-from ibot.tracking import Trackers
+from ibot.tracking import Trackers, tracker_names
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 
@@ -224,6 +224,7 @@ def test_only_rank_0_tracks_and_unknown_loggers_are_refused(tmp_path: Path) -> N
     run = RunFolder(tmp_path / "run")
     assert Trackers.open(run, cfg, resumed=False, is_main=False).backends == []
     assert not run.root.exists()  # another rank writes nothing: no store, no trackers.json
+    assert tracker_names(load_config(None, ["train.loggers=[mlflow,tensorboard,mlflow]"]).train) == ["mlflow"]
     with pytest.raises(ConfigError, match=r"^train.loggers: unknown \['neptune'\]"):
         load_config(None, ["train.loggers=[neptune]"])
     with pytest.raises(ConfigError, match=r"^train.wandb_mode: "):

@@ -37,7 +37,7 @@ BACKENDS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 
 def tracker_names(train: TrainConfig) -> list[str]:
     """The trackers of ``train.loggers`` that this module sends to (TensorBoard is not one)."""
-    return [name for name in train.loggers if name in BACKENDS]
+    return [name for name in dict.fromkeys(train.loggers) if name in BACKENDS]  # each once
 
 
 def require_trackers(train: TrainConfig) -> None:
