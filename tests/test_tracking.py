@@ -16,6 +16,7 @@ import pytest
 from ibot.cli import main
 from ibot.config import Config, load_config
 from ibot.errors import ConfigError
+from ibot.eval.monitor import KNNMonitor
 from ibot.run_folder import RunFolder
 from ibot.tracking import Trackers, tracker_names
 from ibot.train.loop import train
@@ -31,16 +32,22 @@ def _config(images: Path, out: Path, *extra: str) -> Config:
     return load_config(None, [*tiny_overrides(images, out), "train.checkpoint_every=2", *extra])
 
 
+def _monitored(images: Path, out: Path, *extra: str) -> Config:
+    monitor = [f"eval.train_path={images}", f"eval.test_path={images}", "eval.monitor_k=3"]
+    return _config(images, out, *monitor, "eval.monitor_every_steps=3", *extra)
+
+
 def _with(cfg: Config, **fields: object) -> Config:
     return replace(cfg, train=replace(cfg.train, **fields))
 
 
 def _killed_and_resumed(cfg: Config) -> Path:
-    """Steps 1-4 logged, killed after step 4's line before its checkpoint; resumed from step 2 to 8."""
+    """Steps 1-3 logged (the k-NN monitor's too: steps 0, 3), killed after step 3's lines before its
+    checkpoint; resumed from step 2 to 8 (the monitor at 3, 6, 8: the run's end)."""
     out = Path(cfg.train.output_dir)
-    train(_with(cfg, max_steps=4), progress=False)
-    (out / "checkpoint-00000004.pt").unlink()
-    assert train(cfg, resume=True, progress=False).step == 8
+    train(_with(cfg, max_steps=3), progress=False, monitor=KNNMonitor)
+    (out / "checkpoint-00000003.pt").unlink()
+    assert train(cfg, resume=True, progress=False, monitor=KNNMonitor).step == 8
     return out
 
 
@@ -54,23 +61,28 @@ def _history(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return dict(found)
 
 
-def _same_history(sent: dict[str, list[tuple[int, float]]], out: Path) -> None:
+def _same_history(sent: dict[str, list[tuple[int, float]]], out: Path, rows_per_step: bool = False) -> None:
     """The tracker's history equals metrics.jsonl step for step; values of the steps the resumed run
-    re-trained (3, 4) equal too, but for the wall-clock ones the tracker kept from the first run."""
+    re-trained (3) equal too, but for the wall-clock ones the tracker kept from the first run.
+    ``rows_per_step``: the tracker keeps one row per step (W&B): a key logged twice at a step (the
+    monitor's ``train_minutes`` after the step's own) holds the later value."""
     written = _history(read_metrics(out / "metrics.jsonl"))
+    if rows_per_step:
+        written = {key: list(dict(points).items()) for key, points in written.items()}
     assert sent.keys() == written.keys()
     for key, points in written.items():
         assert [s for s, _ in sent[key]] == [s for s, _ in points], key  # no step twice, none missing
         for (step, value), (_, got) in zip(points, sent[key]):
-            if not (key in TIMINGS and step in (3, 4)):
+            if not (key in TIMINGS and step == 3):
                 assert got == value, (key, step)
     assert [s for s, _ in written["loss"]] == list(range(1, 9))
+    assert [s for s, _ in written["knn_top1"]] == [0, 3, 6, 8]
 
 
 def test_mlflow_history_equals_metrics_through_a_kill_and_resume(image_folder: Path, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    out = _killed_and_resumed(_config(image_folder, tmp_path / "run", "train.loggers=[mlflow]"))
+    out = _killed_and_resumed(_monitored(image_folder, tmp_path / "run", "train.loggers=[mlflow]"))
     kept = json.loads((out / "trackers.json").read_text())["mlflow"]
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     assert len(client.search_runs([client.get_experiment_by_name("ibot").experiment_id])) == 1  # resumed: same run
@@ -168,7 +180,7 @@ def _wandb_records(path: Path) -> list[tuple[str, object]]:
 
 
 def test_wandb_offline_keeps_config_summary_and_the_run_id_through_a_resume(image_folder: Path, tmp_path: Path) -> None:
-    out = _killed_and_resumed(_config(image_folder, tmp_path / "run", "train.loggers=[wandb]"))
+    out = _killed_and_resumed(_monitored(image_folder, tmp_path / "run", "train.loggers=[wandb]"))
     run_id = json.loads((out / "trackers.json").read_text())["wandb"]["run_id"]
     logs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 2 and all(p.name == f"run-{run_id}.wandb" for p in logs)  # the resume kept the id
@@ -187,7 +199,7 @@ def test_wandb_offline_keeps_config_summary_and_the_run_id_through_a_resume(imag
                 for key, value in row.items():
                     if not key.startswith("_"):
                         sent[key].append((row["_step"], float(value)))
-    _same_history(dict(sent), out)
+    _same_history(dict(sent), out, rows_per_step=True)
 
     # A picture drawn into the run goes to its W&B run as an image, under the same id.
     assert main(["visualize", "attention", str(out), "--images", str(image_folder), "--count", "2"]) == 0

@@ -95,7 +95,8 @@ class Trackers:
             if started is None:
                 continue
             trackers.backends.append(backend)
-            trackers.skip_through[name] = int(kept.get("last_step", 0)) if kept.get("run_id") == started else 0
+            # -1: nothing sent yet (a k-NN monitor logs the untrained start at step 0)
+            trackers.skip_through[name] = int(kept.get("last_step", -1)) if kept.get("run_id") == started else -1
             trackers.state[name] = {"run_id": started, "last_step": trackers.skip_through[name]}
         trackers._save_state()
         trackers.log_file(run.config)
@@ -138,7 +139,7 @@ class Trackers:
                 continue
             if self._guard(backend, lambda b=backend: b.log_metrics(step, numbers)) is not None:
                 kept = self.state.setdefault(backend.name, {})
-                kept["last_step"] = max(int(kept.get("last_step", 0)), step)
+                kept["last_step"] = max(int(kept.get("last_step", -1)), step)
                 sent = True
         if sent:
             self._save_state()
@@ -156,6 +157,7 @@ class Trackers:
         self.log_file(path, "eval")
         numbers = {f"eval/{command}/{k}": v for k, v in flatten(result, "/").items()}
         step = max((int(s.get("last_step", 0)) for s in self.state.values()), default=0)
+        step = max(step, 0)
         values = {k: float(v) for k, v in numbers.items() if _is_number(v)}
         for backend in list(self.backends):
             if values:
