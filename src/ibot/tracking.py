@@ -176,8 +176,8 @@ class Trackers:
             result = call()
         except Exception as exc:
             logger.warning(
-                "experiment tracker %s failed (%s); not logging there for the rest of this run "
-                "(metrics.jsonl is complete)",
+                "experiment tracker %s failed (%s); left out from now on (metrics.jsonl and the run "
+                "folder lose nothing)",
                 backend.name,
                 _one_line(exc),
             )
