@@ -9,16 +9,18 @@ import struct
 import sys
 from collections import defaultdict
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from ibot import tracking
 from ibot.cli import main
-from ibot.config import Config, load_config
+from ibot.config import Config, TrainConfig, load_config
 from ibot.errors import ConfigError
 from ibot.eval.monitor import KNNMonitor
 from ibot.run_folder import RunFolder
-from ibot.tracking import Trackers, tracker_names
+from ibot.tracking import Trackers, WandbBackend, tracker_names
 from ibot.train.loop import train
 from ibot.train.metrics import read_metrics
 
@@ -215,6 +217,20 @@ def test_wandb_offline_keeps_config_summary_and_the_run_id_through_a_resume(imag
     assert image["_type"] == "image-file" and image["format"] == "png"
     assert (added.parent / "files" / image["path"]).is_file()
 
+    # An evaluation's numbers go to the run's summary.
+    assert main(["eval", "knn", str(out), "--train-dir", str(image_folder), "--test-dir", str(image_folder)]) == 0
+    (evaluated,) = set((out / "wandb").glob("offline-run-*/run-*.wandb")) - set(logs) - {added}
+    summary = {
+        u.key: json.loads(u.value_json)
+        for k, r in _wandb_records(evaluated)
+        if k == "summary"
+        for u in r.summary.update
+    }
+    result = json.loads((out / "eval" / "knn.json").read_text())["knn"]
+    assert {key: summary[f"eval/knn/knn/{key}/top1"] for key in result} == pytest.approx(
+        {key: row["top1"] for key, row in result.items()}
+    )
+
 
 def test_a_missing_extra_is_one_line_naming_it(
     image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
@@ -241,3 +257,18 @@ def test_only_rank_0_tracks_and_unknown_loggers_are_refused(tmp_path: Path) -> N
         load_config(None, ["train.loggers=[neptune]"])
     with pytest.raises(ConfigError, match=r"^train.wandb_mode: "):
         load_config(None, ["train.wandb_mode=cloud"])
+
+
+def test_a_wandb_attempt_waits_for_a_folder_name_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # wandb names an attempt's folder by its start second: a second attempt of the id within that
+    # second would write into the first one's folder.
+    run = RunFolder(tmp_path)
+    (run.wandb / "offline-run-20260101_000000-abc").mkdir(parents=True)
+    stamps = [datetime(2026, 1, 1, 0, 0, 0)] * 3 + [datetime(2026, 1, 1, 0, 0, 1)]
+    monkeypatch.setattr(tracking, "datetime", type("Clock", (), {"now": staticmethod(lambda: stamps.pop(0))}))
+    slept: list[float] = []
+    monkeypatch.setattr(tracking.time, "sleep", slept.append)
+    WandbBackend(run, TrainConfig())._next_second("other")  # another id's folder: no wait
+    assert not slept and len(stamps) == 3
+    WandbBackend(run, TrainConfig())._next_second("abc")
+    assert len(slept) == 2 and not stamps  # waited into the next second, then went on

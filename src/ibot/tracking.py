@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -346,6 +347,8 @@ class WandbBackend:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        if run_id:
+            self._next_second(run_id)
         settings = wandb.Settings(
             mode=self.train.wandb_mode, silent=True, console="off", x_disable_stats=True, save_code=False
         )
@@ -360,6 +363,16 @@ class WandbBackend:
             reinit="create_new",
         )
         return str(self.handle.id)
+
+    def _next_second(self, run_id: str) -> None:
+        """Wait while an attempt of this run id started in this second: wandb names its folder
+        ``[offline-]run-YYYYmmdd_HHMMSS-ID`` (local time), and a second start in the same second
+        would write into the first one's folder (a resume or an evaluation right after a run)."""
+        for _ in range(15):
+            stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+            if not any(self.run.wandb.glob(f"*run-{stamp}-{run_id}")):
+                return
+            time.sleep(0.1)
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         self.handle.log(values, step=step)
