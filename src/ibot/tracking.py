@@ -380,7 +380,8 @@ class WandbBackend:
     def log_file(self, path: Path, folder: str) -> None:
         if path.suffix == ".json":  # an evaluation: its numbers go to the summary (log_result)
             return
-        self.handle.save(str(path), base_path=str(path.parent), policy="now")
+        base = self.run.root if self.run.contains(path) else path.parent  # report/x.png keeps its folder
+        self.handle.save(str(path), base_path=str(base), policy="now")
 
     def log_image(self, key: str, path: Path) -> None:
         import wandb
