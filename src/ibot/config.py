@@ -35,6 +35,7 @@ ARCHS: dict[str, dict[str, int]] = {
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
 RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # train.loggers: metrics.jsonl is always written
 PIPELINES = ("pil", "device")
 # data.intensity: how stored pixel values become [0, 1] (ibot.data.reading).
 INTENSITIES = ("dtype", "minmax", "percentile", "window")
@@ -43,7 +44,6 @@ AUTO_KEYS = ("data.mean", "data.std")
 # The keys a resume may change when ``train.resume_allow_changes`` names them: the run goes on
 # over other images or in other batches. The model and the world size never change on resume.
 RESUME_CHANGES = ("data.path", "data.batch_size")
-LOGGERS = ("tensorboard", "mlflow", "wandb")  # train.loggers: metrics.jsonl is always written
 
 
 @dataclass(frozen=True)
