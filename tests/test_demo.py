@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
-from ibot.cli import main
+from ibot.cli import _pretrain_config, main, parse_args
 from ibot.demo import Scores, format_demo, verdict
 
 from conftest import make_image_folder, tiny_overrides
@@ -50,6 +51,26 @@ def test_demo_prints_and_writes_table_report_and_picture(tmp_path: Path, capsys:
     picture = run / "pictures" / "attention.png"
     assert f"attention picture: {picture}" in out
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 2000
+    _check_own_folder_commands(out, tmp_path)
+
+
+def _check_own_folder_commands(out: str, tmp_path: Path) -> None:
+    """The demo ends with three commands for the user's own folder, which the CLI's own parser takes:
+    pre-train on DIR with the demo's config, k-NN of that run, export of that run."""
+    lines = out.splitlines()
+    assert lines[-4].startswith("The same on your own images")
+    pretrain, knn, export = (parse_args(shlex.split(line.strip())[1:]) for line in lines[-3:])
+    assert lines[-3].startswith("  ibot pretrain ")
+    mine = make_image_folder(tmp_path / "mine", classes=1, per_class=2)
+    pretrain.overrides = [o.replace("=DIR", f"={mine}") for o in pretrain.overrides]
+    cfg = _pretrain_config(pretrain)
+    assert pretrain.func.__name__ == "_cmd_pretrain" and pretrain.config == "configs/demo.yaml"
+    assert cfg.data.path == str(mine) and cfg.data.auto_stats and cfg.model.arch == "vit_tiny"
+    run = cfg.train.output_dir
+    assert (knn.func.__name__, knn.eval_command, knn.weights) == ("_cmd_eval", "knn", run)
+    assert (knn.train_dir, knn.test_dir) == ("TRAIN_DIR", "TEST_DIR")
+    assert (export.func.__name__, export.run, export.format) == ("_cmd_export", run, "timm")
+    assert export.out and export.out != run
 
 
 def test_demo_seeds_pretrains_each_seed_and_reports_its_spread(

@@ -147,6 +147,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
     """Keep ``result`` in the run's eval folder (for ``ibot report``), and at ``--json`` if given."""
     from ibot.run_folder import RunFolder
+    from ibot.tracking import send_to_run
 
     text = json.dumps(result, indent=2)
     path = RunFolder.of(args.weights).eval_result(command, args.random_init)
@@ -154,6 +155,7 @@ def _save_result(args: argparse.Namespace, command: str, result: dict) -> None:
     path.write_text(text)
     if args.json:
         Path(args.json).write_text(text)
+    send_to_run(RunFolder.of(args.weights), lambda t: t.log_result(path.stem, path, result))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -341,6 +343,8 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
     from ibot.data.display import drawn_channels
     from ibot.data.skips import SkipLog, report_skips
     from ibot.eval.features import load_frozen
+    from ibot.run_folder import RunFolder
+    from ibot.tracking import send_to_run
 
     frozen = load_frozen(args.weights, on_cpu=True)
     backbone, cfg = frozen.backbone, frozen.cfg
@@ -360,11 +364,14 @@ def _visualize(args: argparse.Namespace, path: Path) -> None:
     # Only beside a picture drawn: a refused command leaves the run folder as it was.
     report_skips(skips, f"visualize {args.kind}", path.parent / f"skipped-{args.kind}.tsv")
     logger.info("wrote %s", written)
+    run = RunFolder.of(args.weights)
+    if run.contains(written):  # a picture of the run, in its folder: to its trackers too
+        send_to_run(run, lambda t: t.log_image(args.kind, written))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ibot.config import load_config
-    from ibot.demo import REPORT_K, run_demo, verdict
+    from ibot.demo import REPORT_K, own_folder_commands, run_demo, verdict
 
     start = time.monotonic()
     cfg = load_config(args.config, list(args.overrides))
@@ -382,6 +389,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"k-NN table: {result.knn_table}")
     print(f"report: {result.report[0]} and {result.report[1]}")
     print(f"attention picture: {result.attention}")
+    print("\nThe same on your own images (DIR: an image folder; TRAIN_DIR, TEST_DIR: labelled class sub-folders):")
+    for command in own_folder_commands(args.config):
+        print(f"  {command}")
     return 0
 
 

@@ -35,6 +35,7 @@ ARCHS: dict[str, dict[str, int]] = {
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "explicit")
 RESIDUAL_PRECISIONS = ("auto", "fp32", "amp")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # train.loggers: metrics.jsonl is always written
 PIPELINES = ("pil", "device")
 # data.intensity: how stored pixel values become [0, 1] (ibot.data.reading).
 INTENSITIES = ("dtype", "minmax", "percentile", "window")
@@ -325,6 +326,13 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0
     # What a resume may change (``RESUME_CHANGES``); any other change is refused with one line.
     resume_allow_changes: tuple[str, ...] = ()
+    # Experiment trackers (docs/tracking.md); metrics.jsonl is always written. mlflow_uri "" =
+    # sqlite:///RUN/mlflow.db in the run folder; wandb_mode "offline" needs no account or network.
+    loggers: tuple[str, ...] = ("tensorboard",)
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "ibot"
+    wandb_project: str = "ibot"
+    wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
@@ -344,6 +352,11 @@ class TrainConfig:
         _check(self.skip_nonfinite_steps >= 0, "train.skip_nonfinite_steps", "must be >= 0")
         unknown = sorted(set(self.resume_allow_changes) - set(RESUME_CHANGES))
         _check(not unknown, "train.resume_allow_changes", f"unknown {unknown}; allowed: {list(RESUME_CHANGES)}")
+        loggers = sorted(set(self.loggers) - set(LOGGERS))
+        _check(not loggers, "train.loggers", f"unknown {loggers}; allowed: {list(LOGGERS)}")
+        _check(self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be 'offline' or 'online'")
+        for key in ("mlflow_experiment", "wandb_project"):
+            _check(bool(getattr(self, key).strip()), f"train.{key}", "must not be empty")
 
 
 @dataclass(frozen=True)

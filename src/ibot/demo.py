@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,19 @@ from ibot.run_folder import RunFolder
 logger = logging.getLogger("ibot")
 
 REPORT_K = 20  # the k of the one-line verdict (DINO's protocol reports k = 20)
+OWN_RUN = "runs/my-images"  # the run folder of the commands the demo ends with
+
+
+def own_folder_commands(config: str, run: str = OWN_RUN) -> list[str]:
+    """The demo's steps on the user's own images, as the three commands it prints last: pre-train
+    on DIR (its own mean / std measured: ``auto``), k-NN with labelled TRAIN_DIR / TEST_DIR (class
+    sub-folders), and the teacher exported as a timm folder."""
+    pretrain = ["ibot", "pretrain", "--config", config, "--output-dir", run]
+    return [
+        shlex.join([*pretrain, "data.path=DIR", "data.mean=auto", "data.std=auto"]),
+        shlex.join(["ibot", "eval", "knn", run, "--train-dir", "TRAIN_DIR", "--test-dir", "TEST_DIR"]),
+        shlex.join(["ibot", "export", run, "--format", "timm", "--out", f"{run}-timm"]),
+    ]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 from ibot.errors import DataError
 from ibot.eval.results import format_lr
 from ibot.run_folder import RunFolder
+from ibot.tracking import Trackers, send_to_run
 from ibot.train.metrics import read_metrics
 
 
@@ -164,7 +165,16 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not run.metrics.is_file():
         raise DataError(f"{run.metrics}: no metrics to report (is {run.root} a pre-training run folder?)")
     with run.lock("report"):
-        return _write_report(run)
+        written = _write_report(run)
+        send_to_run(run, lambda trackers: _log_report(trackers, run, written[1]))
+        return written
+
+
+def _log_report(trackers: Trackers, run: RunFolder, page: Path) -> None:
+    """``report.html`` and its figures (so that its links hold) to the run's experiment trackers."""
+    trackers.log_file(page)
+    for figure in sorted(run.report_figures.glob("*.png")):
+        trackers.log_file(figure, run.relative(run.report_figures))
 
 
 def _write_report(run: RunFolder) -> tuple[Path, Path]:

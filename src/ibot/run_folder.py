@@ -64,6 +64,27 @@ class RunFolder:
     def teacher(self) -> Path:
         return self.root / TEACHER_NAME
 
+    # --- experiment trackers (ibot.tracking, train.loggers) ----------------------------------------
+    @property
+    def trackers(self) -> Path:
+        """``trackers.json``: each tracker's run id and the last step sent to it (a resume continues)."""
+        return self.root / "trackers.json"
+
+    @property
+    def mlflow_db(self) -> Path:
+        """The default MLflow store (``train.mlflow_uri`` empty): ``sqlite:///RUN/mlflow.db``."""
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """The artefacts of the default MLflow store."""
+        return self.root / "mlflow-artifacts"
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's folder (``wandb.init(dir=RUN)``): offline runs are ``wandb/offline-run-*``."""
+        return self.root / "wandb"
+
     @property
     def checkpoint_link(self) -> Path:
         """``checkpoint.pt``: a link to the newest step checkpoint (a plain file in older runs)."""

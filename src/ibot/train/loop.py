@@ -30,6 +30,7 @@ from ibot.models.init_weights import InitWeights, read_init_weights
 from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
 from ibot.storage import remove_debris, save_backbone, sub_state_dict
+from ibot.tracking import Trackers, require_trackers
 from ibot.train.backbone_freeze import freeze_backbone_steps, freeze_line, skip_backbone_backward
 from ibot.train.cadence import END, SIGNAL, Actions, Cadence, DecodeWatch
 from ibot.train.checkpoint import CheckpointStore, rng_state, set_rng_state
@@ -204,6 +205,7 @@ def train(
         )
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"
+    require_trackers(cfg.train)  # a tracker's missing extra: one line, before the folder is written
     run = Runtime.resolve(cfg.train)
     env = init_distributed(run.device.type)
     try:
@@ -495,14 +497,20 @@ class _Session:
         self.replan(minutes)
         return self.cadence.finished(self.step, self.plan.total_steps)
 
-    def open_folder(self) -> None:
+    def open_folder(self, resumed: bool = False) -> None:
         """Rank 0 writes the run folder (``config.yaml``, a killed run's debris removed) and opens its
         metrics: after every refusal, and only for a run with a step to train, so a refused run or a
-        finished one resumed leaves the folder as it was."""
+        finished one resumed leaves the folder as it was. ``resumed``: the trackers continue their runs."""
         if self.env.is_main:
-            _write_run_folder(RunFolder(self.store.folder), self.cfg)
+            folder = RunFolder(self.store.folder)
+            _write_run_folder(folder, self.cfg)
             # A resumed run drops the metric lines a killed run wrote after its last checkpoint.
-            self.metrics = MetricsLogger(self.store.folder, after_step=self.step)
+            self.metrics = MetricsLogger(
+                self.store.folder,
+                tensorboard="tensorboard" in self.cfg.train.loggers,
+                after_step=self.step,
+                trackers=Trackers.open(folder, self.cfg, resumed),
+            )
 
     def count_decoded(self, batch: Batch) -> None:
         if batch.indices is not None and self.plan.dataset_size:
@@ -750,7 +758,7 @@ def _train(
     if s.finished_before():
         s.close()
         return s.result("", resumed=True, already_finished=True)
-    s.open_folder()
+    s.open_folder(resumed=bool(resume))
     if s.step == 0 and cfg.eval.monitoring:
         s.run_monitor()  # the untrained starting point of the curve
     act = Actions()

@@ -16,6 +16,7 @@ from typing import Any
 
 from ibot.errors import DataError
 from ibot.run_folder import RunFolder
+from ibot.tracking import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,15 @@ class MetricsLogger:
     and lines cut short by a kill are dropped first, so a resumed run's curve has each step once.
     """
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, after_step: int | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tensorboard: bool = True,
+        after_step: int | None = None,
+        trackers: Trackers | None = None,
+    ) -> None:
         run = RunFolder(Path(output_dir))
+        self.trackers = trackers  # MLflow / W&B: after the file, so a failing tracker loses nothing here
         self.path = run.metrics
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if after_step is None:
@@ -52,11 +60,15 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, values)
 
     def close(self) -> None:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:
