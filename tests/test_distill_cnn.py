@@ -49,8 +49,13 @@ def heads_teacher(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def resnet_run(images: Path, teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run of a test_resnet student: the folder evaluation, embeddings and export read."""
-    run = tmp_path_factory.mktemp("resnet") / "run"
-    train(distill_config(images, run, teacher, RESNET), progress=False)
+    folder = tmp_path_factory.mktemp("resnet")
+    run, config = folder / "run", folder / "c.yaml"
+    config.write_text("{}\n")
+    argv = ["distill", "--config", str(config), "--no-progress", *tiny_overrides(images, run), "model.depth=1"]
+    monitor = ["eval.monitor_every_steps=4", f"eval.train_path={images}", f"eval.test_path={images}"]
+    assert main([*argv, f"distill.teacher={teacher}", RESNET, *monitor, "eval.monitor_k=5"]) == 0
+    assert "knn_top1" in read_metrics(run / "metrics.jsonl")[-1]  # the k-NN monitor scores the CNN
     return run
 
 
