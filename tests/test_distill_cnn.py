@@ -187,6 +187,9 @@ def test_eval_knn_embed_and_pictures_read_a_cnn_run(
     probe = ["eval", "probe", str(resnet_run), "--train-dir", str(images), "--test-dir", str(images), "--no-progress"]
     assert main(probe) == 2
     assert "a CNN student has one feature map" in capsys.readouterr().err
+    finetune = ["eval", "finetune", *probe[2:]]
+    assert main(finetune) == 2
+    assert "finetune decays the learning rate by ViT block; not for timm:test_resnet" in capsys.readouterr().err
     assert sorted(resnet_run.rglob("*")) == before
 
 
