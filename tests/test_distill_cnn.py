@@ -14,6 +14,8 @@ from test_distill import _captured_method, distill_config, refused, save_teacher
 
 from ibot.cli import main
 from ibot.config import load_config
+from ibot.data.collate import Batch
+from ibot.distill_method import Distill
 from ibot.errors import ConfigError
 from ibot.models.cnn_student import TimmCNN, resize_grid
 from ibot.models.reader import read_backbone
@@ -111,6 +113,19 @@ def test_a_cnn_student_is_never_masked() -> None:
     fine = torch.arange(16.0).view(1, 1, 4, 4)
     assert torch.equal(resize_grid(fine, (2, 2)), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
     assert torch.equal(resize_grid(torch.ones(1, 3, 1, 1), (4, 4)), torch.ones(1, 3, 4, 4))
+
+
+def test_the_prototypes_objective_counts_every_patch_of_a_cnn_student(images: Path, heads_teacher: Path) -> None:
+    """A batch that masks nothing has no iBOT patch term for a ViT; a CNN student's covers every token."""
+    cfg = distill_config(images, images.parent / "unused", heads_teacher, RESNET)
+    method = Distill.from_config(cfg)
+    assert method.objective == "prototypes"
+    torch.manual_seed(0)
+    batch = Batch(
+        torch.randn(8, 3, 16, 16), torch.randn(8, 3, 8, 8), torch.zeros(8, 16, dtype=torch.bool), torch.zeros(4)
+    )
+    out = method(batch, teacher_temp=0.04)
+    assert out.parts["patch"] > 0 and torch.isfinite(out.total)
 
 
 @pytest.mark.parametrize("objective", ["regression", "prototypes"])
