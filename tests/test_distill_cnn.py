@@ -167,6 +167,10 @@ def test_bad_students_are_one_line_before_anything_is_written(
     # ConvNeXt's stem and downsampling need more than the 8 px local crops.
     err = refused(images, tmp_path, capsys, with_teacher, "distill.student=timm:test_convnext")
     assert err.startswith("ibot: error: data.local_crop_size=8: too small for distill.student=timm:test_convnext")
+    # A timm ViT has tokens, MambaOut a channels-last map pooled by an MLP of another width: no CNN map.
+    for name in ("test_vit", "test_mambaout"):
+        err = refused(images, tmp_path, capsys, with_teacher, f"distill.student=timm:{name}", "data.local_crop_size=16")
+        assert f"distill.student=timm:{name}: its features are no (B, 64, H, W) map pooled to 64 values" in err
     err = refused(images, tmp_path, capsys, with_teacher, RESNET, "model.patch_size=8")
     assert "model.patch_size=8: a CNN student's feature map is resized to the teacher's patch grid" in err
     assert "set model.patch_size=4" in err

@@ -334,7 +334,7 @@ def _check_cnn(student: nn.Module, cfg: Config, teacher: TeacherFile) -> None:
     try:
         with torch.no_grad():
             student.eval()(torch.zeros(2, cfg.data.channels, size, size))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # what timm's models raise on a bad input size
         reason = (str(exc).splitlines() or [""])[0][:160]
         raise ConfigError(f"{key}={size}: too small for distill.student={cfg.distill.student} ({reason})") from None
     finally:

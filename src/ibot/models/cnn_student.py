@@ -90,6 +90,13 @@ class TimmCNN(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> Tokens:
         features = self.cnn.forward_features(images)
         cls = self.cnn.forward_head(features, pre_logits=True)
+        d = self.embed_dim
+        if features.ndim != 4 or features.shape[1] != d or cls.shape[-1] != d:
+            # a timm ViT (tokens), a channels-last map (MambaOut), a pooled MLP head of another width
+            raise ConfigError(
+                f"{KEY}=timm:{self.name}: its features are no (B, {d}, H, W) map pooled to {d} values; "
+                "name a CNN (resnet18, convnext_atto, efficientnet_b0, ...)"
+            )
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         patches = resize_grid(features, grid).flatten(2).transpose(1, 2)
         return Tokens(cls=cls, patches=patches)
