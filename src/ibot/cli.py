@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
-    p = sub.add_parser("distill", help="distil a frozen teacher (distill.teacher=PATH) into a smaller ViT (model.*)")
+    p = sub.add_parser("distill", help="distil a frozen teacher (distill.teacher=PATH) into a smaller ViT or timm CNN")
     pretrain_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the output dir's latest checkpoint")
     p.add_argument("--no-progress", action="store_true")

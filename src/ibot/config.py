@@ -501,8 +501,16 @@ class DistillConfig:
     # auto: prototypes when the teacher file's heads load, else regression (docs/distill.md).
     objective: str = "auto"
     regression_loss: str = "cosine"  # cosine (1 - cos) or smooth_l1 (on the normalised vectors)
+    # vit: the ViT of the model section; timm:NAME: timm's CNN NAME (resnet18, convnext_atto, ...),
+    # never pretrained, its feature map on the grid of model.patch_size (docs/distill.md).
+    student: str = "vit"
 
     def __post_init__(self) -> None:
+        _check(
+            self.student == "vit" or (self.student.startswith("timm:") and len(self.student) > 5),
+            "distill.student",
+            f"{self.student!r}: must be vit or timm:NAME (a timm CNN, e.g. timm:resnet18)",
+        )
         _check(
             self.objective in DISTILL_OBJECTIVES, "distill.objective", f"must be one of {', '.join(DISTILL_OBJECTIVES)}"
         )
@@ -538,6 +546,10 @@ class Config:
             sizes["data.local_crop_size"] = self.data.local_crop_size
         for key, size in sizes.items():
             _check(size % patch == 0, key, f"{size} is no multiple of model.patch_size ({patch})")
+        if self.distill.student != "vit":  # a timm CNN: only a distillation builds one
+            teacher = bool(self.distill.teacher)
+            _check(teacher, "distill.student", "a timm CNN is trained by ibot distill (distill.teacher=PATH)")
+            _check(not self.model.init_from, "model.init_from", "starts ViT students only, not a timm CNN")
         # KoLeo pushes each [cls] token from its nearest neighbour in the process's batch:
         # with one image per process there is no neighbour.
         _check(

@@ -20,14 +20,17 @@ crops and the local crops, as in pre-training. Objectives (``distill.objective``
 
 A teacher whose patch grid differs from the student's (a /16 teacher, a /8 student) has its
 patch tokens resized to the student's grid (bilinear) before its head or the regression.
-The student is any backbone returning ``Tokens`` (cls, patches) with ``embed_dim``; today the
-``MaskedViT`` of ``model.*``.
+The student is any backbone returning ``Tokens`` (cls, patches) with ``embed_dim``: the
+``MaskedViT`` of ``model.*``, or (``distill.student=timm:NAME``) a timm CNN
+(``ibot.models.cnn_student``) whose feature map lies on the teacher's patch grid; a CNN student
+is never masked (every patch counts as a masked one for the prototypes objective).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -40,10 +43,11 @@ from ibot.errors import ConfigError
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
 from ibot.losses.patch_targets import gather_patches
 from ibot.method import LossOutput, student_param_groups
-from ibot.models.fit import load_fitted
+from ibot.models.cnn_student import check_name, cnn_name
+from ibot.models.fit import load_fitted, run_backbone
 from ibot.models.init_weights import InitWeights
 from ibot.models.teacher_file import TeacherFile, describe_backbone, head_like, read_teacher
-from ibot.models.vit import MaskedViT, Tokens
+from ibot.models.vit import Tokens
 from ibot.runtime import Runtime
 from ibot.storage import sub_state_dict
 
@@ -89,9 +93,13 @@ class Distill(nn.Module):
 
     def __init__(self, cfg: Config, teacher: TeacherFile, objective: str) -> None:
         super().__init__()
-        student = MaskedViT.from_config(cfg.model, cfg.data.global_crop_size, cfg.data.channels)
+        student = run_backbone(cfg)
         width, teacher_width = student.embed_dim, teacher.backbone.embed_dim
-        if width > teacher_width:
+        self.student_kind = cfg.distill.student
+        self.cnn = bool(cnn_name(self.student_kind))
+        if self.cnn:  # its width is no measure of its cost: the projections map any width
+            _check_cnn(student, cfg, teacher)
+        elif width > teacher_width:
             raise ConfigError(
                 f"model.arch: the student ({describe_backbone(student)}) is wider than the teacher {teacher.path} "
                 f"({teacher.describe()}): distillation is into a smaller model"
@@ -125,6 +133,8 @@ class Distill(nn.Module):
         """The teacher of ``distill.teacher`` read and checked (every refusal here: before the run writes)."""
         if cfg.train.parallel == "fsdp":
             raise ConfigError("train.parallel=fsdp is not supported by ibot distill yet")
+        if name := cnn_name(cfg.distill.student):
+            check_name(name)  # before reading a teacher file of maybe gigabytes
         teacher = read_teacher(cfg.distill.teacher, cfg.data.global_crop_size, cfg.data.channels)
         return Distill(cfg, teacher, cfg.distill.objective)
 
@@ -176,7 +186,8 @@ class Distill(nn.Module):
     # --- checkpoints: the student and its heads; the teacher's file is named, not saved ------------
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"teacher": dict(self.teacher_file.fingerprint), "objective": self.objective}
+        fingerprint = dict(self.teacher_file.fingerprint)
+        return {"teacher": fingerprint, "objective": self.objective, "student": self.student_kind}
 
     def set_extra_state(self, state: Any) -> None:
         """Checked in ``load_state_dict`` (before any weight is loaded)."""
@@ -185,6 +196,11 @@ class Distill(nn.Module):
         """A checkpoint of this distillation: refused in one line when the teacher file changed
         since it was written or the objective differs; the frozen teacher stays as read."""
         saved = state_dict.get(_EXTRA) or {}
+        if saved.get("student", "vit") != self.student_kind:
+            raise ConfigError(
+                f"distill.student: the checkpoint's student is {saved.get('student', 'vit')}, this run's "
+                f"{self.student_kind}; resume with the same student (or start a new output_dir)"
+            )
         if saved.get("objective") != self.objective:
             raise ConfigError(
                 f"distill.objective: the checkpoint was trained with {saved.get('objective')}, this run "
@@ -220,6 +236,8 @@ class Distill(nn.Module):
     ) -> LossOutput:
         """The objective's losses for one batch (+ KoLeo); ``monitors``: also the timings."""
         clock = _Clock(batch.global_crops.device, monitors)
+        if self.cnn:  # no masking: the patch objective runs on every token
+            batch = replace(batch, mask=torch.ones_like(batch.mask), mask_indices=None)
         teacher = self.teacher_tokens(batch)
         teacher_ms = clock.lap()
         student, all_cls = self.student_tokens(batch)
@@ -299,6 +317,28 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 0:
         return a.new_zeros((), dtype=torch.float32)
     return F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+
+
+def _check_cnn(student: nn.Module, cfg: Config, teacher: TeacherFile) -> None:
+    """A CNN student's tokens lie on the teacher's patch grid (``model.patch_size``) and it must run
+    on the smallest crop: one line each, before the run writes anything."""
+    if cfg.model.patch_size != teacher.model.patch_size:
+        raise ConfigError(
+            f"model.patch_size={cfg.model.patch_size}: a CNN student's feature map is resized to the teacher's "
+            f"patch grid; set model.patch_size={teacher.model.patch_size} (the patch size of {teacher.path})"
+        )
+    sizes = {"data.global_crop_size": cfg.data.global_crop_size}
+    if cfg.data.num_local_crops:
+        sizes["data.local_crop_size"] = cfg.data.local_crop_size
+    key, size = min(sizes.items(), key=lambda item: item[1])
+    try:
+        with torch.no_grad():
+            student.eval()(torch.zeros(2, cfg.data.channels, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:  # what timm's models raise on a bad input size
+        reason = (str(exc).splitlines() or [""])[0][:160]
+        raise ConfigError(f"{key}={size}: too small for distill.student={cfg.distill.student} ({reason})") from None
+    finally:
+        student.train()
 
 
 def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -6,6 +6,11 @@ package's ``MaskedViT`` on random images at the run's evaluation size; only a co
 is renamed to ``--out``. The weights are the backbone alone: no [mask] token, no heads.
 The input channels are the run's ``data.channels``: timm's ``in_chans``, transformers'
 ``num_channels``, the ONNX input's (B, C, H, W); mean and std have C values each.
+
+A CNN student of ``ibot distill`` (``distill.student=timm:NAME``) exports as timm's own ``NAME``
+(its trunk alone: ``model(x)`` is the pooled [cls] feature, ``forward_features(x)`` the feature
+map before it is resized to the token grid) or as ONNX of the whole student (cls and the patch
+tokens on their grid); transformers has no such model.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ibot.config import Config
 from ibot.errors import ExportError
 from ibot.eval.features import load_frozen
 from ibot.extras import require
+from ibot.models.cnn_student import TimmCNN, cnn_name
 from ibot.models.vit import MaskedViT
 from ibot.run_folder import RunFolder
 
@@ -66,6 +72,10 @@ def refuse_unexpressible(cfg: Config, fmt: str) -> None:
     """timm's and transformers' ViTs have a linear patchify and a plain MLP: say which key they lack."""
     if fmt == "onnx":
         return  # the graph is traced from MaskedViT itself: any backbone goes
+    if name := cnn_name(cfg.distill.student):
+        if fmt == "hf":
+            raise ExportError(f"distill.student=timm:{name}: --format hf is for ViTs; use timm (timm's {name}) or onnx")
+        return
     if cfg.model.stem != "patch":
         raise ExportError(f"model.stem={cfg.model.stem}: --format {fmt} has only a linear patch embedding; use onnx")
     if cfg.model.mlp_dwconv:
@@ -217,6 +227,53 @@ def check_timm(backbone: MaskedViT, cfg: Config, folder: Path) -> float:
         return (model.forward_features(images) - tokens(backbone, images)).abs().max().item()
 
 
+def timm_cnn_config(backbone: TimmCNN, cfg: Config) -> dict:
+    """timm's ``config.json`` of a CNN student: its own architecture name, no classifier, the run's preprocessing."""
+    size = cfg.eval_image_size
+    own = backbone.cnn.pretrained_cfg
+    return {
+        "architecture": backbone.name,
+        "num_classes": 0,
+        "num_features": backbone.embed_dim,
+        "model_args": {"in_chans": cfg.data.channels, "num_classes": 0},
+        "pretrained_cfg": {
+            "input_size": [cfg.data.channels, size, size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": cfg.eval.crop_ratio,
+            "crop_mode": "center",
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "num_classes": 0,
+            "first_conv": own.get("first_conv", ""),
+            "classifier": own.get("classifier", ""),
+        },
+    }
+
+
+def write_timm_cnn(backbone: TimmCNN, cfg: Config, folder: Path) -> None:
+    """``config.json`` and ``model.safetensors`` (the timm model's own keys: the trunk, no projection)."""
+    (folder / "config.json").write_text(json.dumps(timm_cnn_config(backbone, cfg), indent=2) + "\n")
+    tensors = {k: v.contiguous() for k, v in backbone.cnn.state_dict().items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_timm_cnn(backbone: TimmCNN, cfg: Config, folder: Path) -> float:
+    """Max abs difference of timm's ``model(x)`` to the student's [cls] and of its ``forward_features``
+    to the student's feature map (loaded strictly from ``folder``, in eval mode: BatchNorm's running statistics)."""
+    import timm
+
+    with quiet("timm"):
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = check_images(cfg, CHECK_BATCH)
+    with torch.no_grad():
+        ours = backbone(images)
+        return max(
+            (model(images) - ours.cls).abs().max().item(),
+            (model.forward_features(images) - backbone.cnn.forward_features(images)).abs().max().item(),
+        )
+
+
 # --- transformers ---------------------------------------------------------------------------------
 
 
@@ -357,12 +414,14 @@ def at_size(backbone: MaskedViT, size: int) -> MaskedViT:
     return copy
 
 
-def write_onnx(backbone: MaskedViT, cfg: Config, folder: Path) -> str:
+def write_onnx(backbone: MaskedViT | TimmCNN, cfg: Config, folder: Path) -> str:
     """``model.onnx`` at the evaluation size with a dynamic batch axis; returns the exporter that made it.
 
     torch.export comes first; the TorchScript exporter is the fallback for what it cannot trace.
+    A CNN student has no position embeddings to fix: it is traced as it is.
     """
-    model = _TokenOutputs(at_size(backbone, cfg.eval_image_size)).eval()
+    fixed = backbone if cnn_name(cfg.distill.student) else at_size(backbone, cfg.eval_image_size)
+    model = _TokenOutputs(fixed).eval()
     images = check_images(cfg, EXPORT_BATCH)
     failures = []
     for name, exporter in ONNX_EXPORTERS.items():
@@ -397,6 +456,9 @@ def check_onnx(backbone: MaskedViT, cfg: Config, folder: Path) -> float:
 
 def write_and_check(backbone: MaskedViT, cfg: Config, fmt: str, folder: Path) -> tuple[float, str]:
     """Write ``fmt`` into ``folder``, load it back, compare: (max abs difference, note)."""
+    if fmt == "timm" and cnn_name(cfg.distill.student):
+        write_timm_cnn(backbone, cfg, folder)
+        return check_timm_cnn(backbone, cfg, folder), ""
     if fmt == "timm":
         write_timm(backbone, cfg, folder)
         return check_timm(backbone, cfg, folder), ""

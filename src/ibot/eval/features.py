@@ -29,6 +29,7 @@ from ibot.data.loaders import dataset_from_config
 from ibot.data.skips import Skip, SkipLog
 from ibot.data.transforms import build_eval_transform
 from ibot.errors import ConfigError, DataError, IBOTError
+from ibot.models.cnn_student import TimmCNN, cnn_name
 from ibot.models.fit import frozen_backbone
 from ibot.models.reader import read_backbone
 from ibot.models.vit import MaskedViT
@@ -68,7 +69,7 @@ class Features:
 class Frozen:
     """A frozen backbone with its config (overrides applied) and runtime."""
 
-    backbone: MaskedViT
+    backbone: MaskedViT | TimmCNN  # TimmCNN: a CNN student of ibot distill
     cfg: Config
     runtime: Runtime
 
@@ -89,6 +90,8 @@ def load_frozen(
     architecture untrained, the baseline of the same shape).
     """
     tensors, cfg = _read(weights, overrides)
+    if finetune and (name := cnn_name(cfg.distill.student)):
+        raise ConfigError(f"{weights}: ibot eval finetune decays the learning rate by ViT block; not for timm:{name}")
     drop_path = cfg.finetune.drop_path if finetune else 0.0
     backbone = frozen_backbone(cfg, None if random_init else tensors, weights, drop_path_rate=drop_path)
     if on_cpu:
@@ -311,7 +314,8 @@ def _cache_key(
     digest = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: a 0-d tensor (BatchNorm's num_batches_tracked of a CNN student) has no byte view
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     described = {
         "folder": str(Path(folder).resolve()),
         "files": files_digest(dataset_files(dataset)),

@@ -2,7 +2,8 @@
 
 The one comparison of keys and shapes (``misfit``) and the one load (``load_fitted``), so every
 consumer refuses a misfit in the same one line naming the file; and the modules the consumers get:
-a frozen backbone for evaluation, export and pictures (``frozen_backbone``) and the frozen
+the run's model as its config describes it (``run_backbone``: a ViT or a CNN student), frozen for
+evaluation, export and pictures (``frozen_backbone``), and the frozen
 tokenizer branch of ``mim.target=frozen`` (``tokenizer_branch``). ``model.init_from``'s own fitting
 (layouts, resampled position embeddings, adapted input channels, heads) is
 ``ibot.models.init_weights``; it compares through ``misfit`` and loads through ``load_fitted``.
@@ -18,6 +19,7 @@ from torch import nn
 
 from ibot.config import Config
 from ibot.errors import DataError
+from ibot.models.cnn_student import TimmCNN, cnn_name
 from ibot.models.reader import TOKENIZER, read
 from ibot.models.vit import MaskedViT
 from ibot.storage import sub_state_dict
@@ -60,9 +62,18 @@ def load_fitted(
     module.load_state_dict(state, strict=False)
 
 
+def run_backbone(cfg: Config, drop_path_rate: float | None = None) -> MaskedViT | TimmCNN:
+    """The run's model as its config describes it: ``distill.student=timm:NAME``'s CNN, else the ViT
+    of ``cfg.model``, for ``cfg.data``'s crop size and channels (``drop_path_rate``: the config's)."""
+    model = cfg.model if drop_path_rate is None else replace(cfg.model, drop_path_rate=drop_path_rate)
+    if name := cnn_name(cfg.distill.student):
+        return TimmCNN(name, model.patch_size, cfg.data.channels, model.drop_path_rate)
+    return MaskedViT.from_config(model, cfg.data.global_crop_size, cfg.data.channels)
+
+
 def frozen_backbone(
     cfg: Config, tensors: Tensors | None, source: str = "", seed: int = 0, drop_path_rate: float = 0.0
-) -> MaskedViT:
+) -> MaskedViT | TimmCNN:
     """``cfg.model``'s backbone for ``cfg.data``'s crop size and channels, holding ``tensors`` (read
     from ``source``), in eval mode without gradients.
 
@@ -70,8 +81,7 @@ def frozen_backbone(
     baseline). ``drop_path_rate`` is for fine-tuning.
     """
     torch.manual_seed(seed)
-    model = replace(cfg.model, drop_path_rate=drop_path_rate)
-    backbone = MaskedViT.from_config(model, cfg.data.global_crop_size, cfg.data.channels)
+    backbone = run_backbone(cfg, drop_path_rate)
     if tensors is not None:
         load_fitted(backbone, tensors, source, "weights do not fit the architecture in their config")
     return backbone.eval().requires_grad_(False)

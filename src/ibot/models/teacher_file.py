@@ -23,6 +23,7 @@ import torch
 
 from ibot.config import ARCHS, ModelConfig
 from ibot.errors import ConfigError, DataError
+from ibot.models.cnn_student import TimmCNN
 from ibot.models.fit import load_fitted, shapes
 from ibot.models.foreign import block_count
 from ibot.models.heads import ProjectionHead
@@ -54,7 +55,9 @@ class TeacherFile:
         return f"{describe_backbone(self.backbone)}{protos}"
 
 
-def describe_backbone(backbone: MaskedViT) -> str:
+def describe_backbone(backbone: MaskedViT | TimmCNN) -> str:
+    if isinstance(backbone, TimmCNN):
+        return backbone.describe()
     return f"{backbone.embed_dim} x {len(backbone.vit.blocks)}, patch {backbone.patch_size}"
 
 
