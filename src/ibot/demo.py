@@ -30,12 +30,13 @@ OWN_RUN = "runs/my-images"  # the run folder of the commands the demo ends with
 def own_folder_commands(config: str, run: str = OWN_RUN) -> list[str]:
     """The demo's steps on the user's own images, as the three commands it prints last: pre-train
     on DIR (its own mean / std measured: ``auto``), k-NN with labelled TRAIN_DIR / TEST_DIR (class
-    sub-folders), and the teacher exported as a timm folder."""
+    sub-folders), and the teacher exported to ONNX (the one format every backbone has: timm's and
+    transformers' ViTs lack the demo's conv stem)."""
     pretrain = ["ibot", "pretrain", "--config", config, "--output-dir", run]
     return [
         shlex.join([*pretrain, "data.path=DIR", "data.mean=auto", "data.std=auto"]),
         shlex.join(["ibot", "eval", "knn", run, "--train-dir", "TRAIN_DIR", "--test-dir", "TEST_DIR"]),
-        shlex.join(["ibot", "export", run, "--format", "timm", "--out", f"{run}-timm"]),
+        shlex.join(["ibot", "export", run, "--format", "onnx", "--out", f"{run}-onnx"]),
     ]
 
 
