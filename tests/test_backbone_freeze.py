@@ -121,9 +121,14 @@ def test_auto_resolution() -> None:
     # A resume takes what the run resolved at its start (it has no init_from to ask) ...
     assert freeze_backbone_steps(cfg, plan, fresh_heads=False, resumed_plan={"freeze_backbone_steps": 7}) == 7
     assert freeze_backbone_steps(cfg, plan, fresh_heads=False, resumed_plan={}) == 0  # a checkpoint before it
-    # ... and an explicit value is epochs of the plan, whatever the heads.
+    # ... and an explicit value is epochs of the plan, whatever the heads, for a new run; a resumed
+    # one keeps what its start resolved (a run begun under the auto default continues frozen).
     explicit = load_config(None, ["optim.freeze_backbone_epochs=0.5"]).optim
-    assert freeze_backbone_steps(explicit, plan, fresh_heads=False, resumed_plan={"freeze_backbone_steps": 7}) == 390
+    assert freeze_backbone_steps(explicit, plan, fresh_heads=False, resumed_plan=None) == 390
+    assert freeze_backbone_steps(explicit, plan, fresh_heads=False, resumed_plan={"freeze_backbone_steps": 7}) == 7
+    default = load_config(None, []).optim
+    assert freeze_backbone_steps(default, plan, fresh_heads=False, resumed_plan={"freeze_backbone_steps": 7}) == 7
+    assert freeze_backbone_steps(explicit, plan, fresh_heads=False, resumed_plan={}) == 390
 
 
 def test_resume_inside_the_auto_freeze_is_exact(source: Path, image_folder: Path, tmp_path: Path) -> None:

@@ -30,12 +30,15 @@ def freeze_backbone_steps(
     cfg: OptimConfig, plan: RunPlan, fresh_heads: bool, resumed_plan: dict[str, Any] | None
 ) -> int:
     """The steps the backbones stay frozen. ``fresh_heads``: ``model.init_from`` started the heads
-    fresh; ``resumed_plan``: the checkpoint's plan of a resumed run (None for a new run), whose
-    auto value is taken as it was resolved at the start (a resume has no ``init_from`` to ask)."""
+    fresh; ``resumed_plan``: the checkpoint's plan of a resumed run (None for a new run), whose value
+    is taken as it was resolved at the start, whatever the config says now: a resume has no
+    ``init_from`` to ask, and a run started under another default must continue as it began."""
+    if resumed_plan is not None and "freeze_backbone_steps" in resumed_plan:
+        return int(resumed_plan["freeze_backbone_steps"])
     if cfg.freeze_backbone_epochs != AUTO:
         return int(round(cfg.freeze_backbone_epochs * plan.steps_per_epoch))
     if resumed_plan is not None:
-        return int(resumed_plan.get("freeze_backbone_steps", 0))  # a checkpoint before the key: none
+        return 0  # a checkpoint from before the key: no freeze
     return min(AUTO_FREEZE_STEPS, int(AUTO_MAX_SHARE * plan.total_steps)) if fresh_heads else 0
 
 
