@@ -42,13 +42,12 @@ from ibot.data.collate import Batch
 from ibot.errors import ConfigError
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
 from ibot.losses.patch_targets import gather_patches
-from ibot.method import LossOutput, student_param_groups
+from ibot.method import LossOutput, StudentTeacher, student_param_groups
 from ibot.models.cnn_student import check_name, cnn_name
 from ibot.models.fit import load_fitted, run_backbone
 from ibot.models.init_weights import InitWeights
 from ibot.models.teacher_file import TeacherFile, describe_backbone, head_like, read_teacher
 from ibot.models.vit import Tokens
-from ibot.runtime import Runtime
 from ibot.storage import sub_state_dict
 
 _EXTRA = "_extra_state"
@@ -86,7 +85,7 @@ def choose_objective(wanted: str, teacher: TeacherFile) -> str:
     return wanted
 
 
-class Distill(nn.Module):
+class Distill(StudentTeacher):
     """A student taught by a frozen teacher from a file; the loop's interface of ``IBOT``."""
 
     evaluated = "student"  # the run's model is the student (RUN/teacher.safetensors, the k-NN monitor)
@@ -164,24 +163,6 @@ class Distill(nn.Module):
 
     def param_groups(self, split_backbone: bool = True) -> list[dict]:
         return student_param_groups(self.student, split_backbone)
-
-    def train(self, mode: bool = True) -> Distill:
-        """The teacher always stays in eval mode, whatever ``mode`` is."""
-        super().train(mode)
-        self.teacher.train(False)
-        return self
-
-    def use_runtime(self, run: Runtime) -> None:
-        for branch in (self.student, self.teacher):
-            branch["backbone"].set_attention(run.attention)
-            branch["backbone"].set_residual_dtype(run.residual_dtype)
-
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.student["backbone"].set_activation_checkpointing(enabled)
-
-    def compile_backbones(self) -> None:
-        for branch in (self.student, self.teacher):
-            branch["backbone"].compile()
 
     # --- checkpoints: the student and its heads; the teacher's file is named, not saved ------------
 

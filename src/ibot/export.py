@@ -176,10 +176,26 @@ def timm_architecture(cfg: Config) -> str:
     raise ExportError(f"model.arch={cfg.model.arch}: no timm model of this family is registered")
 
 
+def pretrained_cfg(cfg: Config, first_conv: str, classifier: str) -> dict:
+    """timm's ``pretrained_cfg``: the run's preprocessing at the evaluation size, no classifier."""
+    size = cfg.eval_image_size
+    return {
+        "input_size": [cfg.data.channels, size, size],
+        "fixed_input_size": False,
+        "interpolation": "bicubic",
+        "crop_pct": cfg.eval.crop_ratio,
+        "crop_mode": "center",
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "num_classes": 0,
+        "first_conv": first_conv,
+        "classifier": classifier,
+    }
+
+
 def timm_config(backbone: MaskedViT, cfg: Config) -> dict:
     """timm's ``config.json``: architecture, the shape in ``model_args``, preprocessing in ``pretrained_cfg``."""
     vit = backbone.vit
-    size = cfg.eval_image_size
     return {
         "architecture": timm_architecture(cfg),
         "num_classes": 0,
@@ -195,18 +211,7 @@ def timm_config(backbone: MaskedViT, cfg: Config) -> dict:
             "num_classes": 0,
             "dynamic_img_size": True,  # MaskedViT resamples them for any input size; so does timm then
         },
-        "pretrained_cfg": {
-            "input_size": [cfg.data.channels, size, size],
-            "fixed_input_size": False,
-            "interpolation": "bicubic",
-            "crop_pct": cfg.eval.crop_ratio,
-            "crop_mode": "center",
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "num_classes": 0,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
+        "pretrained_cfg": pretrained_cfg(cfg, first_conv="patch_embed.proj", classifier="head"),
     }
 
 
@@ -229,25 +234,13 @@ def check_timm(backbone: MaskedViT, cfg: Config, folder: Path) -> float:
 
 def timm_cnn_config(backbone: TimmCNN, cfg: Config) -> dict:
     """timm's ``config.json`` of a CNN student: its own architecture name, no classifier, the run's preprocessing."""
-    size = cfg.eval_image_size
     own = backbone.cnn.pretrained_cfg
     return {
         "architecture": backbone.name,
         "num_classes": 0,
         "num_features": backbone.embed_dim,
         "model_args": {"in_chans": cfg.data.channels, "num_classes": 0},
-        "pretrained_cfg": {
-            "input_size": [cfg.data.channels, size, size],
-            "fixed_input_size": False,
-            "interpolation": "bicubic",
-            "crop_pct": cfg.eval.crop_ratio,
-            "crop_mode": "center",
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "num_classes": 0,
-            "first_conv": own.get("first_conv", ""),
-            "classifier": own.get("classifier", ""),
-        },
+        "pretrained_cfg": pretrained_cfg(cfg, own.get("first_conv", ""), own.get("classifier", "")),
     }
 
 

@@ -96,7 +96,36 @@ def _rename_patch_center(state_dict: dict, prefix: str, *args) -> None:  # type:
         state_dict[f"{prefix}patch_targets.center.center"] = state_dict.pop(old)
 
 
-class IBOT(nn.Module):
+class StudentTeacher(nn.Module):
+    """What the training loop asks of a method beyond its loss, the same for pre-training and
+    distillation: ``student`` and ``teacher`` ModuleDicts, each with a ``backbone``."""
+
+    student: nn.ModuleDict
+    teacher: nn.ModuleDict
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def use_runtime(self, run: Runtime) -> None:
+        """Both backbones take the run's attention path and residual-stream dtype (one place, so
+        the training loop and the step benchmark cannot set the model up differently)."""
+        for branch in (self.student, self.teacher):
+            branch["backbone"].set_attention(run.attention)
+            branch["backbone"].set_residual_dtype(run.residual_dtype)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.student["backbone"].set_activation_checkpointing(enabled)
+
+    def compile_backbones(self) -> None:
+        """``torch.compile`` both backbones in place (parameter names and checkpoints unchanged)."""
+        for branch in (self.student, self.teacher):
+            branch["backbone"].compile()
+
+
+class IBOT(StudentTeacher):
     """Student/teacher pair with the DINO [cls] loss and the iBOT masked-patch loss."""
 
     # The branch whose backbone is the run's model: saved as RUN/teacher.safetensors, scored by
@@ -165,27 +194,6 @@ class IBOT(nn.Module):
         heads = [name for name in self.student if name != "backbone"]
         self._student_head_params = [p for name in heads for p in self.student[name].parameters()]
         self._teacher_head_params = [p for name in heads for p in self.teacher[name].parameters()]
-
-    def train(self, mode: bool = True) -> IBOT:
-        """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""
-        super().train(mode)
-        self.teacher.train(False)
-        return self
-
-    def use_runtime(self, run: Runtime) -> None:
-        """Both backbones take the run's attention path and residual-stream dtype (one place, so
-        the training loop and the step benchmark cannot set the model up differently)."""
-        for branch in (self.student, self.teacher):
-            branch["backbone"].set_attention(run.attention)
-            branch["backbone"].set_residual_dtype(run.residual_dtype)
-
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        self.student["backbone"].set_activation_checkpointing(enabled)
-
-    def compile_backbones(self) -> None:
-        """``torch.compile`` both backbones in place (parameter names and checkpoints unchanged)."""
-        for branch in (self.student, self.teacher):
-            branch["backbone"].compile()
 
     def _heads(self, branch: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> HeadOutputs:
         """Project [cls] (X, D) and masked patch tokens (M, D); one packed call when shared."""
