@@ -19,7 +19,7 @@ crops and the local crops, as in pre-training. Objectives (``distill.objective``
   position, as iBOT's student does; the others are plain feature distillation).
 
 A teacher whose patch grid differs from the student's (a /16 teacher, a /8 student) has its
-patch tokens resized to the student's grid (bilinear) before its head or the regression.
+patch tokens resized to the student's grid (``resize_patches``) before its head or the regression.
 The student is any backbone returning ``Tokens`` (cls, patches) with ``embed_dim``: the
 ``MaskedViT`` of ``model.*``, or (``distill.student=timm:NAME``) a timm CNN
 (``ibot.models.cnn_student``) whose feature map lies on the teacher's patch grid; a CNN student
@@ -43,7 +43,7 @@ from ibot.errors import ConfigError
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
 from ibot.losses.patch_targets import gather_patches
 from ibot.method import LossOutput, StudentTeacher, student_param_groups
-from ibot.models.cnn_student import check_name, cnn_name
+from ibot.models.cnn_student import check_name, cnn_name, resize_grid
 from ibot.models.fit import load_fitted, run_backbone
 from ibot.models.init_weights import InitWeights
 from ibot.models.teacher_file import TeacherFile, describe_backbone, head_like, read_teacher
@@ -54,14 +54,14 @@ _EXTRA = "_extra_state"
 
 
 def resize_patches(patches: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, n*n, D) patch tokens -> (B, side*side, D), bilinear over the grid (identity when n == side)."""
+    """(B, n*n, D) patch tokens -> (B, side*side, D) by the CNN student's rule (``resize_grid``: average
+    pooling onto a coarser grid, bilinear onto a finer one; identity when n == side)."""
     b, n, d = patches.shape
     old = round(n**0.5)
     if old == side:
         return patches
-    grid = patches.transpose(1, 2).reshape(b, d, old, old)
-    grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False).to(patches.dtype)
-    return grid.flatten(2).transpose(1, 2)
+    grid = resize_grid(patches.transpose(1, 2).reshape(b, d, old, old).float(), (side, side))
+    return grid.to(patches.dtype).flatten(2).transpose(1, 2)
 
 
 def regression_loss(kind: str, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -227,12 +227,7 @@ class Distill(StudentTeacher):
             total, parts, watched = self._prototypes(batch, teacher, student, all_cls, teacher_temp)
         else:
             total, parts, watched = self._regression(batch, teacher, student, all_cls)
-        if self.koleo_loss is not None:
-            b = batch.batch_size
-            per_crop = student.cls.view(-1, b, student.cls.shape[-1])  # (G, B, D), as pre-training
-            koleo = sum(self.koleo_loss(c) for c in per_crop)
-            total = total + (self.koleo_weight if koleo_weight is None else koleo_weight) * koleo
-            parts["koleo"] = koleo.detach()
+        total = self._add_koleo(total, parts, student.cls, batch.batch_size, koleo_weight)
         if monitors:
             watched["distill_teacher_ms"] = torch.tensor(teacher_ms, device=total.device)
             watched["distill_student_ms"] = torch.tensor(student_ms, device=total.device)  # forward alone
@@ -260,21 +255,14 @@ class Distill(StudentTeacher):
         }
         return total, parts, watched
 
-    def _heads(
-        self, branch: nn.ModuleDict, cls: torch.Tensor, patches: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if "head" in branch:
-            logits = branch["head"](torch.cat([cls, patches]))
-            return logits[: cls.shape[0]], logits[cls.shape[0] :]
-        return branch["cls_head"](cls), branch["patch_head"](patches)
-
     def _prototypes(
         self, batch: Batch, teacher: Tokens, student: Tokens, all_cls: torch.Tensor, teacher_temp: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         b, masked = batch.batch_size, batch.masked_indices()
         with torch.no_grad():
-            t_cls, t_patch = self._heads(self.teacher, teacher.cls, gather_patches(teacher.patches, masked))
-        s_cls, s_patch = self._heads(self.student, all_cls, gather_patches(student.patches, masked))
+            t = self._heads(self.teacher, teacher.cls, gather_patches(teacher.patches, masked))
+        s_out = self._heads(self.student, all_cls, gather_patches(student.patches, masked))
+        t_cls, t_patch, s_cls, s_patch = t.cls_logits, t.patch_logits, s_out.cls_logits, s_out.patch_logits
         k = t_cls.shape[-1]
         cls_probs = self.cls_center.probs(t_cls, teacher_temp)  # (G*B, K)
         patch_probs = self.patch_center.probs(t_patch, teacher_temp)  # (M, K)

@@ -102,6 +102,8 @@ class StudentTeacher(nn.Module):
 
     student: nn.ModuleDict
     teacher: nn.ModuleDict
+    koleo_loss: nn.Module | None
+    koleo_weight: float
 
     def train(self, mode: bool = True) -> StudentTeacher:
         """The teacher always stays in eval mode (no drop path), whatever ``mode`` is."""
@@ -123,6 +125,26 @@ class StudentTeacher(nn.Module):
         """``torch.compile`` both backbones in place (parameter names and checkpoints unchanged)."""
         for branch in (self.student, self.teacher):
             branch["backbone"].compile()
+
+    def _heads(self, branch: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> HeadOutputs:
+        """Project [cls] (X, D) and patch tokens (M, D); one packed call when the branch has one
+        shared ``head``, else its ``cls_head`` and ``patch_head``."""
+        if "head" in branch:
+            logits = branch["head"](torch.cat([cls_tokens, patch_tokens]))
+            return HeadOutputs(logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :])
+        return HeadOutputs(branch["cls_head"](cls_tokens), branch["patch_head"](patch_tokens))
+
+    def _add_koleo(
+        self, total: torch.Tensor, parts: dict, global_cls: torch.Tensor, b: int, weight: float | None
+    ) -> torch.Tensor:
+        """``total`` plus KoLeo on the student's global [cls] (G*B, D), when ``loss.koleo_weight`` > 0;
+        ``weight``: this step's (scheduled), None = ``loss.koleo_weight``."""
+        if self.koleo_loss is None:
+            return total
+        # Per global crop, as DINOv2: neighbours are other images seen through the same view.
+        koleo = sum(self.koleo_loss(c) for c in global_cls.view(-1, b, global_cls.shape[-1]))  # (G, B, D)
+        parts["koleo"] = koleo.detach()
+        return total + (self.koleo_weight if weight is None else weight) * koleo
 
 
 class IBOT(StudentTeacher):
@@ -146,7 +168,6 @@ class IBOT(StudentTeacher):
         self.student = _build_branch(model_cfg, img_size, in_chans)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
-        self.shared_head = model_cfg.shared_head
         self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
         tokenizer = None
         if mim_cfg.target == "frozen":  # an earlier run's teacher branch, read here: the losses read no files
@@ -195,13 +216,6 @@ class IBOT(StudentTeacher):
         self._student_head_params = [p for name in heads for p in self.student[name].parameters()]
         self._teacher_head_params = [p for name in heads for p in self.teacher[name].parameters()]
 
-    def _heads(self, branch: nn.ModuleDict, cls_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> HeadOutputs:
-        """Project [cls] (X, D) and masked patch tokens (M, D); one packed call when shared."""
-        if self.shared_head:
-            logits = branch["head"](torch.cat([cls_tokens, patch_tokens]))
-            return HeadOutputs(logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :])
-        return HeadOutputs(branch["cls_head"](cls_tokens), branch["patch_head"](patch_tokens))
-
     @torch.no_grad()
     def teacher_logits(self, batch: Batch) -> tuple[HeadOutputs, torch.Tensor]:
         """Teacher on unmasked global crops -> [cls] logits (G*B, K), patch logits (M, K), patch tokens.
@@ -248,12 +262,7 @@ class IBOT(StudentTeacher):
         total = self.cls_weight * cls_loss + self.patch_weight * patch_loss
         parts = {"cls": cls_loss.detach(), "patch": patch_loss.detach()}
         watched = self._monitors(teacher_cls_probs, teacher_patch_probs, cls_loss, student) if monitors else {}
-        if self.koleo_loss is not None:
-            # Per global crop, as DINOv2: neighbours are other images seen through the same view.
-            per_crop = student_out.global_cls.view(-1, b, student_out.global_cls.shape[-1])  # (G, B, D)
-            koleo = sum(self.koleo_loss(c) for c in per_crop)
-            total = total + (self.koleo_weight if koleo_weight is None else koleo_weight) * koleo
-            parts["koleo"] = koleo.detach()
+        total = self._add_koleo(total, parts, student_out.global_cls, b, koleo_weight)
         return LossOutput(total, parts, watched)
 
     @torch.no_grad()
