@@ -351,3 +351,17 @@ def test_a_distill_run_resumes_only_as_a_distill_run(
     err = capsys.readouterr().err.strip()
     assert "checkpoint was written by ibot distill (distill.teacher set); resume it the same way" in err
     assert "\n" not in err
+
+
+def test_a_conv_stem_teacher_without_metadata_is_read_as_evaluation_reads_it(images: Path, tmp_path: Path) -> None:
+    """timm-named tensors of a conv-stem ViT (no saved config): its patch size from the stem's stages."""
+    from ibot.config import ModelConfig
+
+    torch.manual_seed(0)
+    vit = MaskedViT.from_config(ModelConfig(arch="vit_tiny", depth=1, patch_size=8, stem="conv"), 16).eval()
+    torch.save({k.removeprefix("vit."): v for k, v in vit.state_dict().items()}, tmp_path / "conv.pth")
+    method = Distill.from_config(distill_config(images, tmp_path / "run", tmp_path / "conv.pth"))
+    assert method.teacher_file.model.stem == "conv" and "192 x 1, patch 8" in method.start_line()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(method.teacher["backbone"](x).cls, vit(x).cls)

@@ -105,15 +105,7 @@ def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str,
     """timm/DINO/iBOT ViT tensors -> (``MaskedViT`` state dict, config dict for ``config_from_dict``)."""
     state, _ = vit_state(tensors, source)
     width = state["vit.cls_token"].shape[-1]
-    depth = block_count(state)
-    # Heads leave no trace in the weights: the width names the arch (and its heads); another depth
-    # is model.depth, as a shallower ViT of this package is saved.
-    arch = next((name for name, a in ARCHS.items() if a["embed_dim"] == width), None)
-    if arch is None:
-        known = ", ".join(f"{n} ({a['embed_dim']})" for n, a in ARCHS.items())
-        raise DataError(f"{source}: a ViT of width {width} is none of {known}")
-    model: dict[str, Any] = {"arch": arch, **({"depth": depth} if depth != ARCHS[arch]["depth"] else {})}
-    model.update(stem_keys(state))
+    model = model_keys(state, source)
     patch_size = model["patch_size"]
     tokens = state["vit.pos_embed"].shape[1] - 1
     side = math.isqrt(tokens)
@@ -123,6 +115,21 @@ def import_vit(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str,
     state.setdefault("mask_token", torch.zeros(1, 1, 1, width))
     data: dict[str, Any] = {"global_crop_size": side * patch_size, **_channel_keys(state)}
     return state, {"model": model, "data": data}
+
+
+def model_keys(state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """``model.*`` read off ``MaskedViT``-keyed tensors: ``arch`` from the width, ``depth`` when it is
+    not the arch's, and the patch embedding's keys (``stem_keys``)."""
+    width = state["vit.cls_token"].shape[-1]
+    depth = block_count(state)
+    # Heads leave no trace in the weights: the width names the arch (and its heads); another depth
+    # is model.depth, as a shallower ViT of this package is saved.
+    arch = next((name for name, a in ARCHS.items() if a["embed_dim"] == width), None)
+    if arch is None:
+        known = ", ".join(f"{n} ({a['embed_dim']})" for n, a in ARCHS.items())
+        raise DataError(f"{source}: a ViT of width {width} is none of {known}")
+    model: dict[str, Any] = {"arch": arch, **({"depth": depth} if depth != ARCHS[arch]["depth"] else {})}
+    return {**model, **stem_keys(state)}
 
 
 def stem_keys(state: dict[str, torch.Tensor]) -> dict[str, Any]:

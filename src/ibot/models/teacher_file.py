@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ibot.config import ARCHS, ModelConfig
+from ibot.config import ModelConfig
 from ibot.errors import ConfigError, DataError
 from ibot.models.cnn_student import TimmCNN
 from ibot.models.fit import load_fitted, shapes
-from ibot.models.foreign import block_count
+from ibot.models.foreign import model_keys
 from ibot.models.heads import ProjectionHead
 from ibot.models.init_weights import fit_backbone, read_source
 from ibot.models.vit import MaskedViT
@@ -103,22 +103,8 @@ def _architecture(saved: dict[str, Any], tensors: Tensors, name: str) -> ModelCo
     if saved:
         kept = {k: v for k, v in saved.items() if k in known - {"init_from", "drop_path_rate"}}
         return ModelConfig(**kept, drop_path_rate=0.0)
-    width, depth = tensors["vit.cls_token"].shape[-1], block_count(tensors)
-    arch = min(
-        (n for n, a in ARCHS.items() if a["embed_dim"] == width), key=lambda n: ARCHS[n]["depth"] != depth, default=None
-    )
-    if arch is None:
-        widths = ", ".join(f"{n} ({a['embed_dim']})" for n, a in ARCHS.items())
-        raise DataError(f"{KEY}: {name}: a ViT of width {width}, none of the widths this package builds: {widths}")
-    if any(k.startswith("vit.patch_embed.backbone.") for k in tensors):
-        raise DataError(f"{KEY}: {name}: a conv stem without a saved config: its patch size is unknown")
-    return ModelConfig(
-        arch=arch,
-        depth=0 if depth == ARCHS[arch]["depth"] else depth,
-        patch_size=int(tensors["vit.patch_embed.proj.weight"].shape[-1]),
-        mlp_dwconv=any(".mlp.dwconv." in k for k in tensors),
-        drop_path_rate=0.0,
-    )
+    read = model_keys(tensors, f"{KEY}: {name}")  # as evaluation reads a foreign file (conv stems too)
+    return ModelConfig(**read, mlp_dwconv=any(".mlp.dwconv." in k for k in tensors), drop_path_rate=0.0)
 
 
 def _heads(found: dict[str, Tensors] | None, no_heads: str, name: str) -> tuple[dict[str, ProjectionHead], str]:
