@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_distill import _captured_method, distill_config, refused, save_teacher
 
 from ibot.cli import main
@@ -176,8 +177,11 @@ def test_bad_students_are_one_line_before_anything_is_written(
     assert "set model.patch_size=4" in err
     err = refused(images, tmp_path, capsys, with_teacher, RESNET, f"model.init_from={teacher}")
     assert "model.init_from: starts ViT students only" in err
-    err = refused(images, tmp_path, capsys, RESNET, command="pretrain")
-    assert "distill.student: a timm CNN is trained by ibot distill" in err
+    frozen = ["mim.target=frozen", f"mim.tokenizer_path={teacher}"]
+    err = refused(images, tmp_path, capsys, RESNET, *frozen, command="pretrain")
+    assert "mim.target: frozen reads a ViT tokenizer; a timm CNN student takes online or codebook" in err
+    err = refused(images, tmp_path, capsys, "distill.student=timm:test_convnext", command="pretrain")
+    assert err.startswith("ibot: error: data.local_crop_size=8: too small for distill.student=timm:test_convnext")
 
 
 def test_eval_knn_embed_and_pictures_read_a_cnn_run(
@@ -236,3 +240,37 @@ def test_export_timm_and_onnx_round_trip(tmp_path: Path, resnet_run: Path, capsy
     assert main(["export", str(resnet_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     assert "--format hf is for ViTs; use timm" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_pretrain_trains_a_cnn_from_scratch_and_its_teacher_follows_its_batchnorm(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ibot pretrain distill.student=timm:NAME``: DINO + the patch loss on the CNN's unmasked grid,
+    an EMA teacher whose BatchNorm statistics follow the student's too; resume is exact; the run
+    folder exports as timm's own model."""
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+
+    def pretrain(run: str, *extra: str) -> int:
+        argv = ["pretrain", "--config", str(config), "--no-progress", *tiny_overrides(images, tmp_path / run)]
+        return main([*argv, RESNET, "loss.koleo_weight=0.1", *extra])
+
+    assert pretrain("full") == 0
+    assert pretrain("part", "train.max_steps=3") == 0 and pretrain("part", "--resume") == 0
+    full_rows, part_rows = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("full", "part"))
+    assert [r["loss"] for r in full_rows] == [r["loss"] for r in part_rows]
+    assert all(r["loss_patch"] > 0 for r in full_rows if "loss" in r)
+    full, resumed = (load_checkpoint(tmp_path / r / CHECKPOINT_NAME)["method"] for r in ("full", "part"))
+    assert all(torch.equal(v, resumed[k]) for k, v in full.items())
+    # Both branches' statistics moved off timm's init (0 / 1); the teacher's lag the student's.
+    for stat in ("running_mean", "running_var"):
+        key = f"backbone.cnn.bn1.{stat}"
+        student, teacher = full[f"student.{key}"], full[f"teacher.{key}"]
+        assert not torch.equal(teacher, torch.full_like(teacher, float(stat == "running_var")))
+        assert not torch.equal(teacher, student)
+    saved = load_file(tmp_path / "full" / "teacher.safetensors")  # the run's model: the teacher, statistics too
+    assert torch.equal(saved["cnn.bn1.running_mean"], full["teacher.backbone.cnn.bn1.running_mean"])
+    capsys.readouterr()
+    out = tmp_path / "timm"
+    assert main(["export", str(tmp_path / "full"), "--format", "timm", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architecture"] == "test_resnet"

@@ -502,7 +502,8 @@ class DistillConfig:
     objective: str = "auto"
     regression_loss: str = "cosine"  # cosine (1 - cos) or smooth_l1 (on the normalised vectors)
     # vit: the ViT of the model section; timm:NAME: timm's CNN NAME (resnet18, convnext_atto, ...),
-    # never pretrained, its feature map on the grid of model.patch_size (docs/distill.md).
+    # never pretrained, its feature map on the grid of model.patch_size (docs/distill.md); also
+    # the network ibot pretrain trains from scratch when there is no distill.teacher.
     student: str = "vit"
 
     def __post_init__(self) -> None:
@@ -546,10 +547,11 @@ class Config:
             sizes["data.local_crop_size"] = self.data.local_crop_size
         for key, size in sizes.items():
             _check(size % patch == 0, key, f"{size} is no multiple of model.patch_size ({patch})")
-        if self.distill.student != "vit":  # a timm CNN: only a distillation builds one
-            teacher = bool(self.distill.teacher)
-            _check(teacher, "distill.student", "a timm CNN is trained by ibot distill (distill.teacher=PATH)")
+        if self.distill.student != "vit":  # a timm CNN, distilled or pre-trained from scratch
             _check(not self.model.init_from, "model.init_from", "starts ViT students only, not a timm CNN")
+            frozen = self.mim.target == "frozen" and not self.distill.teacher
+            cnn_targets = "frozen reads a ViT tokenizer; a timm CNN student takes online or codebook"
+            _check(not frozen, "mim.target", cnn_targets)
         # KoLeo pushes each [cls] token from its nearest neighbour in the process's batch:
         # with one image per process there is no neighbour.
         _check(

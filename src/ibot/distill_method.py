@@ -43,7 +43,7 @@ from ibot.errors import ConfigError
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering
 from ibot.losses.patch_targets import gather_patches
 from ibot.method import LossOutput, StudentTeacher, student_param_groups
-from ibot.models.cnn_student import check_name, cnn_name, resize_grid
+from ibot.models.cnn_student import check_crops, check_name, cnn_name, resize_grid
 from ibot.models.fit import load_fitted, run_backbone
 from ibot.models.init_weights import InitWeights
 from ibot.models.teacher_file import TeacherFile, describe_backbone, head_like, read_teacher
@@ -296,18 +296,7 @@ def _check_cnn(student: nn.Module, cfg: Config, teacher: TeacherFile) -> None:
             f"model.patch_size={cfg.model.patch_size}: a CNN student's feature map is resized to the teacher's "
             f"patch grid; set model.patch_size={teacher.model.patch_size} (the patch size of {teacher.path})"
         )
-    sizes = {"data.global_crop_size": cfg.data.global_crop_size}
-    if cfg.data.num_local_crops:
-        sizes["data.local_crop_size"] = cfg.data.local_crop_size
-    key, size = min(sizes.items(), key=lambda item: item[1])
-    try:
-        with torch.no_grad():
-            student.eval()(torch.zeros(2, cfg.data.channels, size, size))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # what timm's models raise on a bad input size
-        reason = (str(exc).splitlines() or [""])[0][:160]
-        raise ConfigError(f"{key}={size}: too small for distill.student={cfg.distill.student} ({reason})") from None
-    finally:
-        student.train()
+    check_crops(student, cfg)
 
 
 def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

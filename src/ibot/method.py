@@ -22,6 +22,7 @@ from ibot.config import LossConfig, MimConfig, ModelConfig
 from ibot.data.collate import Batch
 from ibot.losses import DINOClsLoss, IBOTPatchLoss, KoLeoLoss, build_centering, build_patch_targets
 from ibot.losses.patch_targets import gather_patches
+from ibot.models.cnn_student import TimmCNN
 from ibot.models.fit import tokenizer_branch
 from ibot.models.heads import ProjectionHead
 from ibot.models.init_weights import InitWeights
@@ -79,8 +80,12 @@ class StudentOutputs:
     global_cls: torch.Tensor
 
 
-def _build_branch(model_cfg: ModelConfig, img_size: int, in_chans: int) -> nn.ModuleDict:
-    backbone = MaskedViT.from_config(model_cfg, img_size, in_chans)
+def _build_branch(model_cfg: ModelConfig, img_size: int, in_chans: int, cnn: str = "") -> nn.ModuleDict:
+    """Backbone and heads: the ViT of ``model_cfg``, or timm's CNN ``cnn`` on its patch grid."""
+    if cnn:
+        backbone: nn.Module = TimmCNN(cnn, model_cfg.patch_size, in_chans, model_cfg.drop_path_rate)
+    else:
+        backbone = MaskedViT.from_config(model_cfg, img_size, in_chans)
     modules: dict[str, nn.Module] = {"backbone": backbone}
     if model_cfg.shared_head:
         modules["head"] = ProjectionHead.from_config(model_cfg, backbone.embed_dim)
@@ -161,11 +166,15 @@ class IBOT(StudentTeacher):
         img_size: int,
         mim_cfg: MimConfig | None = None,
         in_chans: int = 3,
+        cnn: str = "",
     ) -> None:
-        """``in_chans``: the channels of the crops (the run's ``data.channels``)."""
+        """``in_chans``: the channels of the crops (the run's ``data.channels``); ``cnn``: timm's
+        CNN of that name as both backbones (``distill.student=timm:NAME``), else the ViT. A CNN
+        cannot hide patches from itself: the patch loss then compares the student's and the
+        teacher's tokens at the masked positions of an image both saw whole."""
         super().__init__()
         mim_cfg = mim_cfg or MimConfig()
-        self.student = _build_branch(model_cfg, img_size, in_chans)
+        self.student = _build_branch(model_cfg, img_size, in_chans, cnn)
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.cls_center = build_centering(loss_cfg.cls_centering, model_cfg.out_dim, loss_cfg.center_momentum)
@@ -211,6 +220,10 @@ class IBOT(StudentTeacher):
         """
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
+        # BatchNorm statistics (a CNN backbone; a ViT has no buffers) follow the student like the
+        # weights, as timm's EMA models do: the teacher runs in eval mode on its running statistics.
+        self._student_stats = [b for b in self.student.buffers() if b.is_floating_point()]
+        self._teacher_stats = [b for b in self.teacher.buffers() if b.is_floating_point()]
         # The heads' pairs alone, for steps whose backbones are frozen (optim.freeze_backbone_epochs).
         heads = [name for name in self.student if name != "backbone"]
         self._student_head_params = [p for name in heads for p in self.student[name].parameters()]
@@ -288,6 +301,8 @@ class IBOT(StudentTeacher):
         """
         if backbone:
             torch._foreach_lerp_(self._teacher_params, self._student_params, 1.0 - momentum)
+            if self._teacher_stats:
+                torch._foreach_lerp_(self._teacher_stats, self._student_stats, 1.0 - momentum)
         else:
             torch._foreach_lerp_(self._teacher_head_params, self._student_head_params, 1.0 - momentum)
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ibot.config import Config
 from ibot.errors import ConfigError, IBOTError
 from ibot.models.vit import Tokens
 
@@ -53,6 +54,24 @@ def resize_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if h >= grid[0] and w >= grid[1]:
         return F.adaptive_avg_pool2d(features, grid)
     return F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+
+
+def check_crops(backbone: nn.Module, cfg: Config) -> None:
+    """One line naming the crop size when the CNN cannot run on the run's smallest crop (timm's
+    stems and downsampling need some pixels), before the run writes anything."""
+    sizes = {"data.global_crop_size": cfg.data.global_crop_size}
+    if cfg.data.num_local_crops:
+        sizes["data.local_crop_size"] = cfg.data.local_crop_size
+    key, size = min(sizes.items(), key=lambda item: item[1])
+    mode = backbone.training
+    try:
+        with torch.no_grad():
+            backbone.eval()(torch.zeros(2, cfg.data.channels, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:  # what timm's models raise on a bad input size
+        reason = (str(exc).splitlines() or [""])[0][:160]
+        raise ConfigError(f"{key}={size}: too small for {KEY}={cfg.distill.student} ({reason})") from None
+    finally:
+        backbone.train(mode)
 
 
 class TimmCNN(nn.Module):

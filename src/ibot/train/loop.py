@@ -26,6 +26,7 @@ from ibot.data.stats import resolve_auto_stats
 from ibot.distill_method import Distill
 from ibot.errors import CheckpointWriteError, ConfigError, DataError, IBOTError, NonFiniteLossError
 from ibot.method import IBOT, LossOutput
+from ibot.models.cnn_student import check_crops, cnn_name
 from ibot.models.init_weights import InitWeights, read_init_weights
 from ibot.run_folder import RunFolder, RunFolderLocked
 from ibot.runtime import Runtime
@@ -265,7 +266,10 @@ def _build(cfg: Config, run: Runtime, env: DistEnv, init: InitWeights | None = N
     if cfg.distill.teacher:  # ibot distill: a frozen teacher read from its file
         method: IBOT | Distill = Distill.from_config(cfg)
     else:
-        method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels)
+        cnn = cnn_name(cfg.distill.student)
+        method = IBOT(cfg.model, cfg.loss, cfg.data.global_crop_size, cfg.mim, cfg.data.channels, cnn)
+        if cnn:
+            check_crops(method.student["backbone"], cfg)
     if env.is_main and (line := method.start_line()):
         logger.info("%s", line)
     if init is not None:  # before sharding and wrapping: they take the weights as they find them
