@@ -9,11 +9,15 @@ images. Students (``--students``):
 - ``resnet18``: timm's ResNet-18 (``distill.student=timm:resnet18``), from timm's random init;
 - ``resnet10t``: timm's ResNet-10-T, the same way.
 
-Variants (``--variants``): ``distill`` (``distill.objective=auto``: the teacher's heads give the
-prototype objective), ``regression`` (``distill.objective=regression``: the teacher's normalised
-tokens), ``scratch`` (``ibot pretrain`` of the same student). A CNN student pre-trained from
-scratch is DINO on its pooled feature plus the patch loss on its unmasked feature grid, since a
-CNN cannot hide patches from itself (docs/distill.md).
+Variants (``--variants``):
+
+- ``distill``: ``distill.objective=auto`` (the teacher's heads give the prototype objective);
+- ``regression``: ``distill.objective=regression`` (the teacher's normalised tokens);
+- ``ema_head``: ``distill.objective=ema_head`` (the prototype losses through a teacher head trained
+  with the student, as for a teacher file without heads);
+- ``scratch``: ``ibot pretrain`` of the same student. A CNN pre-trained from scratch is DINO on its
+  pooled feature plus the patch loss on its unmasked feature grid, since a CNN cannot hide
+  patches from itself (docs/distill.md).
 
 Runs go two at a time (``--parallel``), each with ``train.threads=1`` and ``--budget`` training
 minutes, in the order student, seed, variant: the variants of one student and seed share the
@@ -57,6 +61,7 @@ STUDENTS = {
 VARIANTS = {
     "distill": ("distill", ["distill.objective=auto"]),
     "regression": ("distill", ["distill.objective=regression"]),
+    "ema_head": ("distill", ["distill.objective=ema_head"]),
     "scratch": ("pretrain", []),
 }
 SETTINGS = "distill_cifar10.json"  # in each run folder: what it was run with

@@ -116,13 +116,14 @@ def test_a_run_trains_the_student_and_leaves_the_teacher_as_read(
     assert all(torch.equal(v, state[f"student.{k}"]) for k, v in init.teacher.items() if k.startswith("backbone."))
 
 
-@pytest.mark.parametrize("objective", ["regression", "prototypes"])
+@pytest.mark.parametrize("objective", ["regression", "prototypes", "ema_head"])
 def test_resume_is_exact(
     images: Path, tmp_path: Path, backbone_teacher: Path, heads_teacher: Path, objective: str
 ) -> None:
-    """8 steps == 3 steps, stop, resume, 5 steps: same losses, bit-identical student, heads and centers."""
-    teacher = backbone_teacher if objective == "regression" else heads_teacher
-    extra = ["loss.koleo_weight=0.1", "data.num_workers=2"]
+    """8 steps == 3 steps, stop, resume, 5 steps: same losses, bit-identical student, heads and centers
+    (``ema_head``: the teacher's EMA head too)."""
+    teacher = heads_teacher if objective == "prototypes" else backbone_teacher
+    extra = ["loss.koleo_weight=0.1", "data.num_workers=2", f"distill.objective={objective}"]
     train(distill_config(images, tmp_path / "full", teacher, *extra), progress=False)
     part = distill_config(images, tmp_path / "part", teacher, *extra)
     stopped = train(replace(part, train=replace(part.train, max_steps=3)), progress=False)
@@ -139,6 +140,36 @@ def test_resume_is_exact(
         assert (v == resumed["method"][k]) if k == "_extra_state" else torch.equal(v, resumed["method"][k]), k
     moments = zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values())
     assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in moments)
+
+
+def test_ema_head_trains_the_teachers_head_and_leaves_its_backbone_as_read(
+    images: Path, tmp_path: Path, heads_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``distill.objective=ema_head``: the teacher's head (not its file's) follows the student's by
+    EMA and is saved; the teacher's backbone stays the file's, bit for bit."""
+    cfg = distill_config(images, tmp_path / "run", heads_teacher, "distill.objective=ema_head", "model.out_dim=24")
+    built = _captured_method(monkeypatch)
+    train(cfg, progress=False)
+    method = built[0]
+    assert set(method.teacher) == {"backbone", "head"} and set(method.student) == {"backbone", "proj", "head"}
+    assert method.student["head"].last_layer.out_features == 24  # model.out_dim, not the file's K (32)
+    fresh = read_teacher(heads_teacher, 16, 3).backbone.state_dict()
+    assert all(torch.equal(v, method.teacher["backbone"].state_dict()[k]) for k, v in fresh.items())
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["method"]
+    assert not any(k.startswith("teacher.backbone.") for k in state)
+    teacher_head = {k.removeprefix("teacher.head."): v for k, v in state.items() if k.startswith("teacher.head.")}
+    student_head = {k.removeprefix("student.head."): v for k, v in state.items() if k.startswith("student.head.")}
+    assert teacher_head.keys() == student_head.keys() and teacher_head
+    # It lags the student's (momentum 0.996 -> 1); with momentum 0 it is the student's, bit for bit.
+    assert any(not torch.equal(v, student_head[k]) for k, v in teacher_head.items())
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["loss_cls"] > 0 and r["loss_patch"] >= 0 for r in rows)
+    momentum = ["distill.objective=ema_head", "optim.momentum_teacher=0", "optim.momentum_teacher_end=0"]
+    train(distill_config(images, tmp_path / "m0", heads_teacher, *momentum), progress=False)
+    state = load_checkpoint(tmp_path / "m0" / CHECKPOINT_NAME)["method"]
+    heads = [k for k in state if k.startswith("student.head.")]
+    assert heads and all(torch.equal(state[k], state[k.replace("student.", "teacher.", 1)]) for k in heads)
 
 
 def test_resume_refuses_a_changed_teacher_file(images: Path, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ AUTO_KEYS = ("data.mean", "data.std")
 # over other images or in other batches. The model and the world size never change on resume.
 RESUME_CHANGES = ("data.path", "data.batch_size")
 # distill.objective / distill.regression_loss (ibot.distill_method).
-DISTILL_OBJECTIVES = ("auto", "prototypes", "regression")
+DISTILL_OBJECTIVES = ("auto", "prototypes", "regression", "ema_head")
 REGRESSION_LOSSES = ("cosine", "smooth_l1")
 
 
@@ -498,6 +498,7 @@ class DistillConfig:
     teacher: str = ""
     # prototypes: DINOv2's recipe over the teacher's own projection heads (the file must hold them);
     # regression: the teacher's normalised [cls] and patch tokens through a learned projection;
+    # ema_head: the prototype losses through a head the teacher learns as the EMA of the student's;
     # auto: prototypes when the teacher file's heads load, else regression (docs/distill.md).
     objective: str = "auto"
     regression_loss: str = "cosine"  # cosine (1 - cos) or smooth_l1 (on the normalised vectors)

@@ -11,6 +11,11 @@ crops and the local crops, as in pre-training. Objectives (``distill.objective``
   and its masked patch tokens onto the teacher's prototypes; targets are the teacher's centred,
   sharpened distributions over the global crops' [cls] (``DINOClsLoss``) and the same patches
   (``IBOTPatchLoss``); plus KoLeo on the student's global [cls].
+- ``ema_head`` (any teacher; its file's heads are not used): the same prototype losses through a
+  head the teacher learns with the student, as in pre-training: the student's tokens go through
+  a linear projection to the teacher's width and a fresh head (``model.*``'s shapes, K =
+  ``model.out_dim``); the teacher's head is the EMA of the student's (``optim.momentum_teacher``)
+  on its frozen backbone's tokens; it is saved with the student.
 - ``regression`` (a backbone alone): the student's [cls] and patch tokens through learned linear
   projections (student width -> teacher width) match the teacher's L2-normalised tokens (1 - cos,
   or smooth-L1 on the normalised vectors). [cls]: each global crop against the teacher's same
@@ -28,6 +33,7 @@ is never masked (every patch counts as a masked one for the prototypes objective
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -45,6 +51,7 @@ from ibot.losses.patch_targets import gather_patches
 from ibot.method import LossOutput, StudentTeacher, student_param_groups
 from ibot.models.cnn_student import check_crops, check_name, cnn_name, resize_grid
 from ibot.models.fit import load_fitted, run_backbone
+from ibot.models.heads import ProjectionHead
 from ibot.models.init_weights import InitWeights
 from ibot.models.teacher_file import TeacherFile, describe_backbone, head_like, read_teacher
 from ibot.models.vit import Tokens
@@ -105,18 +112,25 @@ class Distill(StudentTeacher):
             )
         self.objective = choose_objective(objective, teacher)
         self.teacher_file = teacher
-        self.teacher = nn.ModuleDict({"backbone": teacher.backbone, **teacher.heads})
         modules: dict[str, nn.Module] = {"backbone": student}
+        teacher_heads: dict[str, nn.Module] = dict(teacher.heads)
         if self.objective == "prototypes":
             for name, head in teacher.heads.items():
                 modules[name] = head_like(head.state_dict(), width, cfg.model.norm_last_layer)
-            k = next(iter(teacher.heads.values())).last_layer.out_features
-            self.cls_center = build_centering(cfg.loss.cls_centering, k, cfg.loss.center_momentum)
-            self.patch_center = build_centering(cfg.loss.patch_centering, k, cfg.loss.center_momentum)
+        elif self.objective == "ema_head":
+            modules["proj"] = nn.Linear(width, teacher_width)
+            modules["head"] = ProjectionHead.from_config(cfg.model, teacher_width)
+            teacher_heads = {"head": copy.deepcopy(modules["head"]).requires_grad_(False)}
         else:
             modules["cls_proj"] = nn.Linear(width, teacher_width)
             modules["patch_proj"] = nn.Linear(width, teacher_width)
         self.student = nn.ModuleDict(modules)
+        self.teacher = nn.ModuleDict({"backbone": teacher.backbone, **teacher_heads})
+        if self.objective != "regression":
+            k = next(m for name, m in self.teacher.items() if name != "backbone").last_layer.out_features
+            self.cls_center = build_centering(cfg.loss.cls_centering, k, cfg.loss.center_momentum)
+            self.patch_center = build_centering(cfg.loss.patch_centering, k, cfg.loss.center_momentum)
+        self.pair_ema_parameters()
         self.regression = cfg.distill.regression_loss
         self.cls_loss = DINOClsLoss(cfg.loss.student_temp)
         self.patch_loss = IBOTPatchLoss(cfg.loss.student_temp)
@@ -155,11 +169,16 @@ class Distill(StudentTeacher):
         load_fitted(self.student["backbone"], backbone, init.source, where, lambda key: key == "mask_token")
 
     def pair_ema_parameters(self) -> None:
-        """No EMA: the teacher is fixed."""
+        """The head pairs of ``ema_head``; the teacher's backbone (and a file's heads) stay fixed."""
+        ema = self.objective == "ema_head"
+        self._student_head_params = list(self.student["head"].parameters()) if ema else []
+        self._teacher_head_params = list(self.teacher["head"].parameters()) if ema else []
 
     @torch.no_grad()
     def update_teacher(self, momentum: float, backbone: bool = True) -> None:
-        """No EMA: the teacher is fixed."""
+        """``ema_head``: teacher head <- momentum * teacher head + (1 - momentum) * student head."""
+        if self._teacher_head_params:
+            torch._foreach_lerp_(self._teacher_head_params, self._student_head_params, 1.0 - momentum)
 
     def param_groups(self, split_backbone: bool = True) -> list[dict]:
         return student_param_groups(self.student, split_backbone)
@@ -192,8 +211,8 @@ class Distill(StudentTeacher):
                 f"distill.teacher: {self.teacher_file.path} is not the file the checkpoint was distilled from "
                 "(its size or sha256 changed); resume with that teacher (or start a new output_dir)"
             )
-        teacher = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
-        return super().load_state_dict({**state_dict, **teacher}, strict, assign)
+        frozen = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items() if _frozen(self, f"teacher.{k}")}
+        return super().load_state_dict({**state_dict, **frozen}, strict, assign)
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -223,7 +242,7 @@ class Distill(StudentTeacher):
         teacher_ms = clock.lap()
         student, all_cls = self.student_tokens(batch)
         student_ms = clock.lap()
-        if self.objective == "prototypes":
+        if self.objective != "regression":
             total, parts, watched = self._prototypes(batch, teacher, student, all_cls, teacher_temp)
         else:
             total, parts, watched = self._regression(batch, teacher, student, all_cls)
@@ -261,7 +280,10 @@ class Distill(StudentTeacher):
         b, masked = batch.batch_size, batch.masked_indices()
         with torch.no_grad():
             t = self._heads(self.teacher, teacher.cls, gather_patches(teacher.patches, masked))
-        s_out = self._heads(self.student, all_cls, gather_patches(student.patches, masked))
+        s_cls_in, s_patch_in = all_cls, gather_patches(student.patches, masked)
+        if "proj" in self.student:  # ema_head: onto the teacher's width, the input of the EMA'd head
+            s_cls_in, s_patch_in = self.student["proj"](s_cls_in), self.student["proj"](s_patch_in)
+        s_out = self._heads(self.student, s_cls_in, s_patch_in)
         t_cls, t_patch, s_cls, s_patch = t.cls_logits, t.patch_logits, s_out.cls_logits, s_out.patch_logits
         k = t_cls.shape[-1]
         cls_probs = self.cls_center.probs(t_cls, teacher_temp)  # (G*B, K)
@@ -299,9 +321,15 @@ def _check_cnn(student: nn.Module, cfg: Config, teacher: TeacherFile) -> None:
     check_crops(student, cfg)
 
 
+def _frozen(module: Distill, key: str) -> bool:
+    """Whether ``key`` (``teacher.…``) is of the frozen teacher read from its file, not of the head
+    ``ema_head`` trains."""
+    return key.startswith("teacher.") and not (module.objective == "ema_head" and key.startswith("teacher.head."))
+
+
 def _drop_teacher(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """The frozen teacher is not saved: its file is (``get_extra_state`` records which)."""
-    for key in [k for k in state_dict if k.startswith(f"{prefix}teacher.")]:
+    for key in [k for k in state_dict if k.startswith(prefix) and _frozen(module, k.removeprefix(prefix))]:
         del state_dict[key]
 
 
