@@ -178,18 +178,18 @@ def run_one(cmd: list[str], run: Path, train: str, test: str, settings: dict, dr
     return top1, steps
 
 
-def score_teacher(teacher: Path, out: Path, train: str, test: str, dry_run: bool) -> float:
-    result = out / "teacher" / KNN
+def score_folder(weights: Path, result: Path, train: str, test: str, dry_run: bool, *extra: str) -> float:
+    """k-NN top-1 at k = 20 of ``weights`` (``extra``: ``--random-init``), kept in ``result``'s folder."""
     if dry_run or result.exists():
         return float("nan") if dry_run else knn_top1(result)
     result.parent.mkdir(parents=True, exist_ok=True)
-    cmd = knn_command(teacher.parent, train, test)
+    cmd = knn_command(weights, train, test)
     cmd[cmd.index("--json") + 1] = str(result)
-    cmd += ["--cache-dir", str(result.parent / "features")]
+    cmd += ["--cache-dir", str(result.parent / "features"), *extra]
     env = {**os.environ, "PYTHONPATH": _path()}
     with (result.parent / "stdout.log").open("a") as log:
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-            raise BenchError(f"ibot eval knn {teacher.parent} failed; see {result.parent / 'stdout.log'}")
+            raise BenchError(f"ibot eval knn {weights} failed; see {result.parent / 'stdout.log'}")
     return knn_top1(result)
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 settings = {"command": cmd[3:], "teacher_sha256": digest, "test": test}
                 jobs.append(((student, variant), cmd, run, settings))
     with ThreadPoolExecutor(args.parallel) as pool:
-        teacher_top1 = score_teacher(teacher, out, train, test, args.dry_run)
+        teacher_top1 = score_folder(teacher.parent, out / "teacher" / KNN, train, test, args.dry_run)
         futures = [(key, pool.submit(run_one, cmd, run, train, test, settings, args.dry_run))
                    for key, cmd, run, settings in jobs]  # fmt: skip
         results: dict[tuple[str, str], list[tuple[float, int]]] = {}
@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|---|",
         f"| teacher ({teacher.parent.name}) | {teacher_macs:.1f} (1x) | — | — | {teacher_top1:.2f} | |",
     ]
+    for student in args.students:  # its untrained architecture: the floor the runs start from
+        first = next(run for key, _, run, _ in jobs if key[0] == student)
+        top1 = score_folder(first, out / student / "random_init" / KNN, train, test, False, "--random-init")
+        lines.append(f"| {student} | | random init | 0 | {top1:.2f} | |")
     for (student, variant), rows in results.items():
         macs = macs_per_image(STUDENTS[student], args)
         top1 = [r[0] for r in rows]
