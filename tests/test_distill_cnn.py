@@ -243,7 +243,7 @@ def test_export_timm_and_onnx_round_trip(tmp_path: Path, resnet_run: Path, capsy
 
 
 def test_pretrain_trains_a_cnn_from_scratch_and_its_teacher_follows_its_batchnorm(
-    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """``ibot pretrain distill.student=timm:NAME``: DINO + the patch loss on the CNN's unmasked grid,
     an EMA teacher whose BatchNorm statistics follow the student's too; resume is exact; the run
@@ -255,7 +255,9 @@ def test_pretrain_trains_a_cnn_from_scratch_and_its_teacher_follows_its_batchnor
         argv = ["pretrain", "--config", str(config), "--no-progress", *tiny_overrides(images, tmp_path / run)]
         return main([*argv, RESNET, "loss.koleo_weight=0.1", *extra])
 
-    assert pretrain("full") == 0
+    with caplog.at_level(logging.INFO, logger="ibot"):
+        assert pretrain("full") == 0
+    assert "pretrain: student and EMA teacher timm test_resnet (" in caplog.text
     assert pretrain("part", "train.max_steps=3") == 0 and pretrain("part", "--resume") == 0
     full_rows, part_rows = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("full", "part"))
     assert [r["loss"] for r in full_rows] == [r["loss"] for r in part_rows]

@@ -211,7 +211,8 @@ class IBOT(StudentTeacher):
 
     def start_line(self) -> str:
         """What a run logs about its method at the start ("": nothing beyond the run's own line)."""
-        return ""
+        backbone = self.student["backbone"]
+        return f"pretrain: student and EMA teacher {backbone.describe()}" if isinstance(backbone, TimmCNN) else ""
 
     def pair_ema_parameters(self) -> None:
         """Pair student and teacher parameters for the EMA (again after sharding replaces them).
