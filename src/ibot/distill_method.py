@@ -85,7 +85,7 @@ def choose_objective(wanted: str, teacher: TeacherFile) -> str:
     if wanted == "prototypes" and not teacher.heads:
         raise ConfigError(
             f"distill.objective=prototypes: {teacher.path} has no projection heads that load ({teacher.no_heads}); "
-            "use distill.objective=regression (or auto)"
+            "use distill.objective=regression or ema_head (or auto)"
         )
     if wanted == "auto":
         return "prototypes" if teacher.heads else "regression"
