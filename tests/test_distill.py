@@ -161,6 +161,10 @@ def test_ema_head_trains_the_teachers_head_and_leaves_its_backbone_as_read(
     teacher_head = {k.removeprefix("teacher.head."): v for k, v in state.items() if k.startswith("teacher.head.")}
     student_head = {k.removeprefix("student.head."): v for k, v in state.items() if k.startswith("student.head.")}
     assert teacher_head.keys() == student_head.keys() and teacher_head
+    # The run folder as the next teacher or as model.init_from: its student backbone; its head reads
+    # the projected 192-wide tokens, not the 48-wide backbone's, so it is not offered.
+    assert not read_teacher(tmp_path / "run", 16, 3).heads
+    assert "ema_head distillation's head" in read_init_weights(tmp_path / "run", cfg.model, 16).fresh_heads
     # It lags the student's (momentum 0.996 -> 1); with momentum 0 it is the student's, bit for bit.
     assert any(not torch.equal(v, student_head[k]) for k, v in teacher_head.items())
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -149,6 +149,8 @@ def _from_ibot_checkpoint(state: dict[str, Any], source: str) -> _Source:
     method = state["method"]
     student, teacher = (_our_branch(sub_state_dict(method, f"{b}.")) for b in ("student", "teacher"))
     if not teacher.backbone:  # an ``ibot distill`` run's (its teacher is not saved): its model is the student
+        if "student.proj.weight" in method:  # distill.objective=ema_head: its head takes the projected tokens
+            student = _Branch(student.backbone, None, "an ema_head distillation's head reads the teacher's width")
         teacher = student
     model = state.get("config", {}).get("model", {})
     return _Source("ibot checkpoint", student, teacher, model.get("patch_size"), model=model)
