@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continue_pretraining import _path, sha256  # noqa: E402
 
+from ibot.train.metrics import read_metrics  # noqa: E402
+
 STUDENTS = {
     "vit4": ["model.arch=vit_pico", "model.depth=4"],
     "resnet18": ["distill.student=timm:resnet18"],
@@ -66,6 +68,7 @@ VARIANTS = {
 }
 SETTINGS = "distill_cifar10.json"  # in each run folder: what it was run with
 KNN = "knn_full.json"  # in each run folder: ibot eval knn's result on the whole folders
+TRAINED = "distill_cifar10.trained"  # in each run folder: its ibot command finished
 K = 20
 
 
@@ -127,9 +130,9 @@ def run_command(student: str, variant: str, seed: int, args: argparse.Namespace,
             "--budget", f"{args.minutes:g}m", *overrides]  # fmt: skip
 
 
-def knn_command(run: Path, train: str, test: str) -> list[str]:
-    return [sys.executable, "-m", "ibot", "eval", "knn", str(run), "--train-dir", train, "--test-dir", test,
-            "--no-progress", "--json", str(run / KNN)]  # fmt: skip
+def knn_command(weights: Path, train: str, test: str, result: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ibot", "eval", "knn", str(weights), "--train-dir", train, "--test-dir", test,
+            "--no-progress", "--json", str(result), *extra]  # fmt: skip
 
 
 def knn_top1(result: Path) -> float:
@@ -141,8 +144,7 @@ def knn_top1(result: Path) -> float:
 
 
 def last_step(run: Path) -> int:
-    steps = [json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-    return max(steps, default=0)
+    return max((row.get("step", 0) for row in read_metrics(run / "metrics.jsonl")), default=0)
 
 
 def run_one(cmd: list[str], run: Path, train: str, test: str, settings: dict, dry_run: bool) -> tuple[float, int]:
@@ -152,7 +154,7 @@ def run_one(cmd: list[str], run: Path, train: str, test: str, settings: dict, dr
         raise BenchError(f"{run} was run with other settings (see {recorded}); use another --out")
     if (run / KNN).exists():
         return knn_top1(run / KNN), last_step(run)
-    finished = (run / "teacher.safetensors").exists() and not any(run.glob("*.lock"))
+    finished = (run / TRAINED).exists()  # written here once ibot exited 0 (its checkpoints say nothing of that)
     resume = not finished and any(run.glob("checkpoint*.pt"))
     if not finished and not resume and run.exists() and any(p.name != SETTINGS for p in run.iterdir()):
         raise BenchError(f"{run} holds an unfinished run without a checkpoint; remove the folder to rerun it")
@@ -170,7 +172,8 @@ def run_one(cmd: list[str], run: Path, train: str, test: str, settings: dict, dr
             done = subprocess.run(cmd + (["--resume"] if resume else []), stdout=log, stderr=subprocess.STDOUT, env=env)
             if done.returncode != 0:
                 raise BenchError(f"{run}: exited {done.returncode}; see {run / 'stdout.log'}")
-        done = subprocess.run(knn_command(run, train, test), stdout=log, stderr=subprocess.STDOUT, env=env)
+            (run / TRAINED).touch()
+        done = subprocess.run(knn_command(run, train, test, run / KNN), stdout=log, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             raise BenchError(f"{run}: ibot eval knn exited {done.returncode}; see {run / 'stdout.log'}")
     top1, steps = knn_top1(run / KNN), last_step(run)
@@ -183,9 +186,7 @@ def score_folder(weights: Path, result: Path, train: str, test: str, dry_run: bo
     if dry_run or result.exists():
         return float("nan") if dry_run else knn_top1(result)
     result.parent.mkdir(parents=True, exist_ok=True)
-    cmd = knn_command(weights, train, test)
-    cmd[cmd.index("--json") + 1] = str(result)
-    cmd += ["--cache-dir", str(result.parent / "features"), *extra]
+    cmd = knn_command(weights, train, test, result, "--cache-dir", str(result.parent / "features"), *extra)
     env = {**os.environ, "PYTHONPATH": _path()}
     with (result.parent / "stdout.log").open("a") as log:
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
